@@ -1,0 +1,39 @@
+"""Blob services: file contents addressed by their blake3 digest.
+
+Build one from a URL with :func:`from_url`:
+
+=============================== ==================================================
+``memory://``                   in-process dict (tests, ephemeral use)
+=============================== ==================================================
+
+Further backends register their scheme in :data:`registry`.
+"""
+
+from __future__ import annotations
+
+from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.memory import BytesBlobReader, MemoryBlobService
+from tvix.castore.blobservice.util import copy_blob, read_all, write_all
+from tvix.castore.url import Registry
+
+__all__ = [
+    "BlobReader",
+    "BlobService",
+    "BlobWriter",
+    "BytesBlobReader",
+    "ChunkMeta",
+    "MemoryBlobService",
+    "copy_blob",
+    "from_url",
+    "read_all",
+    "registry",
+    "write_all",
+]
+
+registry: Registry[BlobService] = Registry("blob service")
+registry.register("memory", MemoryBlobService.from_url)
+
+
+def from_url(url: str) -> BlobService:
+    """The blob service ``url`` names; raises :class:`~tvix.castore.errors.InvalidURLError`."""
+    return registry.from_url(url)

@@ -1,0 +1,140 @@
+"""The BlobService interface: the contract every blob backend fulfils."""
+
+from __future__ import annotations
+
+import abc
+import io
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from tvix.castore.digest import B3Digest
+
+__all__ = ["BlobReader", "BlobService", "BlobWriter", "ChunkMeta"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """A chunk of a blob: its own blake3 digest and its length."""
+
+    digest: B3Digest
+    size: int
+
+
+class BlobReader(abc.ABC):
+    """A readable, seekable stream over the bytes of one blob.
+
+    Use as an async context manager, or call :meth:`close`.
+    """
+
+    @abc.abstractmethod
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes from the current position (``-1``: to the end).
+
+        Returns ``b""`` only at the end of the blob. May return fewer than
+        ``n`` bytes before the end. Raises :class:`~tvix.castore.errors.IntegrityError`
+        if the backend's data does not match the digest, and
+        :class:`~tvix.castore.errors.StorageError` if the backend fails.
+        """
+
+    @abc.abstractmethod
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to ``offset`` (``SEEK_SET``) or by ``offset`` (``SEEK_CUR``).
+
+        Returns the new position. Seeking past the end is allowed (reads then
+        return ``b""``); a negative position raises ``ValueError``. Backends
+        that store a blob in chunks read only the chunks a later read touches.
+        """
+
+    @abc.abstractmethod
+    def tell(self) -> int:
+        """The current position."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release what the reader holds; idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class BlobWriter(abc.ABC):
+    """Receives the bytes of a new blob.
+
+    :meth:`close` returns the blake3 digest of everything written; only then
+    does the blob become visible to readers. As an async context manager it
+    closes on a clean exit and :meth:`abort`s when the block raises, so an
+    interrupted write never leaves a blob behind. Writing the same content
+    concurrently from several writers is allowed; each gets the same digest.
+    """
+
+    @abc.abstractmethod
+    async def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``. Raises ``ValueError`` after :meth:`close` or :meth:`abort`."""
+
+    @abc.abstractmethod
+    async def close(self) -> B3Digest:
+        """Finish the blob, store it durably, and return its digest.
+
+        Calling it again returns the same digest. Raises
+        :class:`~tvix.castore.errors.StorageError` if storing failed (then
+        nothing is stored).
+        """
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Discard what was written; nothing is stored. Idempotent; no-op after close."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if e is None:
+            await self.close()
+        else:
+            await self.abort()
+
+
+class BlobService(abc.ABC):
+    """Stores blobs (file contents), each addressed by the blake3 digest of its bytes.
+
+    Blobs are immutable: writing the same bytes twice stores them once.
+    Absence is a value (``False``/``None``), failures are exceptions
+    (:class:`~tvix.castore.errors.StorageError`). All methods may be called
+    concurrently. Memory use is bounded regardless of blob size.
+    """
+
+    @abc.abstractmethod
+    async def has(self, digest: B3Digest) -> bool:
+        """Whether the blob (or, for chunking backends, a chunk) ``digest`` is stored."""
+
+    @abc.abstractmethod
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        """A reader over the blob ``digest``, or ``None`` when it is not stored.
+
+        A backend that lists chunks (see :meth:`chunks`) also opens a single
+        chunk by its digest.
+        """
+
+    @abc.abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob; see :class:`BlobWriter`."""
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """The finer chunks the blob is stored as, in order, or ``None`` when absent.
+
+        An empty list means the backend has no finer chunking for this blob:
+        read it whole through :meth:`open_read`. Each chunk listed can be
+        opened through :meth:`open_read` by its own digest, so a reader can
+        fetch and verify only the chunks it needs.
+        """
+        return [] if await self.has(digest) else None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections and handles; the service is unusable afterwards."""

@@ -1,0 +1,107 @@
+"""``memory://``: blobs in a dict, for tests and ephemeral use."""
+
+from __future__ import annotations
+
+import io
+
+import blake3
+
+from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter
+from tvix.castore.digest import B3Digest
+from tvix.castore.url import ServiceURL
+
+__all__ = ["BytesBlobReader", "MemoryBlobService"]
+
+
+class BytesBlobReader(BlobReader):
+    """A :class:`BlobReader` over bytes already in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if n < 0 else min(len(self._view), start + n)
+        if start >= end:
+            return b""
+        self._pos = end
+        return bytes(self._view[start:end])
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        pos = _seek_target(self._pos, len(self._view), offset, whence)
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _seek_target(pos: int, size: int | None, offset: int, whence: int) -> int:
+    """Where a seek lands; shared by the readers of every backend."""
+    if whence == io.SEEK_SET:
+        target = offset
+    elif whence == io.SEEK_CUR:
+        target = pos + offset
+    elif whence == io.SEEK_END and size is not None:
+        target = size + offset
+    else:
+        raise ValueError(f"unsupported whence {whence}")
+    if target < 0:
+        raise ValueError(f"negative seek position {target}")
+    return target
+
+
+class _MemoryBlobWriter(BlobWriter):
+    def __init__(self, service: MemoryBlobService) -> None:
+        self._service = service
+        self._parts: list[bytes] = []
+        self._hasher = blake3.blake3()
+        self._digest: B3Digest | None = None
+        self._aborted = False
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self._digest is not None or self._aborted:
+            raise ValueError("write to a closed blob writer")
+        data = bytes(data)
+        self._hasher.update(data)
+        self._parts.append(data)
+
+    async def close(self) -> B3Digest:
+        if self._digest is None:
+            if self._aborted:
+                raise ValueError("close of an aborted blob writer")
+            self._digest = B3Digest(self._hasher.digest())
+            self._service._blobs.setdefault(self._digest, b"".join(self._parts))
+            self._parts = []
+        return self._digest
+
+    async def abort(self) -> None:
+        if self._digest is None:
+            self._aborted = True
+            self._parts = []
+
+
+class MemoryBlobService(BlobService):
+    """Blobs held in a dict, whole. Lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[B3Digest, bytes] = {}
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> MemoryBlobService:
+        """``memory://``: no host, path or options."""
+        url.reject_host()
+        url.reject_path()
+        url.reject_params()
+        return cls()
+
+    async def has(self, digest: B3Digest) -> bool:
+        return digest in self._blobs
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        data = self._blobs.get(digest)
+        return None if data is None else BytesBlobReader(data)
+
+    def open_write(self) -> BlobWriter:
+        return _MemoryBlobWriter(self)

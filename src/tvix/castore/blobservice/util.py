@@ -1,0 +1,48 @@
+"""Small helpers on top of the BlobService interface."""
+
+from __future__ import annotations
+
+from tvix.castore.blobservice.base import BlobService
+from tvix.castore.digest import B3Digest
+from tvix.castore.errors import IntegrityError
+
+__all__ = ["copy_blob", "read_all", "write_all"]
+
+COPY_BLOCK = 1 << 20
+
+
+async def read_all(service: BlobService, digest: B3Digest) -> bytes | None:
+    """The whole blob in memory, or ``None`` when absent. Only for blobs known to be small."""
+    reader = await service.open_read(digest)
+    if reader is None:
+        return None
+    async with reader:
+        parts = []
+        while chunk := await reader.read(COPY_BLOCK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+async def write_all(service: BlobService, data: bytes) -> B3Digest:
+    """Store ``data`` as a blob and return its digest."""
+    async with service.open_write() as writer:
+        await writer.write(data)
+    return await writer.close()
+
+
+async def copy_blob(src: BlobService, dst: BlobService, digest: B3Digest) -> bool:
+    """Stream blob ``digest`` from ``src`` into ``dst``; ``False`` if ``src`` lacks it.
+
+    Raises :class:`~tvix.castore.errors.IntegrityError` (and stores nothing)
+    if the bytes ``src`` returned do not hash to ``digest``.
+    """
+    reader = await src.open_read(digest)
+    if reader is None:
+        return False
+    async with reader, dst.open_write() as writer:
+        while chunk := await reader.read(COPY_BLOCK):
+            await writer.write(chunk)
+        got = await writer.close()
+    if got != digest:
+        raise IntegrityError(f"blob {digest.hex()}: source returned bytes hashing to {got.hex()}")
+    return True

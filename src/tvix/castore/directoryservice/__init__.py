@@ -1,0 +1,37 @@
+"""Directory services: Directories addressed by the blake3 of their encoding.
+
+Build one from a URL with :func:`from_url`:
+
+=============================== ==================================================
+``memory://``                   in-process dict (tests, ephemeral use)
+=============================== ==================================================
+
+Further backends register their scheme in :data:`registry`.
+"""
+
+from __future__ import annotations
+
+from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.closure import BufferedDirectoryPutter, ClosureValidator
+from tvix.castore.directoryservice.memory import MemoryDirectoryService
+from tvix.castore.directoryservice.traverse import traverse_bfs
+from tvix.castore.url import Registry
+
+__all__ = [
+    "BufferedDirectoryPutter",
+    "ClosureValidator",
+    "DirectoryPutter",
+    "DirectoryService",
+    "MemoryDirectoryService",
+    "from_url",
+    "registry",
+    "traverse_bfs",
+]
+
+registry: Registry[DirectoryService] = Registry("directory service")
+registry.register("memory", MemoryDirectoryService.from_url)
+
+
+def from_url(url: str) -> DirectoryService:
+    """The directory service ``url`` names; raises :class:`~tvix.castore.errors.InvalidURLError`."""
+    return registry.from_url(url)

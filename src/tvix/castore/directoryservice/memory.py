@@ -1,0 +1,49 @@
+"""``memory://``: Directories in a dict, for tests and ephemeral use."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from tvix.castore.digest import B3Digest
+from tvix.castore.directory import Directory
+from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
+from tvix.castore.directoryservice.traverse import traverse_bfs
+from tvix.castore.url import ServiceURL
+
+__all__ = ["MemoryDirectoryService"]
+
+
+class MemoryDirectoryService(DirectoryService):
+    """Directories held in a dict. Lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._directories: dict[B3Digest, Directory] = {}
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> MemoryDirectoryService:
+        """``memory://``: no host, path or options."""
+        url.reject_host()
+        url.reject_path()
+        url.reject_params()
+        return cls()
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        return self._directories.get(digest)
+
+    async def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        have = self._directories
+        return {d: have[d] for d in digests if d in have}
+
+    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
+        return {d: v.size for d, v in (await self._get_many(digests)).items()}
+
+    def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        return traverse_bfs(self._get_many, root)
+
+    def put_multiple_start(self) -> DirectoryPutter:
+        return BufferedDirectoryPutter(self._commit, self._sizes)
+
+    async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
+        for directory in directories:
+            self._directories.setdefault(directory.digest, directory)
