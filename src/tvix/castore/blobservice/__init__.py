@@ -4,6 +4,8 @@ Build one from a URL with :func:`from_url`:
 
 =============================== ==================================================
 ``memory://``                   in-process dict (tests, ephemeral use)
+``objectstore+file:///abs/dir`` chunked (FastCDC), zstd, in files under a directory
+``objectstore+memory://``       the same layout in an in-process object store
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -32,6 +34,8 @@ __all__ = [
 
 registry: Registry[BlobService] = Registry("blob service")
 registry.register("memory", MemoryBlobService.from_url)
+registry.register("objectstore+file", "tvix.castore.blobservice.objectstore:from_url")
+registry.register("objectstore+memory", "tvix.castore.blobservice.objectstore:from_url")
 
 
 def from_url(url: str) -> BlobService:

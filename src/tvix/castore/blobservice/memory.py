@@ -63,7 +63,9 @@ class _MemoryBlobWriter(BlobWriter):
     async def write(self, data: bytes | memoryview) -> None:
         if self._digest is not None or self._aborted:
             raise ValueError("write to a closed blob writer")
-        data = bytes(data)
+        # Keep bytes as they are (no copy); copy views, whose buffer the caller may reuse.
+        if type(data) is not bytes:
+            data = bytes(data)
         self._hasher.update(data)
         self._parts.append(data)
 
@@ -72,7 +74,9 @@ class _MemoryBlobWriter(BlobWriter):
             if self._aborted:
                 raise ValueError("close of an aborted blob writer")
             self._digest = B3Digest(self._hasher.digest())
-            self._service._blobs.setdefault(self._digest, b"".join(self._parts))
+            parts = self._parts
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._service._blobs.setdefault(self._digest, data)
             self._parts = []
         return self._digest
 

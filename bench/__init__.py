@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures our code next to a real peer in the same run."""

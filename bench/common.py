@@ -1,0 +1,80 @@
+"""Shared helpers: timing (median of repeats), peers, and the comparison table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+WORK = Path(__file__).resolve().parent / ".work"
+
+
+def default_tree() -> Path:
+    """A real tree of tens of thousands of files: this Python's library directory."""
+    env = os.environ.get("TVIX_BENCH_TREE")
+    if env:
+        return Path(env)
+    return Path(sysconfig.get_paths(vars={"base": sys.base_prefix})["stdlib"])
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    """(regular files, bytes) below ``root``."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if os.path.isfile(os.path.join(dirpath, name)) and not os.path.islink(
+                os.path.join(dirpath, name)
+            ):
+                files += 1
+                size += st.st_size
+    return files, size
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall time of ``repeats`` runs of ``fn`` (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_quiet(*argv: str | Path, env: dict[str, str] | None = None) -> None:
+    """Run a command, its output discarded; raise if it fails."""
+    subprocess.run([str(a) for a in argv], check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+def need(tool: str) -> str:
+    """The path of ``tool``; exit with a clear message when it is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        sys.exit(f"bench: {tool} is not installed (./dev setup installs it)")
+    return path
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """Print a plain text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def rate(n: float, seconds: float, unit: str = "") -> str:
+    return f"{n / seconds:,.0f}{unit}"
+
+
+def mbps(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e6:,.0f} MB/s"

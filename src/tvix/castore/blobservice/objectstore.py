@@ -1,0 +1,634 @@
+"""``objectstore+file:///dir``, ``objectstore+memory://``: chunked blobs in object storage.
+
+Blobs are cut into chunks by content-defined chunking (FastCDC 2020), so equal
+runs of bytes in different blobs (a new version of a library, a file inside
+two tarballs) are stored once. The layout is upstream tvix's, so an upstream
+tvix-store pointed at the same directory or bucket reads what this one wrote
+and the other way round:
+
+``chunks/b3/<first 4 hex digits>/<64 hex digits>``
+    One chunk, stored under the blake3 digest of its bytes, as one zstd frame
+    (compressed with ``zstd=true``; with ``zstd=false`` a frame of "raw"
+    blocks, which any zstd decoder reads at memcpy speed). Every chunk object
+    is a zstd frame, so readers need no marker and a store may mix both.
+``blobs/b3/<first 4 hex digits>/<64 hex digits>``
+    The record of a blob of more than one chunk: a ``StatBlobResponse``
+    protobuf listing its chunks (digest and size each), in order, which is
+    also what the gRPC ``Stat`` call answers.
+
+A blob of one chunk (anything below the minimum chunk size, which is most
+files) is stored as that chunk alone: its digest is the chunk's digest, so it
+costs one object and one request to read. :meth:`~ObjectStoreBlobService.chunks`
+lists nothing for it.
+
+Chunk sizes (min/avg/max) are 64/256/1024 KiB, or derived from
+``avg_chunk_size`` as avg/4 and avg*4. Measured with ``bench/bench_chunking.py``
+on 64 MiB of /usr/lib binaries (2 cores): chunking runs at 1.7-2.7 GB/s for
+all settings, so throughput is decided by the per-chunk cost (one object,
+one request, a few hundred microseconds of Python), while dedup favours small
+chunks (share of a copy with 20% of its planted store paths changed that is
+found in the original's chunks: 56% at 16/64/256, 32% at 32/128/512, 12% at
+64/256/1024, 14% at upstream's 128/256/512, 2% at 256/512/1024). 64/256/1024
+keeps upstream's 256 KiB target, and so its number of objects and requests
+per byte, while its wider min/max range... (see the module's measurement
+table in bench/bench_chunking.py for the current numbers).
+
+Writes are streamed: bytes are buffered until a batch of a few MiB is
+complete, cut, hashed and compressed in a worker thread (blake3 and zstd
+release the GIL), and the chunks uploaded with a bounded number in flight;
+the tail of each batch that may end at an artificial cut waits for more
+bytes. Memory per writer is about two batches plus the chunks in flight.
+
+Atomicity: chunks and records are written with put-if-not-exists (an
+existing object under a content-addressed key already holds the same bytes,
+so "already exists" is success), each put is atomic (the local store writes
+a staging file and links/renames it into place; object stores never expose
+partial objects), and a blob's record is written only after all its chunks
+are stored. A crash leaves at worst unreferenced chunks. The local store does
+not fsync, so after a power loss an object may be empty or damaged: readers
+verify every chunk against its digest (and, reading a blob front to back, the
+whole blob against its digest), so damage surfaces as
+:class:`~tvix.castore.errors.IntegrityError`, never as wrong bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import io
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import blake3
+import obstore
+import zstandard
+from google.protobuf.message import DecodeError
+from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
+from obstore.store import LocalStore, MemoryStore
+from pyfastcdc.cy import FastCDC
+
+from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
+from tvix.castore.digest import B3Digest
+from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, ValidationError
+from tvix.castore.proto import pb
+from tvix.castore.url import ServiceURL
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = ["ObjectStoreBlobService", "from_url"]
+
+T = TypeVar("T")
+
+KIB = 1024
+MIB = 1024 * KIB
+
+DEFAULT_AVG_CHUNK_SIZE = 256 * KIB
+# FastCDC's own limits (pyfastcdc rejects min > 1 MiB and max > 16 MiB).
+MIN_AVG_CHUNK_SIZE = 4 * KIB
+MAX_AVG_CHUNK_SIZE = 1 * MIB
+
+# Bytes cut per worker-thread round trip: big enough that the hop (~0.1 ms)
+# is small next to the work, small enough to keep writers' memory low.
+BATCH_SIZE = 4 * MIB
+# Threads per service doing object I/O: the requests in flight at most.
+IO_THREADS = 8
+# No chunk object may decompress to more than this (a bomb guard for chunks
+# opened by digest, whose size no record states).
+MAX_CHUNK_SIZE = 64 * MIB
+ZSTD_LEVEL = 1
+
+# A zstd block holds at most 128 KiB.
+_ZSTD_BLOCK = 128 * KIB
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Frame header: single segment (no window descriptor), 4-byte content size.
+_ZSTD_RAW_HEADER = _ZSTD_MAGIC + b"\xa0"
+
+
+def _raw_zstd_frame(data: bytes | memoryview) -> bytes:
+    """``data`` as a zstd frame of uncompressed blocks: no CPU spent compressing,
+    yet every chunk object stays a zstd frame any decoder reads."""
+    size = len(data)
+    parts = [_ZSTD_RAW_HEADER, size.to_bytes(4, "little")]
+    if size == 0:
+        parts.append(b"\x01\x00\x00")  # last block, raw, empty
+    for start in range(0, size, _ZSTD_BLOCK):
+        block = data[start : start + _ZSTD_BLOCK]
+        last = start + _ZSTD_BLOCK >= size
+        # Block header: bit 0 last block, bits 1-2 type (0 = raw), bits 3.. size.
+        parts.append(((len(block) << 3) | last).to_bytes(3, "little"))
+        parts.append(bytes(block))
+    return b"".join(parts)
+
+
+def _digest_key(kind: str, prefix: str, digest: bytes) -> str:
+    h = digest.hex()
+    return f"{prefix}{kind}/b3/{h[:4]}/{h}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunking:
+    """Sizes FastCDC cuts at."""
+
+    min_size: int
+    avg_size: int
+    max_size: int
+
+    @classmethod
+    def around(cls, avg: int) -> _Chunking:
+        return cls(avg // 4, avg, avg * 4)
+
+
+# Builds the store a URL of one flavour names: (store, key prefix). Query
+# options are checked before, against the flavour's own plus OPTIONS.
+StoreBuilder = Callable[[ServiceURL], "tuple[ObjectStore, str]"]
+
+
+def _file_store(url: ServiceURL) -> tuple[ObjectStore, str]:
+    url.reject_host()
+    path = url.require_path()
+    if not path.startswith("/"):
+        raise InvalidURLError(f"invalid service URL {url.raw!r}: the path must be absolute")
+    try:
+        return LocalStore(path, mkdir=True), ""
+    except (BaseError, OSError) as e:
+        raise InvalidURLError(
+            f"invalid service URL {url.raw!r}: cannot use {path}: {_first_line(e)}"
+        ) from None
+
+
+def _memory_store(url: ServiceURL) -> tuple[ObjectStore, str]:
+    url.reject_host()
+    url.reject_path()
+    return MemoryStore(), ""
+
+
+# The flavours by URL scheme suffix (``objectstore+<flavour>``): the builder
+# and the query options it reads.
+STORE_FLAVOURS: dict[str, tuple[StoreBuilder, tuple[str, ...]]] = {
+    "file": (_file_store, ()),
+    "memory": (_memory_store, ()),
+}
+
+# Options every flavour takes.
+OPTIONS = ("zstd", "avg_chunk_size")
+
+
+def _first_line(e: BaseException) -> str:
+    """obstore's messages carry a multi-line debug dump after the first line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _bool_param(url: ServiceURL, key: str, default: bool) -> bool:
+    value = url.params.get(key)
+    if value is None:
+        return default
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise InvalidURLError(f"invalid service URL {url.raw!r}: {key} must be true or false")
+
+
+class ObjectStoreBlobService(BlobService):
+    """Blobs chunked by FastCDC into an ``obstore`` object store (see the module docs).
+
+    ``chunks`` lists the chunks of a blob stored as more than one, and ``[]``
+    for a blob stored as a single chunk (or for a chunk itself).
+    ``open_read`` reads blobs and chunks alike; a reader fetches only the
+    chunks its reads touch, keeps at most the current and the next chunk in
+    memory, and prefetches the next while reading front to back.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str = "",
+        *,
+        zstd: bool = True,
+        avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
+    ) -> None:
+        """Store under ``prefix`` (``""`` or ending in ``/``) in ``store``.
+
+        ``zstd`` compresses chunks; ``avg_chunk_size`` sets FastCDC's target
+        (min a quarter, max four times that).
+        """
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if not MIN_AVG_CHUNK_SIZE <= avg_chunk_size <= MAX_AVG_CHUNK_SIZE:
+            raise ValidationError(
+                f"avg_chunk_size {avg_chunk_size} is outside "
+                f"{MIN_AVG_CHUNK_SIZE}..{MAX_AVG_CHUNK_SIZE}"
+            )
+        self._store = store
+        self._prefix = prefix
+        self._zstd = zstd
+        self._chunking = _Chunking.around(avg_chunk_size)
+        # Object I/O runs on obstore's blocking API in these threads, each call
+        # together with the CPU work around it (see the module docs for why).
+        # The threads bound the requests in flight across all readers and writers.
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tvix-objectstore")
+        # Cleared on the first store that rejects put-if-not-exists; content-
+        # addressed objects can then simply be overwritten with the same bytes.
+        self._create_mode = True
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> ObjectStoreBlobService:
+        """``objectstore+file:///abs/dir`` or ``objectstore+memory://``.
+
+        Options: ``zstd=true|false`` (default true), ``avg_chunk_size=<bytes>``
+        (default 262144).
+        """
+        flavour = url.scheme.removeprefix("objectstore+")
+        known = STORE_FLAVOURS.get(flavour) if flavour != url.scheme else None
+        if known is None:
+            raise InvalidURLError(
+                f"invalid service URL {url.raw!r}: unknown object store flavour {flavour!r} "
+                f"(known: {', '.join(sorted(STORE_FLAVOURS))})"
+            )
+        build, flavour_options = known
+        # Options are checked before building, so a bad URL creates no directory.
+        url.reject_params(*OPTIONS, *flavour_options)
+        zstd = _bool_param(url, "zstd", True)
+        avg = url.int_param("avg_chunk_size", DEFAULT_AVG_CHUNK_SIZE)
+        if not MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE:
+            raise InvalidURLError(
+                f"invalid service URL {url.raw!r}: avg_chunk_size must be within "
+                f"{MIN_AVG_CHUNK_SIZE}..{MAX_AVG_CHUNK_SIZE}"
+            )
+        store, prefix = build(url)
+        return cls(store, prefix, zstd=zstd, avg_chunk_size=avg)
+
+    # -- keys and raw object access (blocking; called in worker threads) -----------------
+
+    def _chunk_key(self, digest: bytes) -> str:
+        return _digest_key("chunks", self._prefix, digest)
+
+    def _blob_key(self, digest: bytes) -> str:
+        return _digest_key("blobs", self._prefix, digest)
+
+    def _get_sync(self, key: str) -> obstore.Bytes | None:
+        try:
+            return obstore.get(self._store, key).bytes()
+        except FileNotFoundError:
+            return None
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: reading {key} failed: {_first_line(e)}") from e
+
+    def _put_sync(self, key: str, payload: bytes) -> None:
+        """Store ``payload`` at content-addressed ``key`` unless something is there already."""
+        try:
+            if self._create_mode:
+                try:
+                    obstore.put(self._store, key, payload, mode="create", use_multipart=False)
+                except NotSupportedError:
+                    self._create_mode = False
+                else:
+                    return
+            obstore.put(self._store, key, payload, use_multipart=False)
+        except AlreadyExistsError:
+            pass  # the same content, written earlier or concurrently
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: writing {key} failed: {_first_line(e)}") from e
+
+    def _read_chunk_sync(self, digest: B3Digest, size: int | None) -> bytes | None:
+        """The verified bytes of chunk ``digest`` (of ``size`` if known), ``None`` if absent."""
+        raw = self._get_sync(self._chunk_key(digest))
+        return None if raw is None else _decode_chunk(raw, digest, size)
+
+    def _read_record_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        raw = self._get_sync(self._blob_key(digest))
+        return None if raw is None else _decode_record(bytes(raw), digest)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        except RuntimeError as e:
+            if "shutdown" in str(e):
+                raise StorageError("object store blob service is closed") from None
+            raise
+
+    async def _exists(self, key: str) -> bool:
+        # Asynchronous: a HEAD carries no data to process, so there is no thread work to join.
+        try:
+            await obstore.head_async(self._store, key)
+        except FileNotFoundError:
+            return False
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: checking {key} failed: {_first_line(e)}") from e
+        return True
+
+    # -- BlobService ------------------------------------------------------------------------
+
+    async def has(self, digest: B3Digest) -> bool:
+        # Chunk first: most blobs are a single chunk.
+        return await self._exists(self._chunk_key(digest)) or await self._exists(
+            self._blob_key(digest)
+        )
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        data = await self._run(self._read_chunk_sync, digest, None)
+        if data is not None:
+            return BytesBlobReader(data)
+        chunks = await self._run(self._read_record_sync, digest)
+        if chunks is None:
+            return None
+        return _ChunkedReader(self, digest, chunks)
+
+    def open_write(self) -> BlobWriter:
+        return _ObjectStoreBlobWriter(self)
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        chunks = await self._run(self._read_record_sync, digest)
+        if chunks is not None:
+            return chunks
+        return [] if await self._exists(self._chunk_key(digest)) else None
+
+    async def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+
+def from_url(url: ServiceURL) -> ObjectStoreBlobService:
+    """The registry's entry point; see :meth:`ObjectStoreBlobService.from_url`."""
+    return ObjectStoreBlobService.from_url(url)
+
+
+def _decode_chunk(raw: obstore.Bytes | bytes, digest: B3Digest, size: int | None) -> bytes:
+    """Decompress and verify one chunk object; runs in a worker thread for big ones."""
+    limit = MAX_CHUNK_SIZE if size is None else size
+    try:
+        frame = memoryview(raw)
+        declared = zstandard.frame_content_size(frame)
+        if declared > limit:
+            raise IntegrityError(
+                f"chunk {digest.hex()}: object declares {declared} bytes, expected at most {limit}"
+            )
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"chunk {digest.hex()}: not a valid zstd frame: {e}") from None
+    got = blake3.blake3(data).digest()
+    if got != digest:
+        raise IntegrityError(f"chunk {digest.hex()}: stored bytes hash to {got.hex()}")
+    if size is not None and len(data) != size:
+        # Only a record can be wrong here: the bytes match their digest.
+        raise IntegrityError(
+            f"chunk {digest.hex()} has {len(data)} bytes, its blob's record says {size}"
+        )
+    return data
+
+
+def _decode_record(raw: bytes, digest: B3Digest) -> list[ChunkMeta]:
+    try:
+        msg = pb.StatBlobResponse.FromString(raw)
+        chunks = [ChunkMeta(B3Digest(c.digest), c.size) for c in msg.chunks]
+    except (DecodeError, ValidationError) as e:
+        raise IntegrityError(f"blob {digest.hex()}: damaged blob record: {e}") from None
+    # We never write a record without chunks (the empty blob is an empty
+    # chunk); an empty one is a truncated object that would read as b"".
+    if not chunks or any(c.size <= 0 or c.size > MAX_CHUNK_SIZE for c in chunks):
+        raise IntegrityError(f"blob {digest.hex()}: damaged blob record (bad chunk list)")
+    return chunks
+
+
+class _ChunkedReader(BlobReader):
+    """Reads a blob chunk by chunk, fetching each chunk on first touch."""
+
+    def __init__(
+        self, service: ObjectStoreBlobService, digest: B3Digest, chunks: list[ChunkMeta]
+    ) -> None:
+        self._service = service
+        self._digest = digest
+        self._chunks = chunks
+        self._starts: list[int] = []
+        offset = 0
+        for c in chunks:
+            self._starts.append(offset)
+            offset += c.size
+        self._size = offset
+        self._pos = 0
+        self._current: tuple[int, bytes] | None = None
+        self._last_index = -1
+        self._next: tuple[int, asyncio.Task[bytes]] | None = None
+        # Verifies the whole blob while chunks are fetched in order from the
+        # first; a seek elsewhere ends it (the chunks are verified anyway).
+        self._blob_hasher: blake3.blake3 | None = blake3.blake3()
+        self._hashed_chunks = 0
+        self._closed = False
+
+    async def _fetch(self, index: int) -> bytes:
+        meta = self._chunks[index]
+        data = await self._service._run(self._service._read_chunk_sync, meta.digest, meta.size)
+        if data is None:
+            raise StorageError(
+                f"blob {self._digest.hex()}: chunk {meta.digest.hex()} is missing "
+                "(the store is damaged)"
+            )
+        return data
+
+    async def _chunk(self, index: int) -> bytes:
+        if self._current is not None and self._current[0] == index:
+            return self._current[1]
+        self._current = None  # drop it before fetching: at most two chunks in memory
+        pending = self._next
+        self._next = None
+        if pending is not None and pending[0] == index:
+            data = await pending[1]
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            data = await self._fetch(index)
+        self._verify_blob(index, data)
+        self._current = (index, data)
+        sequential = index == self._last_index + 1
+        self._last_index = index
+        if sequential and index + 1 < len(self._chunks):
+            # Reading front to back: fetch the next chunk while this one is consumed.
+            self._next = (index + 1, asyncio.ensure_future(self._fetch(index + 1)))
+        return data
+
+    def _verify_blob(self, index: int, data: bytes) -> None:
+        hasher = self._blob_hasher
+        if hasher is None:
+            return
+        if index != self._hashed_chunks:
+            self._blob_hasher = None
+            return
+        hasher.update(data)
+        self._hashed_chunks += 1
+        if self._hashed_chunks == len(self._chunks):
+            self._blob_hasher = None
+            got = hasher.digest()
+            if got != self._digest:
+                raise IntegrityError(
+                    f"blob {self._digest.hex()}: its record lists chunks hashing to {got.hex()}"
+                )
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:
+            raise ValueError("read from a closed blob reader")
+        if n < 0:
+            parts = []
+            while part := await self.read(MAX_CHUNK_SIZE):
+                parts.append(part)
+            return b"".join(parts)
+        pos = self._pos
+        if n == 0 or pos >= self._size:
+            return b""
+        index = bisect.bisect_right(self._starts, pos) - 1
+        data = await self._chunk(index)
+        start = pos - self._starts[index]
+        out = data[start : start + n]
+        self._pos = pos + len(out)
+        return out
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = _seek_target(self._pos, self._size, offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def close(self) -> None:
+        self._closed = True
+        self._current = None
+        if self._next is not None:
+            task = self._next[1]
+            self._next = None
+            task.cancel()
+            # Collect it, so a failed prefetch is not reported as never retrieved.
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class _ObjectStoreBlobWriter(BlobWriter):
+    def __init__(self, service: ObjectStoreBlobService) -> None:
+        self._service = service
+        c = service._chunking
+        self._cdc = FastCDC(
+            avg_size=c.avg_size, min_size=c.min_size, max_size=c.max_size, normalized_chunking=1
+        )
+        self._batch = max(BATCH_SIZE, 2 * c.max_size)
+        self._pending: list[bytes] = []  # written, not handed to a batch yet
+        self._pending_size = 0
+        # The batch being cut and stored in a thread, while the caller writes the next one.
+        self._job: asyncio.Future[tuple[bytes, list[Future[None]]]] | None = None
+        # Touched only by batch jobs, which run one at a time.
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._chunks: list[ChunkMeta] = []
+        self._stored: set[B3Digest] = set()
+        self._digest: B3Digest | None = None
+        self._failed = False
+        self._aborted = False
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self._digest is not None or self._aborted:
+            raise ValueError("write to a closed blob writer")
+        if self._failed:
+            raise ValueError("write to a failed blob writer")
+        if not data:
+            return
+        # Copied: the caller may reuse its buffer, and the bytes outlive this call.
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size >= self._batch:
+            await self._flush(final=False)
+
+    async def _flush(self, final: bool) -> None:
+        """Hand what is pending, after the previous batch's uncut tail, to a new batch job."""
+        tail, puts = await self._wait_job()
+        buf = b"".join([tail, *self._pending])
+        self._pending = []
+        self._pending_size = 0
+        self._job = asyncio.get_running_loop().run_in_executor(
+            None, self._store_batch, buf, final, puts
+        )
+        if final:
+            await self._wait_job()
+
+    async def _wait_job(self) -> tuple[bytes, list[Future[None]]]:
+        job, self._job = self._job, None
+        if job is None:
+            return b"", []
+        try:
+            return await job
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _store_batch(
+        self, buf: bytes, final: bool, previous: list[Future[None]]
+    ) -> tuple[bytes, list[Future[None]]]:
+        """Cut ``buf``, start storing its chunks, and return the tail left uncut.
+
+        Runs in a thread. Unless ``final``, the last chunk is left as the tail:
+        it may end only because the buffer does. Chunk puts run on the
+        service's I/O threads; this batch's are returned unfinished and waited
+        for by the next batch (``previous``), so cutting one batch overlaps
+        storing the one before, and at most two batches are in memory. The
+        final batch waits for its own too.
+        """
+        view = memoryview(buf)
+        cuts = [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
+        if not final and cuts:
+            cuts.pop()
+        if final and not cuts and not self._chunks:
+            cuts = [(0, 0)]  # the empty blob: one empty chunk
+        used = cuts[-1][0] + cuts[-1][1] if cuts else 0
+        self._hasher.update(view[:used])
+        service = self._service
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        puts: list[Future[None]] = []
+        for offset, length in cuts:
+            data = view[offset : offset + length]
+            digest = B3Digest(blake3.blake3(data).digest())
+            self._chunks.append(ChunkMeta(digest, length))
+            if digest in self._stored:
+                continue
+            self._stored.add(digest)
+            payload = compressor.compress(data) if service._zstd else _raw_zstd_frame(data)
+            puts.append(service._io.submit(service._put_sync, service._chunk_key(digest), payload))
+        for put in previous + puts if final else previous:
+            put.result()  # raises the first failure
+        return buf[used:], [] if final else puts
+
+    async def close(self) -> B3Digest:
+        if self._digest is not None:
+            return self._digest
+        if self._aborted:
+            raise ValueError("close of an aborted blob writer")
+        if self._failed:
+            raise ValueError("close of a failed blob writer")
+        try:
+            await self._flush(final=True)
+            digest = B3Digest(self._hasher.digest())
+            if len(self._chunks) > 1:
+                record = pb.StatBlobResponse(
+                    chunks=[
+                        pb.StatBlobResponse.ChunkMeta(digest=c.digest, size=c.size)
+                        for c in self._chunks
+                    ]
+                )
+                # Only now: every chunk it lists is stored.
+                service = self._service
+                await service._run(
+                    service._put_sync, service._blob_key(digest), record.SerializeToString()
+                )
+        except BaseException:
+            self._failed = True
+            raise
+        self._digest = digest
+        self._chunks = []
+        return digest
+
+    async def abort(self) -> None:
+        if self._digest is None and not self._aborted:
+            self._aborted = True
+            self._pending = []
+            # A running batch job cannot be interrupted; let it finish (its chunks
+            # are valid content, just unreferenced) so nothing outlives the writer.
+            job, self._job = self._job, None
+            if job is not None:
+                await asyncio.gather(job, return_exceptions=True)

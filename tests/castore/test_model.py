@@ -1,0 +1,175 @@
+"""The castore data model: validation, digests, wire conversion."""
+
+from __future__ import annotations
+
+import blake3
+import pytest
+
+from tvix._proto import castore_pb2 as pb
+from tvix.castore import (
+    B3Digest,
+    Directory,
+    DirectoryNode,
+    FileNode,
+    SymlinkNode,
+    ValidationError,
+)
+from tvix.castore.proto import (
+    directory_from_bytes,
+    directory_from_proto,
+    directory_to_proto,
+    node_from_proto,
+    node_to_proto,
+)
+from tvix.castore.testing.fixtures import (
+    DIRECTORY_A,
+    DIRECTORY_C,
+    DIRECTORY_COMPLICATED,
+    DIRECTORY_WITH_KEEP,
+    EMPTY_BLOB_DIGEST,
+)
+
+D = EMPTY_BLOB_DIGEST
+
+
+def test_known_digests() -> None:
+    assert Directory().digest.hex() == (
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    )
+    assert Directory().digest == blake3.blake3(b"").digest()
+    keep = Directory(files=[FileNode(b".keep", D, 0)])
+    assert keep.digest.hex() == "8b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e"
+
+
+@pytest.mark.parametrize(
+    "directory", [DIRECTORY_A, DIRECTORY_WITH_KEEP, DIRECTORY_C, DIRECTORY_COMPLICATED]
+)
+def test_encoding_matches_protobuf_deterministic(directory: Directory) -> None:
+    m = directory_to_proto(directory)
+    assert m.SerializeToString(deterministic=True) == directory.encode()
+    assert directory_from_proto(m) == directory
+    assert directory_from_bytes(directory.encode()).digest == directory.digest
+
+
+def test_encoding_of_large_values() -> None:
+    d = Directory(
+        directories=[DirectoryNode(b"d", D, 2**40)],
+        files=[FileNode(b"f", D, 2**64 - 1, True), FileNode(b"g", D, 300)],
+        symlinks=[SymlinkNode(b"s" * 200, b"t" * 1000)],
+    )
+    m = pb.Directory(
+        directories=[pb.DirectoryNode(name=b"d", digest=D, size=2**40)],
+        files=[
+            pb.FileNode(name=b"f", digest=D, size=2**64 - 1, executable=True),
+            pb.FileNode(name=b"g", digest=D, size=300),
+        ],
+        symlinks=[pb.SymlinkNode(name=b"s" * 200, target=b"t" * 1000)],
+    )
+    assert d.encode() == m.SerializeToString(deterministic=True)
+
+
+def test_size_counts_all_entries_below() -> None:
+    assert DIRECTORY_WITH_KEEP.size == 1
+    assert DIRECTORY_C.size == 2 + 1 + 1
+    # c (4) + keep (1) + 5 own entries.
+    assert DIRECTORY_COMPLICATED.size == 5 + DIRECTORY_C.size + DIRECTORY_WITH_KEEP.size
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: FileNode(b"", D, 0), "empty"),
+        (lambda: FileNode(b"a/b", D, 0), "'/'"),
+        (lambda: FileNode(b"a\0b", D, 0), "NUL"),
+        (lambda: FileNode(b".", D, 0), r"'\.' and '\.\.'"),
+        (lambda: DirectoryNode(b"..", D, 0), r"'\.' and '\.\.'"),
+        (lambda: FileNode(b"a", b"\0" * 31, 0), "digest length: 31"),
+        (lambda: DirectoryNode(b"a", b"\0" * 33, 0), "digest length: 33"),
+        (lambda: FileNode(b"a", D, -1), "uint64"),
+        (lambda: FileNode(b"a", D, 2**64), "uint64"),
+        (lambda: SymlinkNode(b"a", b""), "empty target"),
+        (lambda: SymlinkNode(b"a", b"x\0y"), "NUL"),
+        (
+            lambda: Directory(files=[FileNode(b"b", D, 0), FileNode(b"a", D, 0)]),
+            "files not sorted",
+        ),
+        (
+            lambda: Directory(files=[FileNode(b"a", D, 0), FileNode(b"a", D, 0)]),
+            "files duplicate name",
+        ),
+        (
+            lambda: Directory(
+                directories=[DirectoryNode(b"a", D, 0)], symlinks=[SymlinkNode(b"a", b"t")]
+            ),
+            "duplicate name b'a'",
+        ),
+        (
+            lambda: Directory(files=[SymlinkNode(b"a", b"t")]),  # type: ignore[list-item]
+            "files holds a SymlinkNode",
+        ),
+    ],
+)
+def test_invalid(build: object, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        build()  # type: ignore[operator]
+
+
+def test_sorting_is_bytewise() -> None:
+    # b"Z" < b"a" < b"\xff": bytewise, not locale or case-insensitive.
+    d = Directory.from_nodes(
+        [FileNode(b"\xff", D, 0), FileNode(b"a", D, 0), SymlinkNode(b"Z", b"t")]
+    )
+    assert [n.name for n in d.nodes()] == [b"Z", b"a", b"\xff"]
+    with pytest.raises(ValidationError, match="not sorted"):
+        Directory(files=[FileNode(b"\xff", D, 0), FileNode(b"a", D, 0)])
+
+
+def test_immutable() -> None:
+    with pytest.raises(AttributeError):
+        DIRECTORY_A.size = 3  # type: ignore[misc]
+    node = FileNode(b"a", D, 0)
+    with pytest.raises(AttributeError):
+        node.size = 3  # type: ignore[misc]
+
+
+def test_b3digest() -> None:
+    digest = B3Digest(D)
+    assert B3Digest.from_hex(digest.hex()) == digest
+    assert B3Digest.from_str(str(digest)) == digest
+    assert str(digest).startswith("b3:")
+    with pytest.raises(ValidationError, match="invalid hex"):
+        B3Digest.from_hex("zz")
+
+
+def test_unknown_fields_rejected() -> None:
+    data = DIRECTORY_WITH_KEEP.encode() + b"\x22\x01x"  # field 4, length-delimited
+    with pytest.raises(ValidationError, match="Directory: unknown fields"):
+        directory_from_bytes(data)
+    inner = pb.FileNode(name=b"a", digest=D).SerializeToString() + b"\x28\x01"  # field 5 varint
+    nested = b"\x12" + bytes([len(inner)]) + inner
+    with pytest.raises(ValidationError, match="FileNode: unknown fields"):
+        directory_from_bytes(nested)
+
+
+def test_invalid_wire_directory_rejected() -> None:
+    m = pb.Directory(files=[pb.FileNode(name=b"b", digest=D), pb.FileNode(name=b"a", digest=D)])
+    with pytest.raises(ValidationError, match="not sorted"):
+        directory_from_proto(m)
+    m = pb.Directory(files=[pb.FileNode(name=b"a", digest=b"short")])
+    with pytest.raises(ValidationError, match=r"node b'a'.*digest length"):
+        directory_from_proto(m)
+    with pytest.raises(ValidationError, match="invalid Directory encoding"):
+        directory_from_bytes(b"\x0a\xff")
+
+
+@pytest.mark.parametrize(
+    "node",
+    [FileNode(b"f", D, 3, True), DirectoryNode(b"d", D, 7), SymlinkNode(b"s", b"\xfftarget")],
+)
+def test_node_round_trip(node: FileNode | DirectoryNode | SymlinkNode) -> None:
+    assert node_from_proto(node_to_proto(node)) == node
+
+
+def test_empty_node_rejected() -> None:
+    with pytest.raises(ValidationError, match="no node set"):
+        node_from_proto(pb.Node())
