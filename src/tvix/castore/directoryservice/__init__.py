@@ -4,6 +4,7 @@ Build one from a URL with :func:`from_url`:
 
 =============================== ==================================================
 ``memory://``                   in-process dict (tests, ephemeral use)
+``sqlite:///abs/path.db``       embedded SQLite database file (``sqlite://``: in memory)
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter, ClosureValidator
 from tvix.castore.directoryservice.memory import MemoryDirectoryService
+from tvix.castore.directoryservice.sqlite import SQLiteDatabase, SQLiteDirectoryService
 from tvix.castore.directoryservice.traverse import traverse_bfs
 from tvix.castore.url import Registry
 
@@ -23,6 +25,8 @@ __all__ = [
     "DirectoryPutter",
     "DirectoryService",
     "MemoryDirectoryService",
+    "SQLiteDatabase",
+    "SQLiteDirectoryService",
     "from_url",
     "registry",
     "traverse_bfs",
@@ -30,6 +34,7 @@ __all__ = [
 
 registry: Registry[DirectoryService] = Registry("directory service")
 registry.register("memory", MemoryDirectoryService.from_url)
+registry.register("sqlite", SQLiteDirectoryService.from_url)
 
 
 def from_url(url: str) -> DirectoryService:
