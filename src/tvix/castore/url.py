@@ -89,7 +89,7 @@ Factory = Callable[[ServiceURL], T]
 class Registry(Generic[T]):
     """Maps URL schemes to backend factories for one kind of service.
 
-    Factories may be given as ``"module:attribute"`` strings, imported on
+    Factories may be given as ``"module:attribute[.attribute]"`` strings, imported on
     first use, so the registry can name backends whose dependencies are heavy
     or that live in layers above it.
     """
@@ -118,7 +118,10 @@ class Registry(Generic[T]):
             )
         if isinstance(factory, str):
             module, _, attr = factory.partition(":")
-            factory = getattr(importlib.import_module(module), attr)
+            target: object = importlib.import_module(module)
+            for part in attr.split("."):
+                target = getattr(target, part)
+            factory = target  # type: ignore[assignment]
             self._factories[parsed.scheme] = factory
         assert callable(factory)
         return factory(parsed)

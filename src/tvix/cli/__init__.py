@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``tvix-store`` and ``nar-bridge``. A thin shell over the library."""

@@ -1,0 +1,236 @@
+"""``tvix-store``: the store's command line."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from tvix import __version__
+from tvix.castore.blobservice import BlobService
+from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.cli.common import (
+    CLIError,
+    Progress,
+    add_service_args,
+    open_services,
+    run,
+    setup_logging,
+)
+from tvix.nixcompat import nixbase32
+from tvix.store.importer import import_path
+from tvix.store.nar import NarCalculator, render_nar
+from tvix.store.pathinfo import PathInfo
+from tvix.store.resolve import resolve
+
+PROG = "tvix-store"
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
+
+
+def _write_out(data: bytes) -> None:
+    # Straight to the file descriptor: no text layer, no extra buffering.
+    view = memoryview(data)
+    while view:
+        n = os.write(sys.stdout.fileno(), view)
+        view = view[n:]
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    async with open_services(args) as s:
+        calc = NarCalculator(s.blobs, s.directories)
+        for path in args.paths:
+            progress = Progress(f"importing {path}")
+            try:
+                info = await import_path(
+                    s.blobs,
+                    s.directories,
+                    s.path_infos,
+                    path,
+                    name=args.name,
+                    nar_calculator=calc,
+                    progress=progress,
+                )
+            finally:
+                progress.done()
+            print(info.store_path.absolute_path, flush=True)
+    return 0
+
+
+def _path_info_json(info: PathInfo) -> dict[str, object]:
+    # Shaped like `nix path-info --json`: SRI NAR hash, full reference paths sorted.
+    out: dict[str, object] = {
+        "path": info.store_path.absolute_path,
+        "narHash": "sha256-" + base64.b64encode(info.nar_sha256).decode(),
+        "narSize": info.nar_size,
+        "references": sorted(r.absolute_path for r in info.references),
+    }
+    if info.deriver is not None:
+        out["deriver"] = info.deriver.absolute_path
+    if info.signatures:
+        out["signatures"] = sorted(str(s) for s in info.signatures)
+    if info.ca is not None:
+        out["ca"] = str(info.ca)
+    return out
+
+
+async def cmd_path_info(args: argparse.Namespace) -> int:
+    async with open_services(args) as s:
+        infos = [(await resolve(s.path_infos, s.directories, p))[0] for p in args.paths]
+    if args.json:
+        print(json.dumps([_path_info_json(i) for i in infos]))
+        return 0
+    for info in infos:
+        lines = [
+            f"StorePath: {info.store_path.absolute_path}",
+            f"NarHash: sha256:{nixbase32.encode(info.nar_sha256)}",
+            f"NarSize: {info.nar_size}",
+            "References: " + " ".join(sorted(r.base_name for r in info.references)),
+        ]
+        if info.deriver is not None:
+            lines.append(f"Deriver: {info.deriver.base_name}")
+        lines.extend(f"Sig: {s}" for s in sorted(str(s) for s in info.signatures))
+        if info.ca is not None:
+            lines.append(f"CA: {info.ca}")
+        print("\n".join(lines))
+    return 0
+
+
+async def cmd_dump_path(args: argparse.Namespace) -> int:
+    async with open_services(args) as s:
+        _info, node = await resolve(s.path_infos, s.directories, args.path)
+        async for piece in render_nar(s.blobs, s.directories, node):
+            _write_out(piece)
+    return 0
+
+
+async def _cat_blob(blobs: BlobService, node: FileNode, shown: str) -> None:
+    reader = await blobs.open_read(node.digest)
+    if reader is None:
+        raise CLIError(f"{shown}: contents (blob {node.digest.hex()}) missing from the store")
+    async with reader:
+        while chunk := await reader.read(1 << 20):
+            _write_out(chunk)
+
+
+async def cmd_cat(args: argparse.Namespace) -> int:
+    async with open_services(args) as s:
+        _info, node = await resolve(s.path_infos, s.directories, args.path)
+        if not isinstance(node, FileNode):
+            kind = "directory" if isinstance(node, DirectoryNode) else "symlink"
+            raise CLIError(f"{args.path} is a {kind}, not a regular file")
+        await _cat_blob(s.blobs, node, args.path)
+    return 0
+
+
+def _ls_line(node: Node, long: bool) -> str:
+    name = os.fsdecode(node.name)
+    if not long:
+        return name
+    if isinstance(node, DirectoryNode):
+        return f"{stat.filemode(stat.S_IFDIR | 0o555)} {0:>12} {name}"
+    if isinstance(node, FileNode):
+        mode = 0o555 if node.executable else 0o444
+        return f"{stat.filemode(stat.S_IFREG | mode)} {node.size:>12} {name}"
+    assert isinstance(node, SymlinkNode)
+    target = os.fsdecode(node.target)
+    return f"{stat.filemode(stat.S_IFLNK | 0o777)} {0:>12} {name} -> {target}"
+
+
+async def cmd_ls(args: argparse.Namespace) -> int:
+    async with open_services(args) as s:
+        _info, node = await resolve(s.path_infos, s.directories, args.path)
+        if not isinstance(node, DirectoryNode):
+            print(_ls_line(node, args.long))
+            return 0
+        directory = await s.directories.get(node.digest)
+        if directory is None:
+            raise CLIError(f"{args.path}: Directory {node.digest.hex()} missing from the store")
+        out = sys.stdout.buffer
+        for child in directory.nodes():
+            out.write(os.fsencode(_ls_line(child, args.long)) + b"\n")
+        out.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A content-addressed store for Nix: files stored once by their blake3 "
+        "digest, directories as a Merkle DAG, store paths mapped to that content. "
+        "Speaks the tvix-store gRPC protocol and renders the NARs Nix expects.",
+        epilog="Run `tvix-store COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-vv: debug; env TVIX_LOG)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Command, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        add_service_args(p)
+        p.set_defaults(func=fn)
+        return p
+
+    p = command(
+        "import",
+        cmd_import,
+        "add local paths to the store, as nix-store --add",
+        "Ingest each PATH (file, symlink or directory tree) and register it as a "
+        "content-addressed store path; print the store path, one per line, exactly as "
+        "`nix-store --add PATH` would.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--name", help="store path name (default: the base name of PATH)")
+
+    p = command(
+        "path-info",
+        cmd_path_info,
+        "show the metadata of store paths",
+        "Show NAR hash and size, references, deriver, signatures and content address of "
+        "each STOREPATH.",
+    )
+    p.add_argument("paths", nargs="+", metavar="STOREPATH")
+    p.add_argument("--json", action="store_true", help="JSON shaped like nix path-info --json")
+
+    p = command(
+        "dump-path",
+        cmd_dump_path,
+        "write the NAR of a store path to stdout, as nix-store --dump",
+        "Write the NAR serialisation of STOREPATH[/sub/path] to stdout, byte-identical "
+        "to `nix-store --dump` of the same tree.",
+    )
+    p.add_argument("path", metavar="STOREPATH[/SUB/PATH]")
+
+    p = command(
+        "cat",
+        cmd_cat,
+        "write a file in the store to stdout",
+        "Write the contents of the regular file STOREPATH[/sub/path] to stdout.",
+    )
+    p.add_argument("path", metavar="STOREPATH[/SUB/PATH]")
+
+    p = command(
+        "ls",
+        cmd_ls,
+        "list a directory in the store",
+        "List the entries of the directory STOREPATH[/sub/path] (symlinks are not followed).",
+    )
+    p.add_argument("path", metavar="STOREPATH[/SUB/PATH]")
+    p.add_argument("-l", "--long", action="store_true", help="show type, mode, size and targets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(PROG, lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

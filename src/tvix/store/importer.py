@@ -1,0 +1,67 @@
+"""Import local paths as content-addressed store paths, as ``nix-store --add`` does."""
+
+from __future__ import annotations
+
+import os
+
+from tvix.castore.blobservice.base import BlobService
+from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.ingest import IngestProgress, ingest_path
+from tvix.nixcompat.cahash import CAHash, CAKind
+from tvix.nixcompat.errors import NixCompatError
+from tvix.nixcompat.hashes import HashAlgo
+from tvix.nixcompat.storepath import build_ca_path
+from tvix.store.errors import StoreError
+from tvix.store.nar.calculate import NarCalculator, calculate_nar
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService
+
+__all__ = ["ImportPathError", "import_path"]
+
+
+class ImportPathError(StoreError):
+    """A path cannot become a store path (for example its name is not a valid store path name)."""
+
+
+async def import_path(
+    blob_service: BlobService,
+    directory_service: DirectoryService,
+    path_info_service: PathInfoService,
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    nar_calculator: NarCalculator | None = None,
+    progress: IngestProgress | None = None,
+) -> PathInfo:
+    """Ingest ``path`` and register it as a recursive (NAR sha256) content-addressed path.
+
+    The store path is the one ``nix-store --add PATH`` gives (name: the base
+    name of ``path`` unless ``name`` is given). Returns the PathInfo as
+    stored. Raises :class:`ImportPathError` if the name is not a valid store path
+    name, and :class:`~tvix.castore.ingest.IngestError` if the path cannot be
+    ingested.
+    """
+    if name is None:
+        name = os.path.basename(os.path.normpath(os.path.abspath(os.fspath(path))))
+    try:
+        # Validates the name before any work is done.
+        build_ca_path(name, CAHash(CAKind.NAR, HashAlgo.SHA256, bytes(32)))
+    except NixCompatError as e:
+        raise ImportPathError(f"{os.fspath(path)}: {e}") from None
+    node = await ingest_path(
+        blob_service, directory_service, path, name=b"import", progress=progress
+    )
+    if nar_calculator is not None:
+        nar_size, nar_sha256 = await nar_calculator.calculate(node)
+    else:
+        nar_size, nar_sha256 = await calculate_nar(blob_service, directory_service, node)
+    ca = CAHash(CAKind.NAR, HashAlgo.SHA256, nar_sha256)
+    store_path = build_ca_path(name, ca)
+    info = PathInfo(
+        store_path=store_path,
+        node=node.renamed(store_path.base_name.encode()),
+        nar_size=nar_size,
+        nar_sha256=nar_sha256,
+        ca=ca,
+    )
+    return await path_info_service.put(info)

@@ -1,0 +1,28 @@
+"""PathInfo services: store paths mapped to their contents and Nix metadata.
+
+Build one from a URL with :func:`from_url`:
+
+=============================== ==================================================
+``memory://``                   in-process dict (tests, ephemeral use)
+``sqlite:///abs/path.sqlite``   embedded SQLite database file (``sqlite://``: in memory)
+=============================== ==================================================
+
+Further backends register their scheme in :data:`registry`.
+"""
+
+from __future__ import annotations
+
+from tvix.castore.url import Registry
+from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.pathinfoservice.memory import MemoryPathInfoService
+
+__all__ = ["MemoryPathInfoService", "PathInfoService", "check_digest", "from_url", "registry"]
+
+registry: Registry[PathInfoService] = Registry("path info service")
+registry.register("memory", MemoryPathInfoService.from_url)
+registry.register("sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoService.from_url")
+
+
+def from_url(url: str) -> PathInfoService:
+    """The PathInfo service ``url`` names; raises :class:`~tvix.castore.errors.InvalidURLError`."""
+    return registry.from_url(url)

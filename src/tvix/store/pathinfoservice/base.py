@@ -1,0 +1,59 @@
+"""The PathInfoService interface: the contract every PathInfo backend fulfils."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
+from tvix.store.pathinfo import PathInfo
+
+__all__ = ["PathInfoService", "check_digest"]
+
+
+def check_digest(digest: bytes) -> bytes:
+    """``digest`` if it is the 20 bytes of a store path hash, else :class:`InvalidPathInfoError`."""
+    if len(digest) != 20:
+        raise InvalidPathInfoError(f"store path digest must be 20 bytes, not {len(digest)}")
+    return bytes(digest)
+
+
+class PathInfoService(abc.ABC):
+    """Stores PathInfos, each under the 20-byte digest of its store path.
+
+    PathInfo is the one record that is not content-addressed: whoever can
+    put may say anything about a store path, so backends fed from untrusted
+    sources sit behind a signature check. Absence is a value (``None``),
+    failures are exceptions. Methods may be called concurrently.
+    """
+
+    supports_list: ClassVar[bool] = True
+    """Whether :meth:`list` can enumerate the stored PathInfos."""
+
+    @abc.abstractmethod
+    async def get(self, digest: bytes) -> PathInfo | None:
+        """The PathInfo of the store path whose hash part decodes to ``digest``, or ``None``.
+
+        Raises :class:`InvalidPathInfoError` if ``digest`` is not 20 bytes.
+        """
+
+    @abc.abstractmethod
+    async def put(self, info: PathInfo) -> PathInfo:
+        """Store ``info``, replacing any earlier PathInfo of the same store path.
+
+        Returns once it is durably stored, with the PathInfo as stored (a
+        backend may add signatures). Does not check that the root node's
+        contents are stored: that is the caller's job (the frontends do).
+        """
+
+    def list(self) -> AsyncIterator[PathInfo]:
+        """Every stored PathInfo, streamed, in no particular order.
+
+        Raises :class:`~tvix.store.errors.ListNotSupportedError` when
+        :attr:`supports_list` is false.
+        """
+        raise ListNotSupportedError(f"{type(self).__name__} cannot list PathInfos")
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections and handles; the service is unusable afterwards."""

@@ -1,0 +1,5 @@
+"""Conformance suites every store backend and combinator must pass (see tvix.castore.testing)."""
+
+from tvix.store.testing.pathinfoservice import PathInfoServiceTests
+
+__all__ = ["PathInfoServiceTests"]

@@ -1,0 +1,49 @@
+"""Fixtures for the command-line tests: the real Nix and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.nix import nix  # noqa: F401
+
+Run = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def tvix_store(data_dir: Path) -> Run:
+    """Run ``tvix-store ARGS`` in a separate process on a fresh data directory."""
+
+    def run(
+        *args: str | Path, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
+        }
+        full_env["TVIX_STORE_DATA_DIR"] = str(data_dir)
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
+            capture_output=True,
+            env=full_env,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"tvix-store {' '.join(map(str, args))} exited {proc.returncode}: "
+                f"{proc.stderr.decode(errors='replace')}"
+            )
+        return proc
+
+    return run

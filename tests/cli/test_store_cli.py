@@ -1,0 +1,118 @@
+"""``tvix-store`` commands in separate processes on the embedded default store, judged by Nix."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Run
+from support.nix import Nix
+from support.trees import make_tree
+
+pytestmark = pytest.mark.nix
+
+
+def test_help(tvix_store: Run) -> None:
+    out = tvix_store("--help").stdout.decode()
+    for command in ("import", "path-info", "dump-path", "cat", "ls"):
+        assert command in out
+    assert "BLOB_SERVICE_ADDR" in tvix_store("import", "--help").stdout.decode()
+
+
+def test_import_and_read_back(tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    single = tmp_path / "hello.txt"
+    single.write_bytes(b"hello\n")
+    out = tvix_store("import", tree, single).stdout.decode().split()
+    assert out == [nix.add(tree), nix.add(single)]
+    store_path = out[0]
+    # Everything below went to the data directory and survives the process.
+    assert (data_dir / "pathinfo.sqlite").exists()
+
+    assert tvix_store("dump-path", store_path).stdout == nix.dump(tree)
+    assert tvix_store("dump-path", store_path + "/nested").stdout == nix.dump(tree / "nested")
+
+    info = json.loads(tvix_store("path-info", "--json", store_path).stdout)[0]
+    want = nix.path_info_json(store_path)
+    assert info["path"] == want["path"]
+    assert info["narHash"] == want["narHash"]
+    assert info["narSize"] == want["narSize"]
+    assert info["references"] == want["references"]
+    assert info["ca"] == want["ca"]
+    text = tvix_store("path-info", store_path).stdout.decode()
+    assert f"NarSize: {want['narSize']}" in text
+    sha = base64.b64decode(want["narHash"].removeprefix("sha256-"))
+    assert sha.hex() in [nix.to_base16("sha256", text.split("NarHash: sha256:")[1].split()[0])[0]]
+
+    assert tvix_store("cat", store_path + "/nested/deeper/deepest/leaf").stdout == (
+        bytes(range(256)) * 3
+    )
+    # A non-UTF-8 sub path, passed as the raw bytes of argv.
+    raw = os.fsdecode(os.fsencode(store_path) + b"/\xff\xfe-latin1-\xe9/f\xe9")
+    assert tvix_store("cat", raw).stdout == b"non-utf8 names"
+
+    listing = tvix_store("ls", store_path).stdout.split(b"\n")
+    assert b"regular.txt" in listing
+    assert b"\xff\xfe-latin1-\xe9" in listing
+    long = tvix_store("ls", "-l", store_path).stdout.decode(errors="replace")
+    assert "-r-xr-xr-x" in long  # exec.sh
+    assert "link -> regular.txt" in long
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cat", "/nix/store/00000000000000000000000000000000-nope"), "is not in the store"),
+        (("path-info", "/nix/store/00000000000000000000000000000000-nope"), "is not in the store"),
+        (("cat", "/nix/store/short-nope"), "hash"),
+        (("cat", "/tmp/not-a-store-path"), "not in the store"),
+    ],
+)
+def test_missing_path(tvix_store: Run, args: tuple[str, ...], message: str) -> None:
+    proc = tvix_store(*args, check=False)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith("tvix-store: error: ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_missing_sub_path_and_kind_errors(tvix_store: Run, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", big_size=10)
+    store_path = tvix_store("import", tree).stdout.decode().strip()
+    proc = tvix_store("cat", store_path + "/nope", check=False)
+    assert proc.returncode == 1
+    assert "/nope does not exist" in proc.stderr.decode()
+    proc = tvix_store("cat", store_path + "/nested", check=False)
+    assert "is a directory" in proc.stderr.decode()
+    proc = tvix_store("ls", store_path + "/regular.txt/x", check=False)
+    assert "is not a directory" in proc.stderr.decode()
+
+
+def test_import_errors(tvix_store: Run, tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    os.mkfifo(tree / "fifo")
+    proc = tvix_store("import", tree, check=False)
+    assert proc.returncode == 1
+    assert "fifo: unsupported file type (FIFO)" in proc.stderr.decode()
+    proc = tvix_store("import", tmp_path / "missing", check=False)
+    assert proc.returncode == 1
+    assert "missing" in proc.stderr.decode()
+
+
+def test_explicit_memory_services(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    env = {
+        "BLOB_SERVICE_ADDR": "memory://",
+        "DIRECTORY_SERVICE_ADDR": "memory://",
+        "PATH_INFO_SERVICE_ADDR": "memory://",
+    }
+    assert tvix_store("import", f, env=env).stdout.decode().strip() == nix.add(f)
+    proc = tvix_store("import", f, env={"BLOB_SERVICE_ADDR": "bogus://"}, check=False)
+    assert proc.returncode == 1
+    assert "unknown scheme 'bogus'" in proc.stderr.decode()

@@ -1,0 +1,32 @@
+"""Fixtures for the store tests: the real Nix, sample trees, memory services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support.nix import nix  # noqa: F401
+from support.trees import make_tree
+
+from tvix.castore.blobservice import MemoryBlobService
+from tvix.castore.directoryservice import MemoryDirectoryService
+from tvix.store.pathinfoservice import MemoryPathInfoService
+
+
+@dataclass
+class Services:
+    blobs: MemoryBlobService
+    dirs: MemoryDirectoryService
+    infos: MemoryPathInfoService
+
+
+@pytest.fixture
+def services() -> Services:
+    return Services(MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService())
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A fresh tree with every kind of node and the tricky cases."""
+    return make_tree(tmp_path / "tree")
