@@ -78,3 +78,55 @@ def rate(n: float, seconds: float, unit: str = "") -> str:
 
 def mbps(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e6:,.0f} MB/s"
+
+
+def nix_env(workdir: Path) -> dict[str, str]:
+    """An environment in which Nix uses only ``workdir`` (see tests/support/nix.py)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "nix.conf").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
+    env.update(
+        HOME=str(workdir),
+        NIX_CONF_DIR=str(workdir),
+        NIX_USER_CONF_FILES=str(workdir / "nix.conf"),
+        XDG_CACHE_HOME=str(workdir / "cache"),
+        NIX_STATE_DIR=str(workdir / "state"),
+        NIX_LOG_DIR=str(workdir / "log"),
+        NIX_CONFIG=f"store = local?root={workdir}/unused\nsubstituters =\nbuild-users-group =\n"
+        "fsync-metadata = false",
+    )
+    return env
+
+
+def tvix_store(data_dir: Path, *args: str | Path, stdout: int | None = None) -> None:
+    """Run ``tvix-store ARGS`` on the embedded store in ``data_dir``."""
+    env = dict(os.environ, TVIX_STORE_DATA_DIR=str(data_dir))
+    for var in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR"):
+        env.pop(var, None)
+    subprocess.run(
+        [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
+        check=True,
+        env=env,
+        stdout=stdout if stdout is not None else subprocess.DEVNULL,
+    )
+
+
+def fresh(path: Path) -> Path:
+    """``path``, emptied."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk below ``path``."""
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def median_of(fn: Callable[[], float], repeats: int = 3) -> float:
+    """Median of ``repeats`` results of ``fn`` (which times itself, e.g. after a setup)."""
+    return statistics.median(fn() for _ in range(repeats))

@@ -116,3 +116,42 @@ def test_explicit_memory_services(tvix_store: Run, nix: Nix, tmp_path: Path) -> 
     proc = tvix_store("import", f, env={"BLOB_SERVICE_ADDR": "bogus://"}, check=False)
     assert proc.returncode == 1
     assert "unknown scheme 'bogus'" in proc.stderr.decode()
+
+
+def test_store_composition(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:
+    comp = tmp_path / "store.toml"
+    comp.write_text(
+        f"""
+[blobservices.default]
+type = "objectstore"
+url = "objectstore+file://{tmp_path}/blobs"
+
+[directoryservices.default]
+type = "sqlite"
+path = "meta/dirs.sqlite"
+
+[pathinfoservices.default]
+type = "cache"
+near = "recent"
+far = "db"
+[pathinfoservices.recent]
+type = "lru"
+capacity = 10
+[pathinfoservices.db]
+type = "sqlite"
+path = "meta/pathinfo.sqlite"
+"""
+    )
+    (tmp_path / "meta").mkdir()
+    tree = make_tree(tmp_path / "tree", big_size=100)
+    store_path = tvix_store("import", "--store-composition", comp, tree).stdout.decode().strip()
+    assert store_path == nix.add(tree)
+    # Relative paths resolve next to the composition file.
+    assert (tmp_path / "meta" / "pathinfo.sqlite").exists()
+    env = {"TVIX_STORE_COMPOSITION": str(comp)}
+    assert tvix_store("dump-path", store_path, env=env).stdout == nix.dump(tree)
+
+    comp.write_text('[blobservices.default]\ntype = "memory"\nfoo = 1\n')
+    proc = tvix_store("import", "--store-composition", comp, tree, check=False)
+    assert proc.returncode == 1
+    assert "blobservices.default: unknown key 'foo'" in proc.stderr.decode()

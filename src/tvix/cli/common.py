@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice import BlobService
 from tvix.castore.directoryservice import DirectoryService
 from tvix.castore.errors import CastoreError
 from tvix.nixcompat.errors import NixCompatError
-from tvix.store import pathinfoservice
+from tvix.store.composition import Composition
 from tvix.store.errors import StoreError
 from tvix.store.pathinfoservice import PathInfoService
 
@@ -75,6 +74,14 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
         help="data directory of the embedded store (env TVIX_STORE_DATA_DIR; "
         "default $XDG_DATA_HOME/tvix-store or ~/.local/share/tvix-store)",
     )
+    g.add_argument(
+        "--store-composition",
+        type=Path,
+        default=os.environ.get("TVIX_STORE_COMPOSITION"),
+        metavar="FILE",
+        help="a composition file (TOML) naming and wiring the services; the ones named "
+        "'default' are used (env TVIX_STORE_COMPOSITION)",
+    )
     for kind, env in (
         ("blob", "BLOB_SERVICE_ADDR"),
         ("directory", "DIRECTORY_SERVICE_ADDR"),
@@ -99,25 +106,29 @@ class Services:
 
 @contextlib.asynccontextmanager
 async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
-    """Build the services the options name; close them afterwards."""
-    data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-    defaults = local_store_urls(data_dir)
-    urls = (
-        args.blob_service_addr or defaults[0],
-        args.directory_service_addr or defaults[1],
-        args.path_info_service_addr or defaults[2],
-    )
-    if any(u in defaults for u in urls):
-        data_dir.mkdir(parents=True, exist_ok=True)
-    log.debug("services: blob=%s directory=%s path-info=%s", *urls)
-    blobs = blobservice.from_url(urls[0])
-    directories = directoryservice.from_url(urls[1])
-    path_infos = pathinfoservice.from_url(urls[2])
-    try:
-        yield Services(blobs, directories, path_infos)
-    finally:
-        for svc in (path_infos, directories, blobs):
-            await svc.close()
+    """Build the services the options name; close them afterwards.
+
+    A composition file gives all three (its ``default`` of each kind);
+    otherwise each address given replaces its part of the embedded store.
+    """
+    if args.store_composition is not None:
+        if any((args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)):
+            raise CLIError("--store-composition excludes the --*-service-addr options")
+        composition = Composition.from_file(args.store_composition)
+    else:
+        data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
+        defaults = local_store_urls(data_dir)
+        urls = (
+            args.blob_service_addr or defaults[0],
+            args.directory_service_addr or defaults[1],
+            args.path_info_service_addr or defaults[2],
+        )
+        if any(u in defaults for u in urls):
+            data_dir.mkdir(parents=True, exist_ok=True)
+        log.debug("services: blob=%s directory=%s path-info=%s", *urls)
+        composition = Composition.from_urls(*urls)
+    async with composition:
+        yield Services(*composition.build_all())
 
 
 class Progress:

@@ -8,7 +8,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from tvix import __version__
@@ -17,6 +17,7 @@ from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.cli.common import (
     CLIError,
     Progress,
+    Services,
     add_service_args,
     open_services,
     run,
@@ -27,6 +28,7 @@ from tvix.store.importer import import_path
 from tvix.store.nar import NarCalculator, render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
+from tvix.store.verify import verify_path_info
 
 PROG = "tvix-store"
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
@@ -157,6 +159,34 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_verify(args: argparse.Namespace) -> int:
+    problems = 0
+    checked = 0
+    async with open_services(args) as s:
+        if args.paths:
+            infos: AsyncIterator[PathInfo] = _resolve_all(s, args.paths)
+        else:
+            infos = s.path_infos.list()
+        seen: set[bytes] = set()
+        async for info in infos:
+            checked += 1
+            async for problem in verify_path_info(s.blobs, s.directories, info, checked_blobs=seen):
+                problems += 1
+                print(problem, flush=True)
+    print(
+        f"{PROG}: verified {checked} store paths: "
+        + (f"{problems} problems" if problems else "all intact"),
+        file=sys.stderr,
+    )
+    return 1 if problems else 0
+
+
+async def _resolve_all(s: Services, paths: list[str]) -> AsyncIterator[PathInfo]:
+    for p in paths:
+        info, _node = await resolve(s.path_infos, s.directories, p)
+        yield info
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -223,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="STOREPATH[/SUB/PATH]")
     p.add_argument("-l", "--long", action="store_true", help="show type, mode, size and targets")
+
+    p = command(
+        "verify",
+        cmd_verify,
+        "check that store paths are complete and intact",
+        "Walk every store path (or the ones given) and check that every Directory and blob "
+        "reachable from it is present and hashes to its digest, and that its NAR hash and "
+        "size match. Each problem is printed with the path it affects; the exit code is 1 "
+        "when any is found.",
+    )
+    p.add_argument("paths", nargs="*", metavar="STOREPATH")
     return parser
 
 

@@ -5,6 +5,7 @@ Build one from a URL with :func:`from_url`:
 =============================== ==================================================
 ``memory://``                   in-process dict (tests, ephemeral use)
 ``sqlite:///abs/path.sqlite``   embedded SQLite database file (``sqlite://``: in memory)
+``lru://?capacity=N``           in-process, forgets the least recently used beyond N
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -21,6 +22,7 @@ __all__ = ["MemoryPathInfoService", "PathInfoService", "check_digest", "from_url
 registry: Registry[PathInfoService] = Registry("path info service")
 registry.register("memory", MemoryPathInfoService.from_url)
 registry.register("sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoService.from_url")
+registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoService.from_url")
 
 
 def from_url(url: str) -> PathInfoService:

@@ -1,0 +1,49 @@
+"""A PathInfo service that signs every PathInfo put through it.
+
+Composition only (it wraps another service and reads a key file): name it
+``type = "signing"`` in a composition file, or build it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from tvix.nixcompat.signing import SigningKey
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService
+
+__all__ = ["SigningPathInfoService"]
+
+
+class SigningPathInfoService(PathInfoService):
+    """Adds ``key``'s ed25519 signature to each PathInfo put, then stores it in ``inner``.
+
+    Reads
+        :meth:`get` and :meth:`list` go to ``inner`` unchanged (PathInfos
+        stored there earlier, or by others, may be unsigned);
+        :attr:`supports_list` is ``inner``'s.
+    Writes
+        :meth:`put` signs the PathInfo's fingerprint with ``key`` (replacing
+        an earlier signature by a key of the same name, keeping the others),
+        stores that in ``inner``, and returns what ``inner`` returned.
+
+    It does not close ``inner``: whoever built it does.
+    """
+
+    def __init__(self, inner: PathInfoService, key: SigningKey) -> None:
+        self.inner = inner
+        self.key = key
+
+    # The base declares a class constant; a wrapper can only know its own per instance.
+    @property
+    def supports_list(self) -> bool:  # type: ignore[override]
+        return self.inner.supports_list
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await self.inner.get(digest)
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        return await self.inner.put(info.with_signature(self.key))
+
+    def list(self) -> AsyncIterator[PathInfo]:
+        return self.inner.list()
