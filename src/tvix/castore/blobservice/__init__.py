@@ -6,6 +6,8 @@ Build one from a URL with :func:`from_url`:
 ``memory://``                   in-process dict (tests, ephemeral use)
 ``objectstore+file:///abs/dir`` chunked (FastCDC), zstd, in files under a directory
 ``objectstore+memory://``       the same layout in an in-process object store
+``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
+``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -36,6 +38,8 @@ registry: Registry[BlobService] = Registry("blob service")
 registry.register("memory", MemoryBlobService.from_url)
 registry.register("objectstore+file", "tvix.castore.blobservice.objectstore:from_url")
 registry.register("objectstore+memory", "tvix.castore.blobservice.objectstore:from_url")
+registry.register("grpc+http", "tvix.castore.blobservice.grpc:from_url")
+registry.register("grpc+unix", "tvix.castore.blobservice.grpc:from_url")
 
 
 def from_url(url: str) -> BlobService:

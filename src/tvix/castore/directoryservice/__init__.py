@@ -4,6 +4,8 @@ Build one from a URL with :func:`from_url`:
 
 =============================== ==================================================
 ``memory://``                   in-process dict (tests, ephemeral use)
+``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
+``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 ``sqlite:///abs/path.db``       embedded SQLite database file (``sqlite://``: in memory)
 =============================== ==================================================
 
@@ -34,6 +36,8 @@ __all__ = [
 
 registry: Registry[DirectoryService] = Registry("directory service")
 registry.register("memory", MemoryDirectoryService.from_url)
+registry.register("grpc+http", "tvix.castore.directoryservice.grpc:from_url")
+registry.register("grpc+unix", "tvix.castore.directoryservice.grpc:from_url")
 registry.register("sqlite", SQLiteDirectoryService.from_url)
 
 

@@ -37,6 +37,8 @@ BATCH_ITEMS = 256
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4
+# Concurrent uploads of small files within a batch.
+LANES = 16
 # Block size when streaming a large file, and large files streamed at once.
 BLOCK = 1 << 20
 PARALLEL_LARGE = 2
@@ -202,6 +204,11 @@ async def _put_small(blobs: BlobService, f: _File) -> None:
     f.data = None
 
 
+async def _put_lane(blobs: BlobService, files: list[_File]) -> None:
+    for f in files:
+        await _put_small(blobs, f)
+
+
 async def _put_large(blobs: BlobService, f: _File, progress: IngestProgress | None) -> None:
     try:
         fd = await asyncio.to_thread(os.open, f.path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -272,23 +279,29 @@ async def _ingest_tree(
             if isinstance(batch, BaseException):
                 raise batch
             assert isinstance(batch, list)
-            files = nbytes = 0
+            small: list[_File] = []
             for item in batch:
                 if isinstance(item, _File):
                     if item.data is None:
                         large[id(item)] = asyncio.ensure_future(put_large(item))
-                        continue
-                    await _put_small(blobs, item)
-                    files += 1
-                    nbytes += item.size
-                else:
+                    else:
+                        small.append(item)
+            # The batch's small files go up in a few concurrent lanes (for
+            # backends where each put waits on I/O) before its Directories,
+            # which come after their files in the stream, are built.
+            if small:
+                await asyncio.gather(
+                    *(_put_lane(blobs, small[i::LANES]) for i in range(min(LANES, len(small))))
+                )
+                if progress is not None:
+                    progress.advance(len(small), sum(f.size for f in small))
+            for item in batch:
+                if isinstance(item, _Dir):
                     for f in item.files:
                         task = large.pop(id(f), None)
                         if task is not None:
                             await task
                     await _put_directory(putter, item)
-            if progress is not None and files:
-                progress.advance(files, nbytes)
     finally:
         producer.cancelled.set()
         for task in large.values():
