@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from support.nix import nix  # noqa: F401
-
-Run = Callable[..., subprocess.CompletedProcess[bytes]]
+from support.services import Run
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import blake3
-from conftest import Run
+from support.services import Run
 from support.trees import make_tree
 
 

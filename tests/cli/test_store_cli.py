@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Run
 from support.nix import Nix
+from support.services import Run
 from support.trees import make_tree
 
 pytestmark = pytest.mark.nix

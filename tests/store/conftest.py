@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support.nix import nix  # noqa: F401
+from support.services import Services
 from support.trees import make_tree
 
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.store.pathinfoservice import MemoryPathInfoService
-
-
-@dataclass
-class Services:
-    blobs: MemoryBlobService
-    dirs: MemoryDirectoryService
-    infos: MemoryPathInfoService
 
 
 @pytest.fixture

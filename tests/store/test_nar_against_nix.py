@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Services
 from support.nix import Nix
+from support.services import Services
 
 from tvix.castore import DirectoryNode
 from tvix.castore.ingest import ingest_path

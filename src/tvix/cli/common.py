@@ -63,8 +63,10 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     """The options naming the three services (each also an environment variable)."""
     g = parser.add_argument_group(
         "store",
-        "Where the store is. By default, the embedded store in the data directory; "
-        "any service given by address replaces its part.",
+        "Where the store is. Client commands talk to the daemon at grpc+http://[::1]:8000 "
+        "unless a data directory is given (then they open the embedded store there "
+        "themselves); the daemon serves the embedded store in the data directory. Any "
+        "service given by address replaces its part.",
     )
     g.add_argument(
         "--data-dir",
@@ -104,26 +106,39 @@ class Services:
     path_infos: PathInfoService
 
 
+DAEMON_URL = "grpc+http://[::1]:8000"
+
+
 @contextlib.asynccontextmanager
-async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
+async def open_services(
+    args: argparse.Namespace, *, local: bool = False
+) -> AsyncIterator[Services]:
     """Build the services the options name; close them afterwards.
 
     A composition file gives all three (its ``default`` of each kind);
-    otherwise each address given replaces its part of the embedded store.
+    otherwise each address given replaces its default. The default is the
+    embedded store in the data directory when ``local`` (the daemon) or when
+    a data directory is asked for (``--data-dir``, ``TVIX_STORE_DATA_DIR``);
+    otherwise it is the daemon at ``grpc+http://[::1]:8000``, as upstream's
+    client commands do.
     """
     if args.store_composition is not None:
         if any((args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)):
             raise CLIError("--store-composition excludes the --*-service-addr options")
         composition = Composition.from_file(args.store_composition)
     else:
+        asked = args.data_dir is not None or bool(os.environ.get("TVIX_STORE_DATA_DIR"))
         data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-        defaults = local_store_urls(data_dir)
+        if local or asked:
+            defaults = local_store_urls(data_dir)
+        else:
+            defaults = (DAEMON_URL, DAEMON_URL, DAEMON_URL)
         urls = (
             args.blob_service_addr or defaults[0],
             args.directory_service_addr or defaults[1],
             args.path_info_service_addr or defaults[2],
         )
-        if any(u in defaults for u in urls):
+        if any(u in local_store_urls(data_dir) for u in urls):
             data_dir.mkdir(parents=True, exist_ok=True)
         log.debug("services: blob=%s directory=%s path-info=%s", *urls)
         composition = Composition.from_urls(*urls)

@@ -14,6 +14,7 @@ from typing import Any
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.cli import daemon
 from tvix.cli.common import (
     CLIError,
     Progress,
@@ -23,10 +24,13 @@ from tvix.cli.common import (
     run,
     setup_logging,
 )
+from tvix.cli.daemon import cmd_daemon
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
 from tvix.store.nar import NarCalculator, render_nar
+from tvix.store.nar.calculate import NarCalculation
 from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.grpc import GRPCPathInfoService
 from tvix.store.resolve import resolve
 from tvix.store.verify import verify_path_info
 
@@ -44,7 +48,11 @@ def _write_out(data: bytes) -> None:
 
 async def cmd_import(args: argparse.Namespace) -> int:
     async with open_services(args) as s:
-        calc = NarCalculator(s.blobs, s.directories)
+        calc: NarCalculation = (
+            s.path_infos
+            if isinstance(s.path_infos, GRPCPathInfoService)
+            else NarCalculator(s.blobs, s.directories)
+        )
         for path in args.paths:
             progress = Progress(f"importing {path}")
             try:
@@ -206,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_service_args(p)
         p.set_defaults(func=fn)
         return p
+
+    p = command(
+        "daemon",
+        cmd_daemon,
+        "serve the store over gRPC",
+        "Serve the blob, directory and path info services over gRPC (with health checking "
+        "and server reflection), by default from the embedded store in the data directory. "
+        "Stops gracefully on SIGINT/SIGTERM.",
+    )
+    daemon.add_arguments(p)
 
     p = command(
         "import",

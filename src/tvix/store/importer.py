@@ -12,7 +12,7 @@ from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.hashes import HashAlgo
 from tvix.nixcompat.storepath import build_ca_path
 from tvix.store.errors import StoreError
-from tvix.store.nar.calculate import NarCalculator, calculate_nar
+from tvix.store.nar.calculate import NarCalculation, calculate_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -30,7 +30,7 @@ async def import_path(
     path: str | os.PathLike[str],
     *,
     name: str | None = None,
-    nar_calculator: NarCalculator | None = None,
+    nar_calculator: NarCalculation | None = None,
     progress: IngestProgress | None = None,
 ) -> PathInfo:
     """Ingest ``path`` and register it as a recursive (NAR sha256) content-addressed path.

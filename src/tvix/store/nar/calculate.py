@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from typing import Protocol
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.store.nar.render import render_nar
 
-__all__ = ["NarCalculator", "calculate_nar"]
+__all__ = ["NarCalculation", "NarCalculator", "calculate_nar"]
 
 # Above this, hashing runs in a thread (hashlib releases the GIL) so the
 # event loop keeps serving while a large NAR is hashed.
@@ -31,6 +32,14 @@ async def calculate_nar(
         else:
             h.update(piece)
     return size, h.digest()
+
+
+class NarCalculation(Protocol):
+    """Anything that computes the NAR size and sha256 of a stored node."""
+
+    async def calculate(self, node: Node) -> tuple[int, bytes]:
+        """``(size, sha256)`` of the NAR of ``node``."""
+        ...
 
 
 def _cache_key(node: Node) -> tuple[object, ...]:

@@ -6,6 +6,8 @@ Build one from a URL with :func:`from_url`:
 ``memory://``                   in-process dict (tests, ephemeral use)
 ``sqlite:///abs/path.sqlite``   embedded SQLite database file (``sqlite://``: in memory)
 ``lru://?capacity=N``           in-process, forgets the least recently used beyond N
+``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
+``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -21,6 +23,8 @@ __all__ = ["MemoryPathInfoService", "PathInfoService", "check_digest", "from_url
 
 registry: Registry[PathInfoService] = Registry("path info service")
 registry.register("memory", MemoryPathInfoService.from_url)
+registry.register("grpc+http", "tvix.store.pathinfoservice.grpc:from_url")
+registry.register("grpc+unix", "tvix.store.pathinfoservice.grpc:from_url")
 registry.register("sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoService.from_url")
 registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoService.from_url")
 

@@ -1,0 +1,136 @@
+"""``tvix.store.v1.PathInfoService`` served from any :class:`PathInfoService`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import grpc
+
+from tvix._proto import castore_pb2, store_pb2
+from tvix.castore.blobservice.base import BlobService
+from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.errors import ValidationError
+from tvix.castore.grpc.errors import translate_errors
+from tvix.castore.nodes import DirectoryNode, FileNode
+from tvix.castore.proto import node_from_proto
+from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
+from tvix.store.nar.calculate import NarCalculator
+from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
+
+__all__ = ["GRPCPathInfoServiceWrapper"]
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class GRPCPathInfoServiceWrapper:
+    """Serves a :class:`PathInfoService` as ``tvix.store.v1.PathInfoService``.
+
+    - ``Get`` answers ``NOT_FOUND`` for a store path that is not stored and
+      ``INVALID_ARGUMENT`` for a digest that is not 20 bytes.
+    - ``Put`` validates the PathInfo (``INVALID_ARGUMENT`` naming the rule)
+      and refuses one whose root node's contents are not stored (the root
+      Directory, or the root file's blob), so no PathInfo dangles.
+    - ``CalculateNAR`` renders the NAR of a stored root node, cached per node.
+    - ``List`` streams every PathInfo, or ``UNIMPLEMENTED`` when the backend
+      cannot list.
+    """
+
+    service_name: ClassVar[str] = "tvix.store.v1.PathInfoService"
+
+    def __init__(
+        self,
+        path_info_service: PathInfoService,
+        blob_service: BlobService,
+        directory_service: DirectoryService,
+        nar_calculator: NarCalculator | None = None,
+    ) -> None:
+        self._infos = path_info_service
+        self._blobs = blob_service
+        self._dirs = directory_service
+        self._calc = nar_calculator or NarCalculator(blob_service, directory_service)
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
+        return grpc.method_handlers_generic_handler(
+            self.service_name,
+            {
+                "Get": grpc.unary_unary_rpc_method_handler(
+                    self.Get,
+                    request_deserializer=store_pb2.GetPathInfoRequest.FromString,
+                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                ),
+                "Put": grpc.unary_unary_rpc_method_handler(
+                    self.Put,
+                    request_deserializer=store_pb2.PathInfo.FromString,
+                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                ),
+                "CalculateNAR": grpc.unary_unary_rpc_method_handler(
+                    self.CalculateNAR,
+                    request_deserializer=castore_pb2.Node.FromString,
+                    response_serializer=store_pb2.CalculateNARResponse.SerializeToString,
+                ),
+                "List": grpc.unary_stream_rpc_method_handler(
+                    self.List,
+                    request_deserializer=store_pb2.ListPathInfoRequest.FromString,
+                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                ),
+            },
+        )
+
+    async def Get(
+        self, request: store_pb2.GetPathInfoRequest, context: _Context
+    ) -> store_pb2.PathInfo:
+        async with translate_errors(context):
+            if request.WhichOneof("by_what") != "by_output_hash":
+                raise ValidationError("GetPathInfoRequest: no by_output_hash given")
+            digest = check_digest(request.by_output_hash)
+            info = await self._infos.get(digest)
+            if info is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no PathInfo for digest {digest.hex()}"
+                )
+            return pathinfo_to_proto(info)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Put(self, request: store_pb2.PathInfo, context: _Context) -> store_pb2.PathInfo:
+        async with translate_errors(context):
+            info = pathinfo_from_proto(request)
+            node = info.node
+            missing = None
+            if isinstance(node, DirectoryNode):
+                if await self._dirs.get(node.digest) is None:
+                    missing = f"root Directory {node.digest.hex()}"
+            elif isinstance(node, FileNode) and not await self._blobs.has(node.digest):
+                missing = f"root blob {node.digest.hex()}"
+            if missing is not None:
+                raise InvalidPathInfoError(
+                    f"invalid PathInfo {info.store_path}: its {missing} is not stored"
+                )
+            return pathinfo_to_proto(await self._infos.put(info))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def CalculateNAR(
+        self, request: castore_pb2.Node, context: _Context
+    ) -> store_pb2.CalculateNARResponse:
+        async with translate_errors(context):
+            # The root node's name is not part of the NAR; clients may leave it empty.
+            named = castore_pb2.Node()
+            named.CopyFrom(request)
+            kind = named.WhichOneof("node")
+            if kind is not None and not getattr(named, kind).name:
+                getattr(named, kind).name = b"root"
+            size, sha256 = await self._calc.calculate(node_from_proto(named))
+            return store_pb2.CalculateNARResponse(nar_size=size, nar_sha256=sha256)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def List(
+        self, request: store_pb2.ListPathInfoRequest, context: _Context
+    ) -> AsyncIterator[store_pb2.PathInfo]:
+        async with translate_errors(context):
+            try:
+                async for info in self._infos.list():
+                    yield pathinfo_to_proto(info)
+            except ListNotSupportedError as e:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))

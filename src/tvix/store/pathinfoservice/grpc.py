@@ -1,0 +1,123 @@
+"""``grpc+http://host:port``, ``grpc+unix:///path.sock``: PathInfos on a remote store daemon.
+
+A PathInfo received is validated like any other (an invalid one, or one for
+another store path than asked, raises
+:class:`~tvix.castore.errors.IntegrityError`: the server is at fault). Its
+*claims* (NAR hash, signatures) are the server's word; put a
+signature-checking wrapper in front to trust only what is signed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from tvix._proto import store_pb2
+from tvix.castore.errors import IntegrityError, ValidationError
+from tvix.castore.grpc.channel import LazyChannel, channel_target
+from tvix.castore.grpc.errors import error_from_rpc
+from tvix.castore.nodes import Node
+from tvix.castore.proto import node_to_proto
+from tvix.castore.url import ServiceURL
+from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
+
+__all__ = ["GRPCPathInfoService", "from_url"]
+
+_SERVICE = "/tvix.store.v1.PathInfoService/"
+
+
+class GRPCPathInfoService(PathInfoService):
+    """A client of a remote ``tvix.store.v1.PathInfoService``.
+
+    Also offers :meth:`calculate`, so the server computes NAR hashes of
+    content it holds instead of the client fetching it all.
+    """
+
+    def __init__(self, target: str, address: str | None = None) -> None:
+        self._channel = LazyChannel(target)
+        self.address = address or target
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> GRPCPathInfoService:
+        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
+        return cls(channel_target(url), url.raw)
+
+    def _call(self, method: str, kind: str, response: Any) -> Any:
+        channel = self._channel.get()
+        factory = channel.unary_stream if kind == "stream" else channel.unary_unary
+        return factory(
+            _SERVICE + method,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response.FromString,
+        )
+
+    def _received(self, m: store_pb2.PathInfo, what: str) -> PathInfo:
+        try:
+            return pathinfo_from_proto(m)
+        except InvalidPathInfoError as e:
+            raise IntegrityError(f"{self.address} sent an invalid PathInfo for {what}: {e}") from e
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        key = check_digest(digest)
+        try:
+            m = await self._call("Get", "unary", store_pb2.PathInfo)(
+                store_pb2.GetPathInfoRequest(by_output_hash=key)
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_rpc(e, f"PathInfo {key.hex()}", self.address) from e
+        info = self._received(m, key.hex())
+        if info.store_path.digest != key:
+            raise IntegrityError(
+                f"{self.address} answered {info.store_path} when asked for digest {key.hex()}"
+            )
+        return info
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        try:
+            m = await self._call("Put", "unary", store_pb2.PathInfo)(pathinfo_to_proto(info))
+        except grpc.aio.AioRpcError as e:
+            err = error_from_rpc(e, f"put {info.store_path}", self.address)
+            if isinstance(err, ValidationError):
+                raise InvalidPathInfoError(str(err)) from e
+            raise err from e
+        stored = self._received(m, str(info.store_path))
+        if stored.store_path != info.store_path:
+            raise IntegrityError(f"{self.address} stored {stored.store_path} for {info.store_path}")
+        return stored
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        call = self._call("List", "stream", store_pb2.PathInfo)(store_pb2.ListPathInfoRequest())
+        try:
+            async for m in call:
+                yield self._received(m, "a listing")
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ListNotSupportedError(f"{self.address} cannot list PathInfos") from e
+            raise error_from_rpc(e, "list PathInfos", self.address) from e
+
+    async def calculate(self, node: Node) -> tuple[int, bytes]:
+        """NAR size and sha256 of ``node``, computed by the server from what it stores."""
+        try:
+            m = await self._call("CalculateNAR", "unary", store_pb2.CalculateNARResponse)(
+                node_to_proto(node)
+            )
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e, "CalculateNAR", self.address) from e
+        if len(m.nar_sha256) != 32:
+            raise IntegrityError(f"{self.address} sent a {len(m.nar_sha256)}-byte NAR sha256")
+        return m.nar_size, m.nar_sha256
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def from_url(url: ServiceURL) -> GRPCPathInfoService:
+    """Build a :class:`GRPCPathInfoService` (for the scheme registry)."""
+    return GRPCPathInfoService.from_url(url)
