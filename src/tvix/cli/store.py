@@ -27,10 +27,8 @@ from tvix.cli.common import (
 from tvix.cli.daemon import cmd_daemon
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
-from tvix.store.nar import NarCalculator, render_nar
-from tvix.store.nar.calculate import NarCalculation
+from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice.grpc import GRPCPathInfoService
 from tvix.store.resolve import resolve
 from tvix.store.verify import verify_path_info
 
@@ -48,11 +46,6 @@ def _write_out(data: bytes) -> None:
 
 async def cmd_import(args: argparse.Namespace) -> int:
     async with open_services(args) as s:
-        calc: NarCalculation = (
-            s.path_infos
-            if isinstance(s.path_infos, GRPCPathInfoService)
-            else NarCalculator(s.blobs, s.directories)
-        )
         for path in args.paths:
             progress = Progress(f"importing {path}")
             try:
@@ -62,7 +55,6 @@ async def cmd_import(args: argparse.Namespace) -> int:
                     s.path_infos,
                     path,
                     name=args.name,
-                    nar_calculator=calc,
                     progress=progress,
                 )
             finally:

@@ -12,7 +12,7 @@ from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.hashes import HashAlgo
 from tvix.nixcompat.storepath import build_ca_path
 from tvix.store.errors import StoreError
-from tvix.store.nar.calculate import NarCalculation, calculate_nar
+from tvix.store.nar.hasher import NarHasher
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -30,7 +30,6 @@ async def import_path(
     path: str | os.PathLike[str],
     *,
     name: str | None = None,
-    nar_calculator: NarCalculation | None = None,
     progress: IngestProgress | None = None,
 ) -> PathInfo:
     """Ingest ``path`` and register it as a recursive (NAR sha256) content-addressed path.
@@ -48,13 +47,12 @@ async def import_path(
         build_ca_path(name, CAHash(CAKind.NAR, HashAlgo.SHA256, bytes(32)))
     except NixCompatError as e:
         raise ImportPathError(f"{os.fspath(path)}: {e}") from None
+    # The NAR hash is computed from the very bytes ingested, as they are read.
+    hasher = NarHasher()
     node = await ingest_path(
-        blob_service, directory_service, path, name=b"import", progress=progress
+        blob_service, directory_service, path, name=b"import", progress=progress, observer=hasher
     )
-    if nar_calculator is not None:
-        nar_size, nar_sha256 = await nar_calculator.calculate(node)
-    else:
-        nar_size, nar_sha256 = await calculate_nar(blob_service, directory_service, node)
+    nar_size, nar_sha256 = hasher.size, hasher.digest()
     ca = CAHash(CAKind.NAR, HashAlgo.SHA256, nar_sha256)
     store_path = build_ca_path(name, ca)
     info = PathInfo(

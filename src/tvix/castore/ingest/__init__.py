@@ -3,6 +3,6 @@
 See :func:`ingest_path`.
 """
 
-from tvix.castore.ingest.fs import IngestError, IngestProgress, ingest_path
+from tvix.castore.ingest.fs import IngestError, IngestObserver, IngestProgress, ingest_path
 
-__all__ = ["IngestError", "IngestProgress", "ingest_path"]
+__all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path"]

@@ -1,12 +1,18 @@
 """Ingest a local file, symlink or directory tree into castore.
 
-A producer thread walks the tree (``scandir`` and ``lstat`` only) and reads
-and hashes small files as it goes; file reads and blake3 release the GIL, so
-it runs beside the event loop on the other core. It hands over batches
-through a bounded queue, so memory stays bounded however large the tree.
-The event loop uploads the blobs the service does not have yet, streams
-large files in blocks, and builds each Directory as soon as everything
-below it is done; the Directories are stored as one closure, leaves first.
+A producer thread walks the tree depth-first with each directory's entries
+sorted bytewise (``scandir`` and ``lstat`` only), and reads and hashes every
+file as it goes; file reads and blake3 release the GIL, so it runs beside
+the event loop on the other core. It hands over batches through a bounded
+queue (small files whole, large files as blocks), so memory stays bounded
+however large the tree or its files. The event loop uploads the blobs the
+service does not have yet (small ones in a few concurrent lanes) and builds
+each Directory as soon as everything below it is done; the Directories are
+stored as one closure, leaves first.
+
+Because the walk is in canonical order and sees every byte once, an
+:class:`IngestObserver` can follow along (the store layer computes the NAR
+hash that way, without reading anything back).
 """
 
 from __future__ import annotations
@@ -21,17 +27,18 @@ from typing import Protocol
 
 import blake3
 
-from tvix.castore.blobservice.base import BlobService
+from tvix.castore.blobservice.base import BlobService, BlobWriter
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.errors import CastoreError, ValidationError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["IngestError", "IngestProgress", "ingest_path", "run_bounded"]
+__all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path", "run_bounded"]
 
-# Files up to this size are read whole by the producer; larger ones are streamed.
+# Files up to this size are read whole by the producer; larger ones in blocks.
 SMALL_FILE = 1 << 20
+BLOCK = 1 << 20
 # A batch handed from the producer is cut at this many items or bytes.
 BATCH_ITEMS = 256
 BATCH_BYTES = 8 << 20
@@ -39,9 +46,6 @@ BATCH_BYTES = 8 << 20
 QUEUE_DEPTH = 4
 # Concurrent uploads of small files within a batch.
 LANES = 16
-# Block size when streaming a large file, and large files streamed at once.
-BLOCK = 1 << 20
-PARALLEL_LARGE = 2
 
 
 class IngestError(CastoreError):
@@ -55,15 +59,48 @@ class IngestProgress(Protocol):
         """``files`` more files with ``nbytes`` more bytes were ingested."""
 
 
+class IngestObserver(Protocol):
+    """Follows the walk in canonical order: depth-first, entries sorted bytewise.
+
+    Called from the producer thread (keep it quick and thread-safe with
+    respect to nothing else: no other code calls it). The root is reported
+    first, under the root node's name. A regular file's ``data`` calls add
+    up to the ``size`` announced, none for an empty file.
+    """
+
+    def directory_start(self, name: bytes) -> None:
+        """A directory starts; its entries follow, then :meth:`directory_end`."""
+
+    def directory_end(self) -> None:
+        """The current directory ends."""
+
+    def regular(self, name: bytes, executable: bool, size: int) -> None:
+        """A regular file of ``size`` bytes starts; :meth:`data` follows."""
+
+    def data(self, chunk: bytes) -> None:
+        """The next bytes of the current regular file."""
+
+    def symlink(self, name: bytes, target: bytes) -> None:
+        """A symlink."""
+
+
 @dataclass(slots=True)
 class _File:
     path: bytes
     name: bytes
     executable: bool
-    # Set by the producer for small files, by the uploader for large ones.
-    digest: B3Digest | None = None
     size: int = 0
+    digest: B3Digest | None = None
+    # The whole contents of a small file, until uploaded; None for a large one.
     data: bytes | None = None
+
+
+@dataclass(slots=True)
+class _Block:
+    """The next block of a large file; ``data`` ``None`` ends the file."""
+
+    file: _File
+    data: bytes | None
 
 
 @dataclass(slots=True)
@@ -102,36 +139,35 @@ def _symlink(path: bytes, name: bytes) -> SymlinkNode:
         raise IngestError(f"{os.fsdecode(path)}: {e}") from e
 
 
-def _read_file(path: bytes, size_hint: int) -> bytes:
-    """The whole file (os-level calls: a third of the cost of ``open()``)."""
+def _open(path: bytes) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
         raise IngestError(f"{os.fsdecode(path)}: cannot read: {e.strerror}") from e
-    try:
-        data = os.read(fd, size_hint + 1)
-        if len(data) > size_hint:  # grew since lstat: read the rest
-            parts = [data]
-            while chunk := os.read(fd, BLOCK):
-                parts.append(chunk)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
+
+
+def _changed(path: bytes) -> IngestError:
+    return IngestError(f"{os.fsdecode(path)}: changed while it was being read")
 
 
 class _Producer:
-    """Walks the tree in a thread, emitting files (small ones read and hashed) and
-    finished directories, in post-order, in batches through an asyncio queue."""
+    """Walks the tree in a thread, emitting files, blocks of large files and
+    finished directories, in batches through an asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[object],
+        observer: IngestObserver | None,
+    ) -> None:
         self._loop = loop
         self._queue = queue
-        self._batch: list[_File | _Dir] = []
+        self._observer = observer
+        self._batch: list[_File | _Block | _Dir] = []
         self._batch_bytes = 0
         self.cancelled = threading.Event()
 
-    def _emit(self, item: _File | _Dir, nbytes: int = 0) -> None:
+    def _emit(self, item: _File | _Block | _Dir, nbytes: int = 0) -> None:
         self._batch.append(item)
         self._batch_bytes += nbytes
         if len(self._batch) >= BATCH_ITEMS or self._batch_bytes >= BATCH_BYTES:
@@ -143,9 +179,12 @@ class _Producer:
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         asyncio.run_coroutine_threadsafe(self._queue.put(batch), self._loop).result()
 
-    def run(self, top: _Dir) -> None:
+    def run(self, top: _Dir | _File) -> None:
         try:
-            self._walk(top)
+            if isinstance(top, _File):
+                self._file(top)
+            else:
+                self._walk(top)
             self._flush()
             result: object = None
         except BaseException as e:
@@ -153,43 +192,87 @@ class _Producer:
         if not self.cancelled.is_set():
             asyncio.run_coroutine_threadsafe(self._queue.put(result), self._loop).result()
 
+    def _file(self, f: _File) -> None:
+        """Read (and hash) one file, emitting it whole or in blocks."""
+        obs = self._observer
+        fd = _open(f.path)
+        try:
+            if f.size <= SMALL_FILE:
+                data = os.read(fd, f.size + 1)
+                if len(data) != f.size:
+                    raise _changed(f.path)
+                f.data = data
+                f.digest = B3Digest(blake3.blake3(data).digest())
+                if obs is not None:
+                    obs.regular(f.name, f.executable, f.size)
+                    if data:
+                        obs.data(data)
+                self._emit(f, f.size)
+                return
+            if obs is not None:
+                obs.regular(f.name, f.executable, f.size)
+            self._emit(f)
+            remaining = f.size
+            while remaining:
+                block = os.read(fd, min(BLOCK, remaining))
+                if not block:
+                    raise _changed(f.path)
+                remaining -= len(block)
+                if obs is not None:
+                    obs.data(block)
+                self._emit(_Block(f, block), len(block))
+            if os.read(fd, 1):
+                raise _changed(f.path)
+            self._emit(_Block(f, None))
+        except OSError as e:
+            raise IngestError(f"{os.fsdecode(f.path)}: cannot read: {e.strerror}") from e
+        finally:
+            os.close(fd)
+
+    def _entries(self, d: _Dir) -> Iterable[os.DirEntry[bytes]]:
+        try:
+            with os.scandir(d.path) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise IngestError(f"{os.fsdecode(d.path)}: cannot list directory: {e.strerror}") from e
+
     def _walk(self, top: _Dir) -> None:
-        stack: list[tuple[_Dir, bool]] = [(top, False)]
+        obs = self._observer
+        if obs is not None:
+            obs.directory_start(top.name)
+        stack = [(top, iter(self._entries(top)))]
         while stack:
-            d, expanded = stack.pop()
-            if expanded:
+            d, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
                 self._emit(d)
+                if obs is not None:
+                    obs.directory_end()
                 continue
-            stack.append((d, True))
+            path = entry.path
             try:
-                entries = list(os.scandir(d.path))
+                st = entry.stat(follow_symlinks=False)
             except OSError as e:
-                raise IngestError(
-                    f"{os.fsdecode(d.path)}: cannot list directory: {e.strerror}"
-                ) from e
-            for entry in entries:
-                path = entry.path
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as e:
-                    raise IngestError(f"{os.fsdecode(path)}: {e.strerror}") from e
-                mode = st.st_mode
-                if stat.S_ISREG(mode):
-                    f = _File(path, entry.name, _is_executable(mode), size=st.st_size)
-                    d.files.append(f)
-                    if st.st_size <= SMALL_FILE:
-                        data = _read_file(path, st.st_size)
-                        f.data, f.size = data, len(data)
-                        f.digest = B3Digest(blake3.blake3(data).digest())
-                    self._emit(f, f.size)
-                elif stat.S_ISDIR(mode):
-                    sub = _Dir(path, entry.name)
-                    d.subdirs.append(sub)
-                    stack.append((sub, False))
-                elif stat.S_ISLNK(mode):
-                    d.symlinks.append(_symlink(path, entry.name))
-                else:
-                    raise _unsupported(path, mode)
+                raise IngestError(f"{os.fsdecode(path)}: {e.strerror}") from e
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                f = _File(path, entry.name, _is_executable(mode), st.st_size)
+                d.files.append(f)
+                self._file(f)
+            elif stat.S_ISDIR(mode):
+                sub = _Dir(path, entry.name)
+                d.subdirs.append(sub)
+                if obs is not None:
+                    obs.directory_start(sub.name)
+                stack.append((sub, iter(self._entries(sub))))
+            elif stat.S_ISLNK(mode):
+                link = _symlink(path, entry.name)
+                d.symlinks.append(link)
+                if obs is not None:
+                    obs.symlink(link.name, link.target)
+            else:
+                raise _unsupported(path, mode)
 
 
 async def _put_small(blobs: BlobService, f: _File) -> None:
@@ -209,33 +292,20 @@ async def _put_lane(blobs: BlobService, files: list[_File]) -> None:
         await _put_small(blobs, f)
 
 
-async def _put_large(blobs: BlobService, f: _File, progress: IngestProgress | None) -> None:
-    try:
-        fd = await asyncio.to_thread(os.open, f.path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise IngestError(f"{os.fsdecode(f.path)}: cannot read: {e.strerror}") from e
-    size = 0
-    try:
-        async with blobs.open_write() as writer:
-            # Read the next block in a thread while this one is written.
-            pending = asyncio.ensure_future(asyncio.to_thread(os.read, fd, BLOCK))
-            while True:
-                block = await pending
-                if not block:
-                    break
-                pending = asyncio.ensure_future(asyncio.to_thread(os.read, fd, BLOCK))
-                await writer.write(block)
-                size += len(block)
-                if progress is not None:
-                    progress.advance(0, len(block))
+async def _put_blocks(
+    blobs: BlobService, blocks: list[_Block], writers: dict[int, BlobWriter]
+) -> None:
+    """Write blocks of large files, in order, opening and closing their writers."""
+    for block in blocks:
+        f = block.file
+        writer = writers.get(id(f))
+        if writer is None:
+            writer = writers[id(f)] = blobs.open_write()
+        if block.data is not None:
+            await writer.write(block.data)
+            continue
+        del writers[id(f)]
         f.digest = await writer.close()
-    except OSError as e:
-        raise IngestError(f"{os.fsdecode(f.path)}: cannot read: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    f.size = size
-    if progress is not None:
-        progress.advance(1, 0)
 
 
 async def _put_directory(putter: DirectoryPutter, d: _Dir) -> None:
@@ -254,23 +324,18 @@ async def _put_directory(putter: DirectoryPutter, d: _Dir) -> None:
     d.files, d.symlinks, d.subdirs = [], [], []
 
 
-async def _ingest_tree(
+async def _consume(
     blobs: BlobService,
-    putter: DirectoryPutter,
-    top: _Dir,
+    putter: DirectoryPutter | None,
+    top: _Dir | _File,
     progress: IngestProgress | None,
-) -> DirectoryNode:
+    observer: IngestObserver | None,
+) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue(QUEUE_DEPTH)
-    producer = _Producer(loop, queue)
+    producer = _Producer(loop, queue, observer)
     thread = loop.run_in_executor(None, producer.run, top)
-    large: dict[int, asyncio.Task[None]] = {}
-    slots = asyncio.Semaphore(PARALLEL_LARGE)
-
-    async def put_large(f: _File) -> None:
-        async with slots:
-            await _put_large(blobs, f, progress)
-
+    writers: dict[int, BlobWriter] = {}
     try:
         while True:
             batch = await queue.get()
@@ -279,41 +344,34 @@ async def _ingest_tree(
             if isinstance(batch, BaseException):
                 raise batch
             assert isinstance(batch, list)
-            small: list[_File] = []
-            for item in batch:
-                if isinstance(item, _File):
-                    if item.data is None:
-                        large[id(item)] = asyncio.ensure_future(put_large(item))
-                    else:
-                        small.append(item)
+            small = [i for i in batch if isinstance(i, _File) and i.data is not None]
+            blocks = [i for i in batch if isinstance(i, _Block)]
             # The batch's small files go up in a few concurrent lanes (for
-            # backends where each put waits on I/O) before its Directories,
-            # which come after their files in the stream, are built.
-            if small:
-                await asyncio.gather(
-                    *(_put_lane(blobs, small[i::LANES]) for i in range(min(LANES, len(small))))
-                )
-                if progress is not None:
-                    progress.advance(len(small), sum(f.size for f in small))
-            for item in batch:
-                if isinstance(item, _Dir):
-                    for f in item.files:
-                        task = large.pop(id(f), None)
-                        if task is not None:
-                            await task
-                    await _put_directory(putter, item)
+            # backends where each put waits on I/O), beside the blocks of
+            # large files, before its Directories, which come after their
+            # files in the stream, are built.
+            jobs = [_put_lane(blobs, small[i::LANES]) for i in range(min(LANES, len(small)))]
+            if blocks:
+                jobs.append(_put_blocks(blobs, blocks, writers))
+            if jobs:
+                await asyncio.gather(*jobs)
+            if progress is not None:
+                done = len(small) + sum(1 for b in blocks if b.data is None)
+                nbytes = sum(len(b.data) for b in blocks if b.data is not None)
+                progress.advance(done, nbytes + sum(f.size for f in small))
+            if putter is not None:
+                for item in batch:
+                    if isinstance(item, _Dir):
+                        await _put_directory(putter, item)
     finally:
         producer.cancelled.set()
-        for task in large.values():
-            task.cancel()
+        for writer in writers.values():
+            await writer.abort()
         # Unblock a producer waiting on a full queue, then wait for it to stop.
         while not thread.done():
             while not queue.empty():
                 queue.get_nowait()
             await asyncio.sleep(0.001)
-        await asyncio.gather(*large.values(), return_exceptions=True)
-    assert top.node is not None
-    return top.node
 
 
 async def run_bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
@@ -347,6 +405,7 @@ async def ingest_path(
     *,
     name: bytes | None = None,
     progress: IngestProgress | None = None,
+    observer: IngestObserver | None = None,
 ) -> Node:
     """Store the file, symlink or directory tree at ``path``; return its root node.
 
@@ -354,12 +413,13 @@ async def ingest_path(
     Regular files become blobs (executable when the owner's x bit is set, as
     Nix does), symlinks are kept as they are (never followed; the target as
     bytes), directories (empty ones too) become Directories, stored as one
-    closure. Names need not be UTF-8.
+    closure. Names need not be UTF-8. ``observer`` follows the walk (see
+    :class:`IngestObserver`).
 
     Raises :class:`IngestError` naming the path when something cannot be
-    ingested (a socket, FIFO or device anywhere, unreadable files); then no
-    root is returned and no Directory of the tree is stored, though some
-    blobs may be.
+    ingested (a socket, FIFO or device anywhere, unreadable files, a file
+    that changes while it is read); then no root is returned and no
+    Directory of the tree is stored, though some blobs may be.
     """
     root = os.fsencode(path)
     if name is None:
@@ -370,15 +430,20 @@ async def ingest_path(
         raise IngestError(f"{os.fsdecode(root)}: {e.strerror}") from e
     mode = st.st_mode
     if stat.S_ISLNK(mode):
-        return _symlink(root, name)
+        link = _symlink(root, name)
+        if observer is not None:
+            observer.symlink(link.name, link.target)
+        return link
     if stat.S_ISREG(mode):
-        f = _File(root, name, _is_executable(mode), size=st.st_size)
-        await _put_large(blob_service, f, progress)
+        f = _File(root, name, _is_executable(mode), st.st_size)
+        await _consume(blob_service, None, f, progress, observer)
         assert f.digest is not None
         return FileNode(name, f.digest, f.size, f.executable)
     if not stat.S_ISDIR(mode):
         raise _unsupported(root, mode)
+    top = _Dir(root, name)
     async with directory_service.put_multiple_start() as putter:
-        node = await _ingest_tree(blob_service, putter, _Dir(root, name), progress)
+        await _consume(blob_service, putter, top, progress, observer)
     await putter.close()
-    return node
+    assert top.node is not None
+    return top.node
