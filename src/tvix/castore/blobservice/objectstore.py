@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import io
 import itertools
 import os
@@ -96,6 +97,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import blake3
@@ -394,6 +396,8 @@ class ObjectStoreBlobService(BlobService):
         # together with the CPU work around it (see the module docs for why).
         # The threads bound the requests in flight across all readers and writers.
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tvix-objectstore")
+        self._queued: list[_Job] = []
+        self._closed = False
         # Cleared on the first store that rejects put-if-not-exists; content-
         # addressed objects can then simply be overwritten with the same bytes.
         self._create_mode = True
@@ -485,12 +489,36 @@ class ObjectStoreBlobService(BlobService):
         return None if raw is None else _decode_record(bytes(raw), digest)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
-        except RuntimeError as e:
-            if "shutdown" in str(e):
-                raise StorageError("object store blob service is closed") from None
-            raise
+        """``fn(*args)`` on the I/O pool.
+
+        Calls made in the same turn of the event loop (a reader prefetching,
+        many small files written at once) are grouped into a few pool jobs,
+        each resolving its calls' futures with one wakeup of the loop: per
+        object, a handoff to a thread and back costs more than reading or
+        writing a small local file.
+        """
+        if self._closed:
+            raise StorageError("object store blob service is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queued.append((fn, args, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self._dispatch, loop)
+        return await future
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs, self._queued = self._queued, []
+        groups = min(IO_THREADS, len(jobs))
+        for i in range(groups):
+            group = jobs[i::groups]
+            try:
+                done = self._io.submit(_run_group, group)
+            except RuntimeError:  # the pool is shut down
+                for _fn, _args, future in group:
+                    if not future.done():
+                        future.set_exception(StorageError("object store blob service is closed"))
+                continue
+            done.add_done_callback(partial(_wake, loop, group))
 
     async def _exists(self, key: str) -> bool:
         if self._local is not None:
@@ -532,7 +560,54 @@ class ObjectStoreBlobService(BlobService):
         return [] if await self._exists(self._chunk_key(digest)) else None
 
     async def close(self) -> None:
+        self._closed = True
         self._io.shutdown(wait=False, cancel_futures=True)
+
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+def _run_group(group: list[_Job]) -> list[tuple[bool, Any]]:
+    """Run a group of calls in a pool thread: (ok, result or exception) each."""
+    out: list[tuple[bool, Any]] = []
+    for fn, args, future in group:
+        if future.cancelled():
+            out.append((False, None))
+            continue
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as e:
+            out.append((False, e))
+    return out
+
+
+def _wake(
+    loop: asyncio.AbstractEventLoop, group: list[_Job], done: Future[list[tuple[bool, Any]]]
+) -> None:
+    """From the pool thread: resolve the group's futures in the loop, with one wakeup."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_resolve_group, group, done)
+
+
+def _resolve_group(group: list[_Job], done: Future[list[tuple[bool, Any]]]) -> None:
+    """Hand a group's results to its futures (in the event loop)."""
+    if done.cancelled():  # the pool shut down before running it
+        closed = StorageError("object store blob service is closed")
+        results: list[tuple[bool, Any]] = [(False, closed)] * len(group)
+    else:
+        try:
+            results = done.result()
+        except BaseException as e:
+            results = [(False, e)] * len(group)
+    for (_fn, _args, future), (ok, value) in zip(group, results, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        elif value is not None:
+            future.set_exception(value)
+        else:
+            future.cancel()
 
 
 def from_url(url: ServiceURL) -> ObjectStoreBlobService:
