@@ -1,23 +1,174 @@
-"""``nar-bridge``: the store as a Nix HTTP binary cache (not built yet)."""
+"""``nar-bridge``: the store as a Nix HTTP binary cache, for downloads and uploads."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
 import sys
+from dataclasses import dataclass
+
+from aiohttp import web
 
 from tvix import __version__
+from tvix.cli.common import CLIError, add_service_args, open_services, run, setup_logging
+from tvix.nar_bridge import BasicAuth, NarBridge, load_credentials
+from tvix.nixcompat.errors import InvalidKeyError
+from tvix.nixcompat.signing import SigningKey
+
+PROG = "nar-bridge"
+DEFAULT_LISTEN = "[::1]:9000"
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where to listen: a TCP host and port, or a unix socket path."""
+
+    host: str | None = None
+    port: int = 0
+    unix_path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """``HOST:PORT``, ``[V6]:PORT`` or ``unix:///path``; raises :class:`CLIError`."""
+        if text.startswith("unix://"):
+            path = text.removeprefix("unix://")
+            if not path.startswith("/"):
+                raise CLIError(f"--listen-address {text!r}: a unix socket path must be absolute")
+            return cls(unix_path=path)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise CLIError(
+                f"--listen-address {text!r}: expected HOST:PORT, [IPV6]:PORT or unix:///PATH"
+            )
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise CLIError(f"--listen-address {text!r}: put an IPv6 address in brackets")
+        return cls(host=host, port=int(port))
+
+
+def _site(runner: web.AppRunner, address: ListenAddress) -> web.BaseSite:
+    if address.unix_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.unix_path)
+        return web.UnixSite(runner, address.unix_path)
+    return web.TCPSite(runner, address.host, address.port, reuse_address=True)
+
+
+def _bound_urls(runner: web.AppRunner) -> list[str]:
+    urls = []
+    for addr in runner.addresses:
+        if isinstance(addr, str):
+            urls.append(f"unix://{addr}")
+        else:
+            host, port = addr[0], addr[1]
+            urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+    return urls
+
+
+async def serve(args: argparse.Namespace) -> int:
+    address = ListenAddress.parse(args.listen_address)
+    signing_key = None
+    if args.signing_key_file is not None:
+        try:
+            signing_key = SigningKey.from_file(args.signing_key_file)
+        except InvalidKeyError as e:
+            raise CLIError(f"--signing-key-file {args.signing_key_file}: {e}") from None
+    auth = None
+    if args.upload_auth_file is not None:
+        if not args.allow_upload:
+            raise CLIError("--upload-auth-file only makes sense with --allow-upload")
+        try:
+            auth = BasicAuth(load_credentials(args.upload_auth_file))
+        except ValueError as e:
+            raise CLIError(f"--upload-auth-file: {e}") from None
+    async with open_services(args) as s:
+        bridge = NarBridge(
+            s.blobs,
+            s.directories,
+            s.path_infos,
+            priority=args.priority,
+            signing_key=signing_key,
+            allow_upload=args.allow_upload,
+            upload_auth=auth,
+        )
+        runner = web.AppRunner(bridge.make_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await _site(runner, address).start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            for url in _bound_urls(runner):
+                # Tests and scripts wait for this line to learn the port of ":0".
+                print(f"{PROG}: listening on {url}", file=sys.stderr, flush=True)
+            await stop.wait()
+            print(f"{PROG}: shutting down", file=sys.stderr, flush=True)
+        finally:
+            await runner.cleanup()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve a tvix store as a Nix HTTP binary cache. Narinfos are rendered from "
+        "the store's PathInfos (Compression: none, optionally signed); NARs are rendered on the "
+        "fly from the castore, at URLs that encode their root node "
+        "(nar/tvix-castore/<node>?narsize=N), with byte ranges so downloads can resume. With "
+        "--allow-upload, `nix copy --to http://HOST:PORT` uploads NARs (plain, xz, bzip2, "
+        "gzip or zstd) and narinfos into the store.",
+        epilog="Use it as a substituter: nix copy --from http://[::1]:9000 /nix/store/…, "
+        "or --option substituters http://[::1]:9000. Requests are logged with -v.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log each request (-vv: debug)"
+    )
+    parser.add_argument(
+        "--listen-address",
+        default=os.environ.get("NAR_BRIDGE_LISTEN_ADDRESS", DEFAULT_LISTEN),
+        metavar="ADDR",
+        help="HOST:PORT, [IPV6]:PORT or unix:///PATH; port 0 picks a free port, printed on "
+        f"stderr as 'listening on URL' (env NAR_BRIDGE_LISTEN_ADDRESS; default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=39,
+        help="the Priority in nix-cache-info; Nix prefers caches with lower values (default 39)",
+    )
+    parser.add_argument(
+        "--signing-key-file",
+        metavar="FILE",
+        help="a Nix secret key file (nix key generate-secret): every narinfo is signed with "
+        "it as it is served",
+    )
+    parser.add_argument(
+        "--allow-upload",
+        action="store_true",
+        help="accept PUT of NARs and narinfos (nix copy --to); otherwise PUT answers 403",
+    )
+    parser.add_argument(
+        "--upload-auth-file",
+        default=os.environ.get("NAR_BRIDGE_UPLOAD_AUTH_FILE"),
+        metavar="FILE",
+        help="require HTTP basic auth for uploads, with the user:password lines of FILE "
+        "(Nix sends them from its netrc file); reads stay open "
+        "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    add_service_args(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nar-bridge",
-        description="Serve a tvix store as a Nix HTTP binary cache. NOT BUILT YET: this "
-        "command only exists so the name is reserved; see the README's feature table.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.parse_args(argv)
-    print("nar-bridge: not built yet (see the README's feature table)", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(PROG, lambda: serve(args))
 
 
 if __name__ == "__main__":
