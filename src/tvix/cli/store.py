@@ -25,6 +25,7 @@ from tvix.cli.common import (
     setup_logging,
 )
 from tvix.cli.daemon import cmd_daemon
+from tvix.cli.mount import add_mount_command
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
 from tvix.store.nar import render_nar
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "when any is found.",
     )
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
+
+    add_mount_command(sub)
     return parser
 
 
