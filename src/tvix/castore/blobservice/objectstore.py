@@ -135,6 +135,9 @@ MAX_AVG_CHUNK_SIZE = 1 * MIB
 BATCH_SIZE = 4 * MIB
 # Threads per service doing object I/O: the requests in flight at most.
 IO_THREADS = 4
+# Chunks a reader fetches ahead while reading front to back (~2 MiB at the
+# default chunk size): enough to keep the I/O threads busy.
+READ_AHEAD = 8
 # No chunk object may decompress to more than this (a bomb guard for chunks
 # opened by digest, whose size no record states).
 MAX_CHUNK_SIZE = 64 * MIB
@@ -361,7 +364,7 @@ class ObjectStoreBlobService(BlobService):
     ``chunks`` lists the chunks of a blob stored as more than one, and ``[]``
     for a blob stored as a single chunk (or for a chunk itself).
     ``open_read`` reads blobs and chunks alike; a reader fetches only the
-    chunks its reads touch, keeps at most the current and the next chunk in
+    chunks its reads touch, keeps the current chunk and up to READ_AHEAD more in
     memory, and prefetches the next while reading front to back.
     """
 
@@ -673,7 +676,8 @@ class _ChunkedReader(BlobReader):
         self._pos = 0
         self._current: tuple[int, bytes] | None = None
         self._last_index = -1
-        self._next: tuple[int, asyncio.Task[bytes]] | None = None
+        # Chunks fetched ahead while reading front to back, by index.
+        self._ahead: dict[int, asyncio.Task[bytes]] = {}
         # Verifies the whole blob while chunks are fetched in order from the
         # first; a seek elsewhere ends it (the chunks are verified anyway).
         self._blob_hasher: blake3.blake3 | None = blake3.blake3()
@@ -693,23 +697,29 @@ class _ChunkedReader(BlobReader):
     async def _chunk(self, index: int) -> bytes:
         if self._current is not None and self._current[0] == index:
             return self._current[1]
-        self._current = None  # drop it before fetching: at most two chunks in memory
-        pending = self._next
-        self._next = None
-        if pending is not None and pending[0] == index:
-            data = await pending[1]
-        else:
-            if pending is not None:
-                pending[1].cancel()
-            data = await self._fetch(index)
+        self._current = None
+        pending = self._ahead.pop(index, None)
+        sequential = index == self._last_index + 1
+        if not sequential:
+            self._cancel_ahead()
+        data = await pending if pending is not None else await self._fetch(index)
         self._verify_blob(index, data)
         self._current = (index, data)
-        sequential = index == self._last_index + 1
         self._last_index = index
-        if sequential and index + 1 < len(self._chunks):
-            # Reading front to back: fetch the next chunk while this one is consumed.
-            self._next = (index + 1, asyncio.ensure_future(self._fetch(index + 1)))
+        if sequential:
+            # Reading front to back: keep the next chunks coming, fetched,
+            # decompressed and verified in parallel on the I/O pool.
+            for ahead in range(index + 1, min(index + 1 + READ_AHEAD, len(self._chunks))):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = asyncio.ensure_future(self._fetch(ahead))
         return data
+
+    def _cancel_ahead(self) -> None:
+        for task in self._ahead.values():
+            task.cancel()
+            # Collect it, so a failed prefetch is not reported as never retrieved.
+            task.add_done_callback(_ignore_result)
+        self._ahead.clear()
 
     def _verify_blob(self, index: int, data: bytes) -> None:
         hasher = self._blob_hasher
@@ -756,12 +766,14 @@ class _ChunkedReader(BlobReader):
     async def close(self) -> None:
         self._closed = True
         self._current = None
-        if self._next is not None:
-            task = self._next[1]
-            self._next = None
-            task.cancel()
-            # Collect it, so a failed prefetch is not reported as never retrieved.
-            await asyncio.gather(task, return_exceptions=True)
+        tasks = list(self._ahead.values())
+        self._cancel_ahead()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _ignore_result(task: asyncio.Task[bytes]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _ObjectStoreBlobWriter(BlobWriter):
