@@ -63,3 +63,23 @@ async def test_list_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_invalid_urls(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pathinfoservice.from_url(url)
+
+
+async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from tvix.castore.errors import StorageError
+
+    db = tmp_path / "p.sqlite"
+    svc = SQLitePathInfoService(str(db))
+    info = path_info(1)
+    await svc.put(info)
+    await svc.close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE pathinfos SET data = x'0aff'")
+    conn.commit()
+    conn.close()
+    svc = SQLitePathInfoService(str(db))
+    with pytest.raises(StorageError, match="is damaged"):
+        await svc.get(info.store_path.digest)
+    await svc.close()

@@ -14,6 +14,7 @@ from typing import Any
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.cli import copy as copy_cmd
 from tvix.cli import daemon
 from tvix.cli.common import (
     CLIError,
@@ -24,6 +25,7 @@ from tvix.cli.common import (
     run,
     setup_logging,
 )
+from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.mount import add_mount_command
 from tvix.nixcompat import nixbase32
@@ -228,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--name", help="store path name (default: the base name of PATH)")
+
+    p = command(
+        "copy",
+        cmd_copy,
+        "copy store paths with their closures from a binary cache or another store",
+        "Copy each STOREPATH and everything it refers to from --from (a Nix binary cache: "
+        "http://, https://, file://; or a tvix-store daemon: grpc+http://, grpc+unix://) "
+        "into the store, skipping what is there and checking signatures as Nix does; or, "
+        "with --reference-graph FILE, ingest the closure an exportReferencesGraph JSON file "
+        "lists from the local filesystem.",
+    )
+    copy_cmd.add_arguments(p)
 
     p = command(
         "path-info",

@@ -64,7 +64,16 @@ type           kinds                     settings
 ``cache``      all                       ``near``, ``far``: names of services of the same kind
 ``lru``        pathinfo                  ``capacity``: a positive integer
 ``signing``    pathinfo                  ``inner``: a name; ``key_file``: a Nix secret key file
+``nix``        pathinfo                  ``url``: a binary cache (``https://``, ``http://``,
+                                         ``file://``, or ``nix+...?trusted-public-keys=``);
+                                         optional ``trusted_public_keys`` (space-separated),
+                                         ``require_sigs``, ``blob_service`` and
+                                         ``directory_service`` (names of the services NARs
+                                         are ingested into, default ``default``)
 ============== ========================= ===================================================
+
+A PathInfo URL ``nix+http(s)://...`` or ``nix+file://...`` (type ``url``, or
+:meth:`Composition.from_urls`) is built as type ``nix`` with that URL.
 
 Relative paths (``path``, ``key_file``; ``~`` is expanded) resolve against
 the directory of the composition file (:meth:`Composition.from_file`), or against
@@ -213,11 +222,19 @@ class BuildContext:
         return self.composition.directory_service(name)
 
 
+# PathInfo URL schemes whose services ingest into the composition's blob and
+# directory services, so the plain registry cannot build them: they are built
+# as type "nix" (which also makes ``Composition.from_urls`` accept them).
+_INGESTING_SCHEMES = ("nix+http://", "nix+https://", "nix+file://")
+
+
 def _registry_build(ctx: BuildContext, url: str) -> Service:
     if ctx.kind == "blobservices":
         return blobservice.from_url(url)
     if ctx.kind == "directoryservices":
         return directoryservice.from_url(url)
+    if url.startswith(_INGESTING_SCHEMES):
+        return _build_nix(ctx, {"url": url})
     return pathinfoservice.from_url(url)
 
 
@@ -262,6 +279,13 @@ def _build_cache(ctx: BuildContext, settings: dict[str, Any]) -> Service:
     return CachePathInfoService(near, far)
 
 
+def _build_nix(ctx: BuildContext, settings: dict[str, Any]) -> Service:
+    # Imported here: aiohttp takes ~0.4 s to import, and only binary caches need it.
+    from tvix.store.pathinfoservice.nix_http import build_from_composition
+
+    return build_from_composition(ctx, settings)
+
+
 def _build_lru(ctx: BuildContext, settings: dict[str, Any]) -> Service:
     return LRUPathInfoService(settings["capacity"])
 
@@ -292,6 +316,20 @@ register_type(
 for _kind in ("directoryservices", "pathinfoservices"):
     register_type(_kind, "sqlite", ServiceType({"path": Setting("path")}, _build_sqlite))
 register_type("pathinfoservices", "lru", ServiceType({"capacity": Setting("int")}, _build_lru))
+register_type(
+    "pathinfoservices",
+    "nix",
+    ServiceType(
+        {
+            "url": Setting("str"),
+            "trusted_public_keys": Setting("str", required=False),
+            "require_sigs": Setting("bool", required=False),
+            "blob_service": Setting("str", required=False),
+            "directory_service": Setting("str", required=False),
+        },
+        _build_nix,
+    ),
+)
 register_type(
     "pathinfoservices",
     "signing",

@@ -6,6 +6,9 @@ Build one from a URL with :func:`from_url`:
 ``memory://``                   in-process dict (tests, ephemeral use)
 ``objectstore+file:///abs/dir`` chunked (FastCDC), zstd, in files under a directory
 ``objectstore+memory://``       the same layout in an in-process object store
+``objectstore+s3://bkt/pfx``   the same layout in an S3 bucket (``?endpoint=``,
+                                ``region=``, ``allow_http=``; credentials from the
+                                environment: ``AWS_ACCESS_KEY_ID`` etc.)
 ``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
 ``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 =============================== ==================================================
@@ -38,6 +41,7 @@ registry: Registry[BlobService] = Registry("blob service")
 registry.register("memory", MemoryBlobService.from_url)
 registry.register("objectstore+file", "tvix.castore.blobservice.objectstore:from_url")
 registry.register("objectstore+memory", "tvix.castore.blobservice.objectstore:from_url")
+registry.register("objectstore+s3", "tvix.castore.blobservice.objectstore:from_url")
 registry.register("grpc+http", "tvix.castore.blobservice.grpc:from_url")
 registry.register("grpc+unix", "tvix.castore.blobservice.grpc:from_url")
 

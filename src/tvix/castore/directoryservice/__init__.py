@@ -7,6 +7,8 @@ Build one from a URL with :func:`from_url`:
 ``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
 ``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 ``sqlite:///abs/path.db``       embedded SQLite database file (``sqlite://``: in memory)
+``postgresql://u@host:port/db`` a PostgreSQL database, shared by several machines (also
+                                ``postgres://``; ``?schema=``, ``pool_size=``, libpq options)
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -39,6 +41,12 @@ registry.register("memory", MemoryDirectoryService.from_url)
 registry.register("grpc+http", "tvix.castore.directoryservice.grpc:from_url")
 registry.register("grpc+unix", "tvix.castore.directoryservice.grpc:from_url")
 registry.register("sqlite", SQLiteDirectoryService.from_url)
+registry.register(
+    "postgresql", "tvix.castore.directoryservice.postgres:PostgresDirectoryService.from_url"
+)
+registry.register(
+    "postgres", "tvix.castore.directoryservice.postgres:PostgresDirectoryService.from_url"
+)
 
 
 def from_url(url: str) -> DirectoryService:

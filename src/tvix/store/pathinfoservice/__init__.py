@@ -8,6 +8,11 @@ Build one from a URL with :func:`from_url`:
 ``lru://?capacity=N``           in-process, forgets the least recently used beyond N
 ``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
 ``grpc+unix:///path.sock``      a remote store daemon over a unix socket
+``postgresql://u@host:port/db`` a PostgreSQL database, shared by several machines (also
+                                ``postgres://``; ``?schema=``, ``pool_size=``, libpq options)
+``nix+https://host/path``       read-through from a Nix binary cache (also ``nix+http``,
+                                ``nix+file``): ``?trusted-public-keys=``; needs blob and
+                                directory services, so only in a composition (or the CLI)
 =============================== ==================================================
 
 Further backends register their scheme in :data:`registry`.
@@ -27,6 +32,14 @@ registry.register("grpc+http", "tvix.store.pathinfoservice.grpc:from_url")
 registry.register("grpc+unix", "tvix.store.pathinfoservice.grpc:from_url")
 registry.register("sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoService.from_url")
 registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoService.from_url")
+registry.register(
+    "postgresql", "tvix.store.pathinfoservice.postgres:PostgresPathInfoService.from_url"
+)
+registry.register(
+    "postgres", "tvix.store.pathinfoservice.postgres:PostgresPathInfoService.from_url"
+)
+for _scheme in ("nix+http", "nix+https", "nix+file"):
+    registry.register(_scheme, "tvix.store.pathinfoservice.nix_http:from_url")
 
 
 def from_url(url: str) -> PathInfoService:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import DecodeError
+
 from tvix._proto import store_pb2
 from tvix.castore.directoryservice.sqlite import SQLiteDatabase
 from tvix.castore.errors import InvalidURLError, StorageError
@@ -38,7 +40,7 @@ LIST_PAGE = 1000
 def _decode(digest: bytes, data: bytes) -> PathInfo:
     try:
         info = pathinfo_from_proto(store_pb2.PathInfo.FromString(data))
-    except (InvalidPathInfoError, ValueError) as e:
+    except (InvalidPathInfoError, DecodeError, ValueError) as e:
         raise StorageError(f"stored PathInfo {digest.hex()} is damaged: {e}") from e
     if info.store_path.digest != digest:
         raise StorageError(f"stored PathInfo {digest.hex()} is for {info.store_path}")
