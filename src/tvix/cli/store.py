@@ -15,7 +15,7 @@ from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.cli import copy as copy_cmd
-from tvix.cli import daemon
+from tvix.cli import daemon, extract
 from tvix.cli.common import (
     CLIError,
     Progress,
@@ -27,6 +27,7 @@ from tvix.cli.common import (
 )
 from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
+from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
@@ -278,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="STOREPATH[/SUB/PATH]")
     p.add_argument("-l", "--long", action="store_true", help="show type, mode, size and targets")
+
+    p = command(
+        "extract",
+        cmd_extract,
+        "write a store path's tree to disk",
+        "Write STOREPATH[/sub/path] to DEST (which must not exist) as plain directories, files "
+        "and symlinks, verifying every blob; with --closure also every store path it refers "
+        "to, each into DEST/<hash>-<name>. All or nothing: the tree is written next to DEST "
+        "and renamed into place at the end.",
+    )
+    extract.add_arguments(p)
 
     p = command(
         "verify",

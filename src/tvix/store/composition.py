@@ -70,6 +70,10 @@ type           kinds                     settings
                                          ``require_sigs``, ``blob_service`` and
                                          ``directory_service`` (names of the services NARs
                                          are ingested into, default ``default``)
+``race``       all                       ``sources``: names of services of the same kind,
+                                         asked at once; the first answer that verifies wins
+``trusted``    pathinfo                  ``inner``: a name; ``trusted_public_keys``
+                                         (space-separated); optional ``verify_nar``
 ============== ========================= ===================================================
 
 A PathInfo URL ``nix+http(s)://...`` or ``nix+file://...`` (type ``url``, or
@@ -640,3 +644,27 @@ class Composition:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _register_racing_and_trust() -> None:
+    # Imported here: those modules import this one for their types.
+    from tvix.store.pathinfoservice.race import build_race
+    from tvix.store.pathinfoservice.trust import build_trusted
+
+    for kind in KINDS:
+        register_type(kind, "race", ServiceType({"sources": Setting("refs")}, build_race))
+    register_type(
+        "pathinfoservices",
+        "trusted",
+        ServiceType(
+            {
+                "inner": Setting("ref"),
+                "trusted_public_keys": Setting("str"),
+                "verify_nar": Setting("bool", required=False),
+            },
+            build_trusted,
+        ),
+    )
+
+
+_register_racing_and_trust()

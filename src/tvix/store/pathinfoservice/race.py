@@ -1,0 +1,127 @@
+"""Several PathInfo sources asked at once; the first acceptable answer wins.
+
+Composition only (it refers to other services, so it has no URL): name it
+``type = "race"`` with ``sources = ["a", "b", ...]`` in a composition file,
+or build it directly. :func:`build_race` is the composition builder of
+``type = "race"`` for all three kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tvix.castore.blobservice.race import RaceBlobService, first_answer
+from tvix.castore.directoryservice.race import RaceDirectoryService
+from tvix.castore.errors import CastoreError, IntegrityError, ValidationError
+from tvix.store.errors import StoreError
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+
+if TYPE_CHECKING:
+    from tvix.store.composition import BuildContext, Service
+
+__all__ = ["Check", "RacePathInfoService", "build_race"]
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[PathInfo], Awaitable[None]]
+"""Vets a PathInfo a source returned: returns to accept it, raises to refuse it."""
+
+
+class RacePathInfoService(PathInfoService):
+    """PathInfos read from whichever of ``sources`` answers first with an acceptable one.
+
+    A PathInfo is not content-addressed, so "verifies" means: it is for the
+    store path asked for, and it passes ``check`` (when given) — a
+    :data:`Check`, typically a signature check (see
+    :class:`~tvix.store.pathinfoservice.trust.TrustedPathInfoService`, which
+    hands its check to a race it wraps so that an unsigned answer from a
+    fast source does not hide a signed one from a slower source).
+
+    Reads
+        :meth:`get` asks every source at once; the first acceptable answer
+        wins and the other calls are cancelled. A source whose answer is
+        refused, or which fails, is logged and skipped. ``None`` only when
+        every source says absent; if none gave an acceptable answer and some
+        failed or were refused, that is raised (e.g. the check's own error).
+        :meth:`get_checked` does the same with another check.
+        :meth:`list` is not raced: it streams each source's listing in turn,
+        each store path once (the first source's copy; later copies are
+        not compared), leaving out (with a warning) what ``check`` refuses;
+        :attr:`supports_list` holds when
+        every source can list.
+    Writes
+        :meth:`put` stores into the first source only (the primary) and
+        returns what it stored; the others are mirrors this service only
+        reads from.
+    Not raced
+        Writes and listings. Nothing is cached: every read asks every source.
+
+    It does not close the sources: whoever built them does.
+    """
+
+    def __init__(self, sources: Sequence[PathInfoService], check: Check | None = None) -> None:
+        if not sources:
+            raise ValueError("a race needs at least one source")
+        self.sources = list(sources)
+        self.check = check
+
+    # The base declares a class constant; a combinator can only know its own per instance.
+    @property
+    def supports_list(self) -> bool:  # type: ignore[override]
+        return all(s.supports_list for s in self.sources)
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await self.get_checked(digest, self.check)
+
+    async def get_checked(self, digest: bytes, check: Check | None) -> PathInfo | None:
+        """Like :meth:`get`, accepting only answers that pass ``check`` (``None``: any)."""
+        digest = check_digest(digest)
+
+        async def ask(source: PathInfoService) -> PathInfo | None:
+            info = await source.get(digest)
+            if info is None:
+                return None
+            if info.store_path.digest != digest:
+                raise IntegrityError(
+                    f"PathInfo {digest.hex()}: the source answered with {info.store_path}"
+                )
+            if check is not None:
+                await check(info)
+            return info
+
+        found = await first_answer(self.sources, ask, f"PathInfo {digest.hex()}")
+        return None if found is None else found[1]
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        return await self.sources[0].put(info)
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        seen: set[bytes] = set()
+        for source in self.sources:
+            async for info in source.list():
+                digest = info.store_path.digest
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                if self.check is not None:
+                    try:
+                        await self.check(info)
+                    except (StoreError, CastoreError) as e:
+                        log.warning("race: listing: skipping %s: %s", info.store_path, e)
+                        continue
+                yield info
+
+
+def build_race(ctx: BuildContext, settings: dict[str, Any]) -> Service:
+    """The composition builder of ``type = "race"`` (``sources``: names of the same kind)."""
+    sources = settings["sources"]
+    if not sources:
+        raise ValidationError("'sources' must name at least one service")
+    if ctx.kind == "blobservices":
+        return RaceBlobService(sources)
+    if ctx.kind == "directoryservices":
+        return RaceDirectoryService(sources)
+    return RacePathInfoService(sources)

@@ -1,0 +1,166 @@
+"""A PathInfo service that serves only PathInfos signed by a trusted key.
+
+Blobs and Directories verify themselves (they are addressed by their
+digest); a PathInfo does not, so one from an untrusted source is only as
+good as its signatures. Composition: ``type = "trusted"`` with ``inner``,
+``trusted_public_keys`` and optionally ``verify_nar`` (see
+:func:`build_trusted`), or build it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from tvix.castore.blobservice.base import BlobService
+from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.errors import IntegrityError, ValidationError
+from tvix.nixcompat import nixbase32
+from tvix.nixcompat.errors import InvalidKeyError
+from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
+from tvix.store.errors import StoreError
+from tvix.store.nar.calculate import NarCalculation, NarCalculator
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.pathinfoservice.race import RacePathInfoService
+
+if TYPE_CHECKING:
+    from tvix.store.composition import BuildContext, Service
+
+__all__ = ["TrustedPathInfoService", "UntrustedPathInfoError", "build_trusted"]
+
+log = logging.getLogger(__name__)
+
+
+class UntrustedPathInfoError(StoreError):
+    """A PathInfo was refused: no signature by a trusted key, or its NAR is not the signed one."""
+
+
+class TrustedPathInfoService(PathInfoService):
+    """Passes on a PathInfo from ``inner`` only when one of its signatures verifies.
+
+    The signature covers the fingerprint Nix signs (store path, NAR hash,
+    NAR size, references), not the root node that says where the contents
+    are in castore. With ``verify_nar``, a PathInfo whose signature verifies
+    is also checked against its contents: the NAR of its root node is
+    rendered from ``blob_service`` and ``directory_service`` (every blob is
+    read) and its sha256 and size must be the signed ones, so a PathInfo
+    whose root node was swapped is refused too. NAR results are remembered
+    per root node (see :class:`~tvix.store.nar.calculate.NarCalculator`).
+
+    Reads
+        :meth:`get` asks ``inner`` and returns its PathInfo when it passes
+        :meth:`check`; a refused PathInfo raises
+        :class:`UntrustedPathInfoError` naming why (it is not treated as
+        absent: the caller learns that something untrusted was offered).
+        When ``inner`` is a
+        :class:`~tvix.store.pathinfoservice.race.RacePathInfoService`, the
+        check runs inside the race, so a refused answer only disqualifies
+        its source and a slower source's trusted answer can still win.
+        :meth:`list` leaves out (with a warning) what the check refuses.
+    Writes
+        :meth:`put` stores into ``inner`` unchanged (no check: the writer
+        vouches for what it writes). A PathInfo put without a trusted
+        signature is refused when read back.
+    Not cached
+        Verdicts: every get checks again (NAR results excepted, see above).
+
+    It does not close ``inner`` or the castore services: whoever built them does.
+    """
+
+    def __init__(
+        self,
+        inner: PathInfoService,
+        trusted_keys: Iterable[VerifyingKey],
+        verify_nar: bool = False,
+        blob_service: BlobService | None = None,
+        directory_service: DirectoryService | None = None,
+        *,
+        nar_calculator: NarCalculation | None = None,
+    ) -> None:
+        self.inner = inner
+        self.trusted_keys = {k.name: k for k in trusted_keys}
+        self.verify_nar = verify_nar
+        self._calc: NarCalculation | None = nar_calculator
+        if verify_nar and self._calc is None:
+            if blob_service is None or directory_service is None:
+                raise ValueError("verify_nar needs the blob and directory services")
+            self._calc = NarCalculator(blob_service, directory_service)
+
+    # The base declares a class constant; a wrapper can only know its own per instance.
+    @property
+    def supports_list(self) -> bool:  # type: ignore[override]
+        return self.inner.supports_list
+
+    async def check(self, info: PathInfo) -> None:
+        """Return if ``info`` is trusted, else raise :class:`UntrustedPathInfoError`.
+
+        Content missing for ``verify_nar`` raises the castore error (a
+        :class:`~tvix.castore.errors.StorageError`).
+        """
+        if not info.verify(self.trusted_keys.values()):
+            signers = sorted({s.name for s in info.signatures})
+            raise UntrustedPathInfoError(
+                f"{info.store_path} is not signed by a trusted key "
+                f"({'signed by ' + ', '.join(signers) if signers else 'unsigned'}; "
+                f"trusted: {', '.join(sorted(self.trusted_keys)) or 'none'})"
+            )
+        if self._calc is not None:
+            size, sha256 = await self._calc.calculate(info.node)
+            if (size, sha256) != (info.nar_size, info.nar_sha256):
+                raise UntrustedPathInfoError(
+                    f"{info.store_path}: the contents its root node points to have NAR "
+                    f"sha256:{nixbase32.encode(sha256)} ({size} bytes), not the signed "
+                    f"sha256:{nixbase32.encode(info.nar_sha256)} ({info.nar_size} bytes)"
+                )
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        digest = check_digest(digest)
+        if isinstance(self.inner, RacePathInfoService):
+            return await self.inner.get_checked(digest, self.check)
+        info = await self.inner.get(digest)
+        if info is None:
+            return None
+        if info.store_path.digest != digest:
+            raise IntegrityError(f"PathInfo {digest.hex()}: inner answered with {info.store_path}")
+        await self.check(info)
+        return info
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        return await self.inner.put(info)
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        async for info in self.inner.list():
+            try:
+                await self.check(info)
+            except UntrustedPathInfoError as e:
+                log.warning("trusted: listing: skipping %s", e)
+                continue
+            yield info
+
+
+def build_trusted(ctx: BuildContext, settings: dict[str, Any]) -> Service:
+    """The composition builder of ``type = "trusted"`` (pathinfoservices).
+
+    Settings: ``inner`` (a name), ``trusted_public_keys`` (Nix's format:
+    space-separated ``name:base64``, at least one), ``verify_nar`` (optional,
+    default false; the NAR is rendered from the composition's default blob
+    and directory services).
+    """
+    try:
+        keys = parse_public_keys(settings["trusted_public_keys"])
+    except InvalidKeyError as e:
+        raise ValidationError(f"trusted_public_keys: {e}") from None
+    if not keys:
+        raise ValidationError("trusted_public_keys names no key: every PathInfo would be refused")
+    verify_nar = bool(settings.get("verify_nar", False))
+    if verify_nar:
+        return TrustedPathInfoService(
+            settings["inner"],
+            keys.values(),
+            verify_nar=True,
+            blob_service=ctx.blob_service(),
+            directory_service=ctx.directory_service(),
+        )
+    return TrustedPathInfoService(settings["inner"], keys.values())

@@ -1,0 +1,261 @@
+"""Helpers for the stores-talking-to-stores tests (no tests here).
+
+Daemons in their own processes, in-process gRPC servers over memory services
+(optionally slow or tampered), the extract command, diffing trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tvix.castore.blobservice import BlobReader, BlobService, BlobWriter, MemoryBlobService
+from tvix.castore.digest import B3Digest
+from tvix.castore.directory import Directory
+from tvix.castore.directoryservice import DirectoryPutter, DirectoryService, MemoryDirectoryService
+from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
+from tvix.nixcompat.storepath import StorePath
+from tvix.store.grpc import GRPCPathInfoServiceWrapper
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
+
+_SERVICE_VARS = ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
+
+
+def register_types() -> bool:
+    """Make sure ``type = "race"`` and ``type = "trusted"`` exist; whether they already did.
+
+    tvix.store.composition registers them itself; this only fills in while it
+    does not (registering the same builders again would change nothing).
+    """
+    from tvix.store.composition import KINDS, TYPES, ServiceType, Setting, register_type
+    from tvix.store.pathinfoservice.race import build_race
+    from tvix.store.pathinfoservice.trust import build_trusted
+
+    present = "trusted" in TYPES["pathinfoservices"] and all("race" in TYPES[k] for k in KINDS)
+    for kind in KINDS:
+        if "race" not in TYPES[kind]:
+            register_type(kind, "race", ServiceType({"sources": Setting("refs")}, build_race))
+    if "trusted" not in TYPES["pathinfoservices"]:
+        settings = {
+            "inner": Setting("ref"),
+            "trusted_public_keys": Setting("str"),
+            "verify_nar": Setting("bool", required=False),
+        }
+        register_type("pathinfoservices", "trusted", ServiceType(settings, build_trusted))
+    return present
+
+
+_SHIM = (
+    "import sys; sys.path.insert(0, {here!r}); import stores_helpers; "
+    "stores_helpers.register_types(); from tvix.cli.extract import main; "
+    "sys.exit(main(sys.argv[1:]))"
+)
+
+
+def extract_argv() -> list[str]:
+    """``tvix-store extract`` in a new process.
+
+    Until the command and the composition types are registered by the
+    package itself, the same command through ``tvix.cli.extract`` with them
+    registered first.
+    """
+    from tvix.cli.store import build_parser
+
+    registered = any(
+        isinstance(a, argparse._SubParsersAction) and "extract" in a.choices
+        for a in build_parser()._actions
+    )
+    if registered and register_types():
+        return [sys.executable, "-m", "tvix.cli.store", "extract"]
+    return [sys.executable, "-c", _SHIM.format(here=str(Path(__file__).parent))]
+
+
+def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a client command: all three services at ``url`` (if given)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARS}
+    env.pop("TVIX_STORE_DATA_DIR", None)
+    env.pop("TVIX_STORE_COMPOSITION", None)
+    env.pop("TVIX_TRUSTED_PUBLIC_KEYS", None)
+    if url is not None:
+        env.update(dict.fromkeys(_SERVICE_VARS, url))
+    env.update(extra)
+    return env
+
+
+def tvix_store(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """``tvix-store ARGS`` in its own process, checked."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"tvix-store {args} failed: {proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+@contextmanager
+def daemon(data_dir: Path, listen: str) -> Iterator[str]:
+    """``tvix-store daemon`` on its own data directory; yields the URL it serves."""
+    env = cli_env(TVIX_STORE_DATA_DIR=str(data_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tvix.cli.store", "daemon", "--listen-address", listen],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        m = re.search(r"listening on (\S+)", line)
+        assert m, f"daemon did not start: {line!r}"
+        yield m.group(1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def diff(a: Path, b: Path) -> None:
+    """Assert the trees are equal: names, contents, symlink targets (not followed)."""
+    proc = subprocess.run(
+        ["diff", "-r", "--no-dereference", str(a), str(b)], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout.decode(errors="replace") + proc.stderr.decode()
+
+
+def fake_store_path(name: str) -> StorePath:
+    return StorePath(hashlib.sha256(name.encode()).digest()[:20], name)
+
+
+def relocated(info: PathInfo, store_path: StorePath, refs: tuple[StorePath, ...] = ()) -> PathInfo:
+    """``info``'s contents and NAR under another store path, with ``refs``, unsigned."""
+    return PathInfo(
+        store_path=store_path,
+        node=info.node.renamed(store_path.base_name.encode()),
+        nar_size=info.nar_size,
+        nar_sha256=info.nar_sha256,
+        references=refs,
+    )
+
+
+# -- in-process servers --------------------------------------------------------------------
+
+
+@dataclass
+class Calls:
+    """What a slow service saw: calls started, finished, and cancelled while waiting."""
+
+    started: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class _Slow:
+    def __init__(self, delay: float, calls: Calls) -> None:
+        self.delay = delay
+        self.calls = calls
+
+    async def wait(self, what: str) -> None:
+        self.calls.started += 1
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.calls.cancelled += 1
+            self.calls.events.append(what)
+            raise
+        self.calls.finished += 1
+
+
+class SlowBlobService(BlobService):
+    """``inner``, each read answered after ``delay`` seconds."""
+
+    def __init__(self, inner: BlobService, slow: _Slow) -> None:
+        self.inner = inner
+        self.slow = slow
+
+    async def has(self, digest: B3Digest) -> bool:
+        await self.slow.wait("has")
+        return await self.inner.has(digest)
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        await self.slow.wait("open_read")
+        return await self.inner.open_read(digest)
+
+    def open_write(self) -> BlobWriter:
+        return self.inner.open_write()
+
+
+class SlowDirectoryService(DirectoryService):
+    def __init__(self, inner: DirectoryService, slow: _Slow) -> None:
+        self.inner = inner
+        self.slow = slow
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        await self.slow.wait("get directory")
+        return await self.inner.get(digest)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        await self.slow.wait("get_recursive")
+        async for d in self.inner.get_recursive(root):
+            yield d
+
+    def put_multiple_start(self) -> DirectoryPutter:
+        return self.inner.put_multiple_start()
+
+
+class SlowPathInfoService(PathInfoService):
+    def __init__(self, inner: PathInfoService, slow: _Slow) -> None:
+        self.inner = inner
+        self.slow = slow
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        await self.slow.wait("get pathinfo")
+        return await self.inner.get(digest)
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        return await self.inner.put(info)
+
+
+@dataclass
+class Memory:
+    """Three memory services (what a test server serves)."""
+
+    blobs: MemoryBlobService = field(default_factory=MemoryBlobService)
+    dirs: MemoryDirectoryService = field(default_factory=MemoryDirectoryService)
+    infos: MemoryPathInfoService = field(default_factory=MemoryPathInfoService)
+
+
+@asynccontextmanager
+async def serve(
+    listen: str, memory: Memory, delay: float = 0.0
+) -> AsyncIterator[tuple[str, Calls]]:
+    """A gRPC server in this process over ``memory``, each read ``delay`` seconds late."""
+    calls = Calls()
+    blobs: BlobService = memory.blobs
+    dirs: DirectoryService = memory.dirs
+    infos: PathInfoService = memory.infos
+    if delay:
+        slow = _Slow(delay, calls)
+        blobs = SlowBlobService(blobs, slow)
+        dirs = SlowDirectoryService(dirs, slow)
+        infos = SlowPathInfoService(infos, slow)
+    server: GRPCServer = build_server(
+        listen,
+        [*castore_servicers(blobs, dirs), GRPCPathInfoServiceWrapper(infos, blobs, dirs)],
+    )
+    await server.start()
+    try:
+        yield server.url, calls
+    finally:
+        await server.stop(0)
