@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Closure, Run, StartBridge
+from nar_bridge_support import Closure, Run, StartBridge
 from support.nix import Nix
 from support.trees import make_tree
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Closure, tvix_store
+from scale_support import Closure, tvix_store
 
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import COMPRESSIONS, Closure
+from scale_support import COMPRESSIONS, Closure
 
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import TVIX_STORE, Closure, tvix_store
+from scale_support import TVIX_STORE, Closure, tvix_store
 from support.servers import SeaweedFS
 from support.trees import make_tree
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -125,6 +127,26 @@ class BlobService(abc.ABC):
     @abc.abstractmethod
     def open_write(self) -> BlobWriter:
         """A writer for a new blob; see :class:`BlobWriter`."""
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        """The whole contents of several blobs, in order (``None`` for an absent one).
+
+        For many small blobs (a NAR render, an extraction): backends override
+        it to fetch a batch at once rather than paying a round trip each. Only
+        for blobs known to be small: each is held in memory whole. Verifies
+        like :meth:`open_read` does.
+        """
+        return list(await asyncio.gather(*(self._read_whole(d) for d in digests)))
+
+    async def _read_whole(self, digest: B3Digest) -> bytes | None:
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            parts = []
+            while chunk := await reader.read(1 << 20):
+                parts.append(chunk)
+        return b"".join(parts)
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         """The finer chunks the blob is stored as, in order, or ``None`` when absent.

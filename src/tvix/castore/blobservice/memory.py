@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import blake3
 
@@ -109,3 +110,6 @@ class MemoryBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _MemoryBlobWriter(self)
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        return [self._blobs.get(d) for d in digests]

@@ -94,7 +94,7 @@ import io
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -555,6 +555,18 @@ class ObjectStoreBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _ObjectStoreBlobWriter(self)
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        # Single-chunk blobs (most small files) in one pool job per batch;
+        # anything stored in several chunks goes through a reader.
+        out = await self._run(self._read_chunks_sync, list(digests))
+        for i, data in enumerate(out):
+            if data is None:
+                out[i] = await self._read_whole(digests[i])
+        return out
+
+    def _read_chunks_sync(self, digests: list[B3Digest]) -> list[bytes | None]:
+        return [self._read_chunk_sync(d, None) for d in digests]
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self._run(self._read_record_sync, digest)

@@ -69,6 +69,16 @@ class BlobServiceTests:
                 parts.append(data)
             assert b"".join(parts) == BLOB_B
 
+    async def test_read_many(self, blob_service: BlobService) -> None:
+        await write_all(blob_service, BLOB_A)
+        await write_all(blob_service, BLOB_B)
+        await write_all(blob_service, b"")
+        got = await blob_service.read_many(
+            [BLOB_B_DIGEST, b3(b"absent"), BLOB_A_DIGEST, EMPTY_BLOB_DIGEST, BLOB_A_DIGEST]
+        )
+        assert got == [BLOB_B, None, BLOB_A, b"", BLOB_A]
+        assert await blob_service.read_many([]) == []
+
     async def test_partial_reads(self, blob_service: BlobService) -> None:
         await write_all(blob_service, BLOB_B)
         reader = await blob_service.open_read(BLOB_B_DIGEST)

@@ -2,8 +2,8 @@
 
 The Directory closure is fetched with one recursive get (metadata only);
 file contents are streamed from the blob service and never held whole.
-Small blobs are fetched a few ahead, concurrently, so a remote store is not
-asked one round trip at a time; NAR framing and small contents are coalesced
+Small blobs are fetched ahead in batches (``BlobService.read_many``), so a
+store is not asked one round trip at a time; NAR framing and small contents are coalesced
 into pieces of about :data:`PIECE` bytes.
 """
 
@@ -26,10 +26,11 @@ __all__ = ["PIECE", "load_closure", "render_nar"]
 PIECE = 1 << 20
 # Blobs up to this size are fetched whole, ahead of time.
 SMALL_BLOB = 256 << 10
-# Limits of the look-ahead: small blobs in flight, their bytes, and queued ops.
-PREFETCH_COUNT = 32
+# Limits of the look-ahead: bytes of small blobs fetched ahead, queued ops,
+# and small blobs fetched per read_many call.
 PREFETCH_BYTES = 8 << 20
 WINDOW_OPS = 4096
+BATCH_BLOBS = 64
 
 
 async def load_closure(dirs: DirectoryService, root: B3Digest) -> dict[B3Digest, Directory]:
@@ -90,21 +91,27 @@ def _walk(root: Node, closure: dict[B3Digest, Directory]) -> Iterator[bytes | Fi
         node = child
 
 
-async def _fetch(blobs: BlobService, node: FileNode) -> bytes:
-    reader = await blobs.open_read(node.digest)
-    if reader is None:
-        raise StorageError(f"blob {node.digest.hex()} ({node.name!r}) is missing")
-    parts = []
-    total = 0
-    async with reader:
-        while total <= node.size and (chunk := await reader.read(PIECE)):
-            parts.append(chunk)
-            total += len(chunk)
-    if total != node.size:
-        raise IntegrityError(
-            f"blob {node.digest.hex()} ({node.name!r}) has {total} bytes, expected {node.size}"
-        )
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+async def _fetch_many(blobs: BlobService, nodes: list[FileNode]) -> list[bytes]:
+    datas = await blobs.read_many([n.digest for n in nodes])
+    for node, data in zip(nodes, datas, strict=True):
+        if data is None:
+            raise StorageError(f"blob {node.digest.hex()} ({node.name!r}) is missing")
+        if len(data) != node.size:
+            raise IntegrityError(
+                f"blob {node.digest.hex()} ({node.name!r}) has {len(data)} bytes, "
+                f"expected {node.size}"
+            )
+    return datas  # type: ignore[return-value]
+
+
+class _Batch:
+    """Small blobs fetched together, with one ``read_many``."""
+
+    __slots__ = ("nodes", "task")
+
+    def __init__(self) -> None:
+        self.nodes: list[FileNode] = []
+        self.task: asyncio.Task[list[bytes]] | None = None
 
 
 async def _stream(blobs: BlobService, node: FileNode) -> AsyncIterator[bytes]:
@@ -138,41 +145,50 @@ async def render_nar(
     if isinstance(node, DirectoryNode):
         closure = await load_closure(directory_service, node.digest)
     ops = _walk(node, closure)
-    window: deque[tuple[bytes | FileNode, asyncio.Task[bytes] | None]] = deque()
-    in_flight = in_flight_bytes = 0
+    # Ops in NAR order; a small file's contents come from its batch's result.
+    window: deque[tuple[bytes | FileNode, _Batch | None, int]] = deque()
+    batches: list[_Batch] = []
+    ahead_bytes = 0
     exhausted = False
 
     def refill() -> None:
-        nonlocal in_flight, in_flight_bytes, exhausted
-        while (
-            not exhausted
-            and in_flight < PREFETCH_COUNT
-            and in_flight_bytes < PREFETCH_BYTES
-            and len(window) < WINDOW_OPS
-        ):
+        nonlocal ahead_bytes, exhausted
+        batch: _Batch | None = None
+        while not exhausted and ahead_bytes < PREFETCH_BYTES and len(window) < WINDOW_OPS:
             op = next(ops, None)
             if op is None:
                 exhausted = True
             elif isinstance(op, FileNode) and 0 < op.size <= SMALL_BLOB:
-                window.append((op, asyncio.ensure_future(_fetch(blob_service, op))))
-                in_flight += 1
-                in_flight_bytes += op.size
+                if batch is None:
+                    batch = _Batch()
+                window.append((op, batch, len(batch.nodes)))
+                batch.nodes.append(op)
+                ahead_bytes += op.size
+                if len(batch.nodes) >= BATCH_BLOBS:
+                    _start(batch)
+                    batch = None
             else:
-                window.append((op, None))
+                window.append((op, None, 0))
+        if batch is not None:
+            _start(batch)
+
+    def _start(batch: _Batch) -> None:
+        batch.task = asyncio.ensure_future(_fetch_many(blob_service, batch.nodes))
+        batches.append(batch)
 
     buf: list[bytes] = []
     buf_len = 0
     try:
         refill()
         while window:
-            op, task = window.popleft()
+            op, in_batch, index = window.popleft()
             if isinstance(op, bytes):
                 buf.append(op)
                 buf_len += len(op)
-            elif task is not None:
-                data = await task
-                in_flight -= 1
-                in_flight_bytes -= op.size
+            elif in_batch is not None:
+                assert in_batch.task is not None
+                data = (await in_batch.task)[index]
+                ahead_bytes -= op.size
                 buf.append(data)
                 buf_len += len(data)
             elif op.size:
@@ -184,10 +200,16 @@ async def render_nar(
             if buf_len >= PIECE:
                 yield b"".join(buf)
                 buf, buf_len = [], 0
-            refill()
+            if not window or (ahead_bytes < PREFETCH_BYTES // 2 and len(window) < WINDOW_OPS // 2):
+                refill()
         if buf:
             yield b"".join(buf)
     finally:
-        for _, pending in window:
-            if pending is not None:
-                pending.cancel()
+        for batch in batches:
+            task = batch.task
+            if task is None:
+                continue
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: a failed prefetch nobody awaited is no news
