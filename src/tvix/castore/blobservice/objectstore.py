@@ -220,10 +220,13 @@ class _LocalFiles:
         except FileNotFoundError:
             return None
         try:
-            parts = []
+            first = os.read(fd, 4 * MIB)
+            if len(first) < 4 * MIB:
+                return first  # a short read of a regular file is its end: one syscall
+            parts = [first]
             while chunk := os.read(fd, 4 * MIB):
                 parts.append(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return b"".join(parts)
         finally:
             os.close(fd)
 
