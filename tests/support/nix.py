@@ -1,7 +1,7 @@
 """The real Nix (Debian's nix-bin, 2.8) as the authority in tests, isolated.
 
 Every :class:`Nix` has its own configuration, state, caches and a chroot
-store under one temporary directory (see /work/shared/nix-oracle.md): it
+store under one temporary directory: it
 never reads ``/etc/nix`` and never writes to ``/nix``. Logical store paths
 stay ``/nix/store/...``, so hashes are the real ones.
 
