@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -133,15 +133,3 @@ class BufferedDirectoryPutter(DirectoryPutter):
 
     async def abort(self) -> None:
         self._aborted = True
-
-
-async def sizes_of(
-    get: Callable[[B3Digest], Awaitable[Directory | None]], digests: Iterable[B3Digest]
-) -> dict[B3Digest, int]:
-    """A :data:`SizeLookup` for backends that only offer ``get``."""
-    out: dict[B3Digest, int] = {}
-    for digest in digests:
-        d = await get(digest)
-        if d is not None:
-            out[digest] = d.size
-    return out

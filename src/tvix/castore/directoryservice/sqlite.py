@@ -100,6 +100,18 @@ class SQLiteDatabase:
             raise StorageError(f"database {self.path}: {e}") from e
 
     @staticmethod
+    def path_from_url(url: ServiceURL) -> str:
+        """The database file a ``sqlite://`` URL names: ``sqlite:///abs/path`` or, for
+        a private in-memory one, ``sqlite://``. No host, no options."""
+        url.reject_host()
+        url.reject_params()
+        if url.path in ("", "/"):
+            return ":memory:"
+        if url.path.endswith("/"):
+            raise InvalidURLError(f"invalid service URL {url.raw!r}: the path names a directory")
+        return url.path
+
+    @staticmethod
     def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(conn)`` in a write transaction: all of it is committed, or nothing."""
         # IMMEDIATE takes the write lock up front, so a concurrent writer in
@@ -208,13 +220,7 @@ class SQLiteDirectoryService(DirectoryService):
     @classmethod
     def from_url(cls, url: ServiceURL) -> SQLiteDirectoryService:
         """``sqlite:///abs/path.db`` (created if absent), or ``sqlite://`` for in-memory."""
-        url.reject_host()
-        url.reject_params()
-        if url.path in ("", "/"):
-            return cls(":memory:")
-        if url.path.endswith("/"):
-            raise InvalidURLError(f"invalid service URL {url.raw!r}: the path names a directory")
-        return cls(url.path)
+        return cls(SQLiteDatabase.path_from_url(url))
 
     async def get(self, digest: B3Digest) -> Directory | None:
         def get(conn: sqlite3.Connection) -> Directory | None:

@@ -21,7 +21,7 @@ import asyncio
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,7 +34,7 @@ from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.errors import CastoreError, ValidationError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path", "run_bounded"]
+__all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path"]
 
 # Files up to this size are read whole by the producer; larger ones in blocks.
 SMALL_FILE = 1 << 20
@@ -372,30 +372,6 @@ async def _consume(
             while not queue.empty():
                 queue.get_nowait()
             await asyncio.sleep(0.001)
-
-
-async def run_bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
-    """Run the coroutines ``jobs`` make, at most ``limit`` at a time.
-
-    The first failure cancels the rest and is raised.
-    """
-    running: set[asyncio.Future[None]] = set()
-    try:
-        for job in jobs:
-            running.add(asyncio.ensure_future(job()))
-            if len(running) >= limit:
-                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    t.result()
-        while running:
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                t.result()
-    finally:
-        for t in running:
-            t.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
 
 
 async def ingest_path(

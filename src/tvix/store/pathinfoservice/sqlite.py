@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from tvix._proto import store_pb2
 from tvix.castore.directoryservice.sqlite import SQLiteDatabase
-from tvix.castore.errors import InvalidURLError, StorageError
+from tvix.castore.errors import StorageError
 from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.pathinfo import PathInfo
@@ -56,13 +56,7 @@ class SQLitePathInfoService(PathInfoService):
     @classmethod
     def from_url(cls, url: ServiceURL) -> SQLitePathInfoService:
         """``sqlite:///abs/path.sqlite`` (created if absent), or ``sqlite://`` for in-memory."""
-        url.reject_host()
-        url.reject_params()
-        if url.path in ("", "/"):
-            return cls(":memory:")
-        if url.path.endswith("/"):
-            raise InvalidURLError(f"invalid service URL {url.raw!r}: the path names a directory")
-        return cls(url.path)
+        return cls(SQLiteDatabase.path_from_url(url))
 
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
