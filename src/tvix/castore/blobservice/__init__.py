@@ -9,6 +9,9 @@ Build one from a URL with :func:`from_url`:
 ``objectstore+s3://bkt/pfx``   the same layout in an S3 bucket (``?endpoint=``,
                                 ``region=``, ``allow_http=``; credentials from the
                                 environment: ``AWS_ACCESS_KEY_ID`` etc.)
+``packs+file:///abs/dir``         the same chunks appended to pack files, an SQLite index
+                                (the default store of a data directory)
+``packs+s3://bkt/pfx?index=...`` pack objects in an S3 bucket, a PostgreSQL index
 ``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
 ``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 =============================== ==================================================
@@ -42,6 +45,8 @@ registry.register("memory", MemoryBlobService.from_url)
 registry.register("objectstore+file", "tvix.castore.blobservice.objectstore:from_url")
 registry.register("objectstore+memory", "tvix.castore.blobservice.objectstore:from_url")
 registry.register("objectstore+s3", "tvix.castore.blobservice.objectstore:from_url")
+registry.register("packs+file", "tvix.castore.blobservice.packs:from_url")
+registry.register("packs+s3", "tvix.castore.blobservice.packs:from_url")
 registry.register("grpc+http", "tvix.castore.blobservice.grpc:from_url")
 registry.register("grpc+unix", "tvix.castore.blobservice.grpc:from_url")
 
