@@ -15,11 +15,19 @@ from support.services import Run
 from support.trees import make_tree
 
 
-def _chunk_file(data_dir: Path, content: bytes) -> Path:
-    digest = blake3.blake3(content).hexdigest()
-    matches = list((data_dir / "blobs").rglob(digest))
-    assert len(matches) == 1, matches
-    return matches[0]
+def _damage_chunk(data_dir: Path, content: bytes) -> None:
+    """Overwrite the last bytes of ``content``'s payload in its pack."""
+    digest = blake3.blake3(content).digest()
+    db = sqlite3.connect(data_dir / "packs" / "index.sqlite")
+    name, offset, length = db.execute(
+        "SELECT p.name, c.offset, c.length FROM chunks c JOIN packs p ON p.id = c.pack "
+        "WHERE c.digest = ?",
+        (digest,),
+    ).fetchone()
+    db.close()
+    with (data_dir / "packs" / "packs" / f"{name}.pack").open("r+b") as f:
+        f.seek(offset + length - 3)
+        f.write(b"xyz")
 
 
 def test_verify_healthy_and_damaged(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
@@ -34,13 +42,14 @@ def test_verify_healthy_and_damaged(tvix_store: Run, tmp_path: Path, data_dir: P
     proc = tvix_store("verify")
     assert "verified 2 store paths: all intact" in proc.stderr.decode()
 
-    chunk = _chunk_file(data_dir, b"this chunk will be damaged" * 10)
-    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    _damage_chunk(data_dir, b"this chunk will be damaged" * 10)
     proc = tvix_store("verify", check=False)
     assert proc.returncode == 1
     out = proc.stdout.decode()
     assert f"{bad}/victim: blob" in out
     assert good not in out
+    # The whole store's check also finds it, in the pack.
+    assert "blob store: pack " in out
     # Only the damaged path when naming paths.
     assert tvix_store("verify", good).returncode == 0
 
@@ -90,7 +99,7 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
-            if any((data_dir / "blobs").rglob("*")):
+            if any((data_dir / "packs" / "packs").glob("*.pack")):
                 break
         time.sleep(delay)
         if proc.poll() is None:
@@ -98,7 +107,8 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
         proc.wait()
         if attempt == 0:
             assert proc.returncode == -signal.SIGKILL, "the import ended before it was killed"
-        # The store opens without repair and whatever it lists is complete.
+        # The store opens without repair and whatever it lists is complete
+        # (verify also reads every indexed chunk and checks packs against the index).
         verified = tvix_store("verify")
         assert "all intact" in verified.stderr.decode()
         assert small_path in tvix_store("path-info", small_path).stdout.decode()
@@ -106,3 +116,21 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
     done = tvix_store("import", tree).stdout.decode().strip()
     assert done.endswith("-big")
     assert tvix_store("verify", done).returncode == 0
+
+
+def test_old_objectstore_data_dir_keeps_working(
+    tvix_store: Run, tmp_path: Path, data_dir: Path
+) -> None:
+    """A data directory from before packs (objectstore+file in DIR/blobs) is opened as it is."""
+    from tvix.cli.common import local_blob_url
+
+    tree = make_tree(tmp_path / "tree", big_size=10)
+    old = tvix_store(
+        "import", tree, env={"BLOB_SERVICE_ADDR": f"objectstore+file://{data_dir}/blobs"}
+    )
+    store_path = old.stdout.decode().strip()
+    assert local_blob_url(data_dir).startswith("objectstore+file://")
+    assert tvix_store("verify", store_path).returncode == 0
+    assert not (data_dir / "packs").exists()
+    # A fresh data directory gets the packed store.
+    assert local_blob_url(tmp_path / "fresh").startswith("packs+file://")
