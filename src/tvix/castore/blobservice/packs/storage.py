@@ -288,6 +288,8 @@ class S3Packs(PackStorage):
 
     def read(self, pack: str, start: int, end: int) -> bytes | memoryview:
         key = self.key(pack)
+        if start == end:
+            return b""  # an empty chunk: no request (S3 has no empty ranges)
         try:
             data = memoryview(obstore.get_range(self._store, key, start=start, end=end))
         except FileNotFoundError as e:
