@@ -44,8 +44,12 @@ BATCH_ITEMS = 256
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4
-# Concurrent uploads of small files within a batch.
-LANES = 16
+# Concurrent uploads of small files within a batch: all of them (a batch is
+# at most BATCH_ITEMS), so a backend sees them together and can store them
+# together (packs+file commits a batch's files with one write, one sync and
+# one transaction instead of one per 16 files: 14.3 -> 9.6 s for the 50,000
+# files of the standard library, measured back to back).
+LANES = BATCH_ITEMS
 
 
 class IngestError(CastoreError):
