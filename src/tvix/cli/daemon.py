@@ -9,9 +9,7 @@ import os
 import signal
 import sys
 
-from tvix.castore.grpc.server import build_server, castore_servicers
 from tvix.cli.common import open_services
-from tvix.store.grpc import GRPCPathInfoServiceWrapper
 
 __all__ = ["add_arguments", "cmd_daemon"]
 
@@ -37,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def cmd_daemon(args: argparse.Namespace) -> int:
+    # Imported here, so that other commands do not pay for importing gRPC.
+    from tvix.castore.grpc.server import build_server, castore_servicers
+    from tvix.store.grpc import GRPCPathInfoServiceWrapper
+
     async with open_services(args, local=True) as s:
         servicers = [
             *castore_servicers(s.blobs, s.directories),
