@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 import zstandard
@@ -55,9 +56,11 @@ GAP = 64 * 1024
 MAX_RUN = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a chunk's payload is: pack, offset and length, plus its size and codec."""
+class Location(NamedTuple):
+    """Where a chunk's payload is: pack, offset and length, plus its size and codec.
+
+    A named tuple: hundreds of thousands are made per NAR render, and a frozen
+    dataclass costs several times more to build."""
 
     pack: str
     offset: int
@@ -96,13 +99,17 @@ def encode(digest: bytes, data: bytes | memoryview, zstd: bool) -> tuple[bytes, 
     return HEADER.pack(digest, size, len(out), codec), out, codec
 
 
-def decode(payload: bytes | memoryview, digest: bytes, size: int, codec: int) -> bytes:
-    """The chunk a payload holds, verified against ``digest`` and ``size``."""
+def decode(payload: bytes | memoryview, digest: bytes, size: int, codec: int) -> bytes | memoryview:
+    """The chunk a payload holds, verified against ``digest`` and ``size``.
+
+    A raw payload comes back as it was given (a view into the read buffer,
+    not copied: callers copy once, into what they hand out)."""
+    data: bytes | memoryview
     try:
         if codec == CODEC_ZSTD:
             data = _decompressor().decompress(payload, max_output_size=size)
         elif codec == CODEC_RAW:
-            data = bytes(payload)
+            data = payload
         else:
             raise IntegrityError(f"chunk {digest.hex()}: unknown codec {codec}")
     except zstandard.ZstdError as e:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import io
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from pyfastcdc.cy import FastCDC
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.blobservice.memory import BytesBlobReader
 from tvix.castore.blobservice.packs.format import (
+    CODEC_ZSTD,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -53,6 +55,7 @@ from tvix.castore.blobservice.packs.format import (
 from tvix.castore.blobservice.packs.index import (
     Entry,
     PackIndex,
+    SQLiteIndex,
     decode_record,
     encode_record,
 )
@@ -74,12 +77,21 @@ DEFAULT_PACK_SIZE = 64 * MIB
 MIN_PACK_SIZE = 1 * MIB
 # Bytes cut per worker-thread job for large blobs.
 BATCH_SIZE = 4 * MIB
+# Lazy appends (the middle of a large blob) are synced and indexed at least
+# this often, so a crash loses at most this much work of a blob being written.
+SYNC_EVERY = 64 * MIB
+# After 4 chunks in a row of a blob that zstd did not shrink, this many more
+# are stored without trying (~16 MiB), then it tries again.
+SKIP_ZSTD = 64
 # Threads reading packs: the reads (or ranged GETs) in flight at most.
 IO_THREADS = 4
-# Chunks a reader fetches at once while reading front to back.
+# Chunks a reader fetches at once while reading front to back (~8 MiB), and
+# the windows it keeps in flight ahead (fetched and verified in parallel).
 WINDOW = 32
+AHEAD = 1
 
-_EMPTY = blake3.blake3(b"").digest()
+# A verified chunk: bytes, or a view into the buffer it was read into.
+Chunk = bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -169,6 +181,8 @@ class PacksBlobService(BlobService):
         self._local = local
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tvix-packs-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tvix-packs-write")
+        # Whole-blob hashes of readers (in order per reader: one thread).
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="tvix-packs-hash")
         self._locations: _Batcher[Location] = _Batcher(index.locate)
         self._records: _Batcher[bytes] = _Batcher(index.records)
         # The next commit: chunks and records waiting, and the future it resolves.
@@ -178,17 +192,33 @@ class PacksBlobService(BlobService):
         # Chunks handed to the committer and not yet committed: their commit's future.
         self._inflight: dict[bytes, asyncio.Future[None]] = {}
         self._committer: asyncio.Task[None] | None = None
+        # Whether every submission to the next commit was lazy.
+        self._next_lazy = True
+        # Written, not yet synced and indexed (writer thread only): [pack, end, entries].
+        self._unsynced: list[Any] = []
+        self._unsynced_bytes = 0
         self._closed = False
 
     # -- committing ---------------------------------------------------------------------------
 
     def _submit(
-        self, items: Iterable[_Item], records: Sequence[tuple[bytes, bytes]] = ()
+        self,
+        items: Iterable[_Item],
+        records: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        lazy: bool = False,
     ) -> set[asyncio.Future[None]]:
         """Hand chunks (and records whose chunks are all committed) to the committer;
-        returns the commits to wait for."""
+        returns the commits to wait for.
+
+        ``lazy`` (the middle of a large blob): the chunks need only be written,
+        not yet durable and indexed; a later commit that is not lazy (the
+        blob's last batch, before its record) syncs and indexes them.
+        """
         if self._closed:
             raise StorageError("packs blob service is closed")
+        if not lazy:
+            self._next_lazy = False
         waits: set[asyncio.Future[None]] = set()
         for item in items:
             fut = self._inflight.get(item.digest)
@@ -216,9 +246,12 @@ class PacksBlobService(BlobService):
                 items, self._pending = self._pending, []
                 records, self._pending_records = self._pending_records, []
                 fut, self._next = self._next, None
+                lazy, self._next_lazy = self._next_lazy, True
                 try:
                     if self.index.sync_commit:
-                        await loop.run_in_executor(self._writer, self._store_sync, items, records)
+                        await loop.run_in_executor(
+                            self._writer, self._store_sync, items, records, lazy
+                        )
                     else:
                         placed = await loop.run_in_executor(self._writer, self._append_sync, items)
                         await self.index.commit(*placed, records)
@@ -235,8 +268,9 @@ class PacksBlobService(BlobService):
         finally:
             self._committer = None
 
-    def _append_sync(self, items: list[_Item]) -> tuple[str, int, list[Entry]]:
-        """Encode ``items`` and append them to a pack, durably (in the writer thread)."""
+    def _append_sync(self, items: list[_Item], sync: bool = True) -> tuple[str, int, list[Entry]]:
+        """Encode ``items`` and append them to a pack, durably unless not ``sync``
+        (in the writer thread)."""
         if not items:
             return "", 0, []
         parts: list[bytes] = []
@@ -251,7 +285,7 @@ class PacksBlobService(BlobService):
             parts.append(header)
             parts.append(payload)
             raw.append((item.digest, length, size, codec))
-        pack, start, end = self.storage.append(parts, self._pack_size)
+        pack, start, end = self.storage.append(parts, self._pack_size, sync)
         entries = []
         pos = start
         for digest, length, size, codec in raw:
@@ -260,9 +294,33 @@ class PacksBlobService(BlobService):
             pos += length
         return pack, end, entries
 
-    def _store_sync(self, items: list[_Item], records: list[tuple[bytes, bytes]]) -> None:
-        pack, end, entries = self._append_sync(items)
-        self.index.commit_sync(pack, end, entries, records)
+    def _store_sync(
+        self, items: list[_Item], records: list[tuple[bytes, bytes]], lazy: bool
+    ) -> None:
+        """Append ``items``; unless ``lazy``, sync and index everything appended
+        so far (with ``records``). For an index committed in this thread."""
+        if self._unsynced and self.storage.rolls(self._pack_size):
+            # The pack is about to be let go: what it holds must be durable and
+            # indexed first, or another writer taking it over would cut it off.
+            self._sync_unsynced([])
+        if items:
+            pack, end, entries = self._append_sync(items, sync=False)
+            if self._unsynced and pack != self._unsynced[0]:
+                raise AssertionError("unsynced entries span packs")
+            self._unsynced = [pack, end, self._unsynced[2] + entries if self._unsynced else entries]
+            self._unsynced_bytes += sum(HEADER_SIZE + e.length for e in entries)
+        if not lazy or self._unsynced_bytes >= SYNC_EVERY:
+            self._sync_unsynced(records)
+
+    def _sync_unsynced(self, records: list[tuple[bytes, bytes]]) -> None:
+        if self._unsynced:
+            pack, end, entries = self._unsynced
+            self.storage.sync()
+            self.index.commit_sync(pack, end, entries, records)
+        elif records:
+            self.index.commit_sync("", 0, [], records)
+        self._unsynced = []
+        self._unsynced_bytes = 0
 
     async def _wait(self, waits: set[asyncio.Future[None]]) -> None:
         for fut in waits:
@@ -270,23 +328,34 @@ class PacksBlobService(BlobService):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _read_sync(self, wanted: Sequence[tuple[bytes, Location]]) -> list[bytes]:
-        """The verified chunks ``wanted``, with neighbours in a pack read at once."""
-        out: list[bytes] = [b""] * len(wanted)
+    def _read_sync(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
+        """The verified chunks ``wanted``, with neighbours in a pack read at once;
+        ``after`` is called with them in this thread (the reader's blob hash)."""
+        out: list[Chunk] = [b""] * len(wanted)
         for run in coalesce([loc for _d, loc in wanted]):
             buf = memoryview(self.storage.read(run.pack, run.start, run.end))
             for i in run.members:
                 digest, loc = wanted[i]
                 at = loc.offset - run.start
                 out[i] = decode(buf[at : at + loc.length], digest, loc.size, loc.codec)
+        if after is not None:
+            after(out)
         return out
 
-    async def _read(self, wanted: Sequence[tuple[bytes, Location]]) -> list[bytes]:
+    async def _read(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
         if self._closed:
             raise StorageError("packs blob service is closed")
         loop = asyncio.get_running_loop()
-        if self._local or len(wanted) <= 1:
-            return await loop.run_in_executor(self._io, self._read_sync, wanted)
+        if self._local or len(wanted) <= 1 or after is not None:
+            return await loop.run_in_executor(self._io, self._read_sync, wanted, after)
         # Remote: each coalesced read is a request; spread them over the threads.
         runs = coalesce([loc for _d, loc in wanted])
         groups = [runs[i::IO_THREADS] for i in range(min(IO_THREADS, len(runs)))]
@@ -298,7 +367,7 @@ class PacksBlobService(BlobService):
                 for g in groups
             )
         )
-        out: list[bytes] = [b""] * len(wanted)
+        out: list[Chunk] = [b""] * len(wanted)
         for g, data in zip(groups, parts, strict=True):
             for i, chunk in zip((i for r in g for i in r.members), data, strict=True):
                 out[i] = chunk
@@ -325,7 +394,7 @@ class PacksBlobService(BlobService):
         loc = await self._locations.get(digest)
         if loc is not None:
             (data,) = await self._read([(digest, loc)])
-            return BytesBlobReader(data)
+            return BytesBlobReader(bytes(data))
         chunks = await self._record(digest)
         if chunks is None:
             return None
@@ -337,14 +406,27 @@ class PacksBlobService(BlobService):
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         if not digests:
             return []
-        found = await self.index.locate(list(set(digests)))
-        wanted = [(d, found[d]) for d in dict.fromkeys(digests) if d in found]
-        data = dict(zip((d for d, _ in wanted), await self._read(wanted), strict=True))
+        if self._local and isinstance(self.index, SQLiteIndex):
+            # Lookups, reads and verification in one job, off the event loop.
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self._io, self._read_many_sync, digests)
+        else:
+            found = await self.index.locate(list(set(digests)))
+            wanted = [(d, found[d]) for d in dict.fromkeys(digests) if d in found]
+            chunks = await self._read(wanted)
+            data = {d: bytes(c) for (d, _), c in zip(wanted, chunks, strict=True)}
         out: list[bytes | None] = []
         for d in digests:
             got = data.get(d)
             out.append(got if got is not None else await self._read_whole(d))
         return out
+
+    def _read_many_sync(self, digests: Sequence[B3Digest]) -> dict[bytes, bytes]:
+        assert isinstance(self.index, SQLiteIndex)
+        found = self.index.locate_sync(list(set(digests)))
+        wanted = [(d, found[d]) for d in dict.fromkeys(digests) if d in found]
+        chunks = self._read_sync(wanted)
+        return {d: bytes(c) for (d, _), c in zip(wanted, chunks, strict=True)}
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self._record(digest)
@@ -447,6 +529,7 @@ class PacksBlobService(BlobService):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self.storage.close)
         self._writer.shutdown(wait=False)
+        self._hashing.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=False, cancel_futures=True)
         await self.index.close()
 
@@ -468,14 +551,16 @@ class _PacksReader(BlobReader):
         self._size = offset
         self._pos = 0
         self._cur_first = 0
-        self._cur: list[bytes] = []
+        self._cur: list[Chunk] = []
         # The window fetched ahead while reading front to back: (first index, task).
-        self._ahead: tuple[int, asyncio.Task[list[bytes]]] | None = None
+        self._ahead: list[tuple[int, asyncio.Task[list[Chunk]]]] = []
+        # The whole blob's hash, updated by the fetch jobs (in their threads).
         self._hasher: blake3.blake3 | None = blake3.blake3()
         self._hashed = 0
+        self._hash_lock = threading.Lock()
         self._closed = False
 
-    async def _fetch(self, first: int, count: int) -> list[bytes]:
+    async def _fetch(self, first: int, count: int) -> list[Chunk]:
         metas = self._chunks[first : first + count]
         digests = [m.digest for m in metas]
         locs = await self._service.index.locate(list(set(digests)))
@@ -495,40 +580,60 @@ class _PacksReader(BlobReader):
             wanted.append((bytes(m.digest), loc))
         return await self._service._read(wanted)
 
-    async def _chunk(self, index: int) -> bytes:
+    async def _chunk(self, index: int) -> Chunk:
         first, cur = self._cur_first, self._cur
         if first <= index < first + len(cur):
             return cur[index - first]
         sequential = index == first + len(cur)
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == index:
-            data = await ahead[1]
+        ahead = self._ahead
+        if ahead and ahead[0][0] == index:
+            data = await ahead.pop(0)[1]
         else:
-            if ahead is not None:
-                ahead[1].cancel()
-                ahead[1].add_done_callback(_retrieve)
+            self._cancel_ahead()
             data = await self._fetch(index, WINDOW if sequential else 1)
         self._cur_first, self._cur = index, data
-        self._hash(index, data)
         end = index + len(data)
-        if sequential and end < len(self._chunks):
-            task = asyncio.ensure_future(self._fetch(end, WINDOW))
-            task.add_done_callback(_retrieve)
-            self._ahead = (end, task)
+        if self._hasher is not None:
+            # The whole blob's hash, on its own thread beside the fetches; the
+            # last bytes are handed out only once it matched.
+            loop = asyncio.get_running_loop()
+            hashed = loop.run_in_executor(self._service._hashing, self._hash, index, data)
+            if end == len(self._chunks):
+                await hashed
+            else:
+                hashed.add_done_callback(_retrieve)
+        if sequential:
+            # Keep AHEAD windows coming, fetched and verified on the read threads.
+            nxt = ahead[-1][0] + WINDOW if ahead else end
+            while len(ahead) < AHEAD and nxt < len(self._chunks):
+                task = asyncio.ensure_future(self._fetch(nxt, WINDOW))
+                task.add_done_callback(_retrieve)
+                ahead.append((nxt, task))
+                nxt += WINDOW
         return data[0]
 
-    def _hash(self, first: int, data: list[bytes]) -> None:
-        """Check the whole blob's digest while it is read front to back."""
-        hasher = self._hasher
-        if hasher is None:
-            return
-        if first != self._hashed:
-            self._hasher = None
-            return
-        for chunk in data:
-            hasher.update(chunk)
-        self._hashed += len(data)
-        if self._hashed == len(self._chunks):
+    def _cancel_ahead(self) -> list[asyncio.Task[list[Chunk]]]:
+        tasks = [t for _i, t in self._ahead]
+        for task in tasks:
+            task.cancel()
+        self._ahead = []
+        return tasks
+
+    def _hash(self, first: int, data: list[Chunk]) -> None:
+        """Check the whole blob's digest while it is read front to back (in the
+        service's hashing thread, off the event loop)."""
+        with self._hash_lock:
+            hasher = self._hasher
+            if hasher is None:
+                return
+            if first != self._hashed:
+                self._hasher = None
+                return
+            for chunk in data:
+                hasher.update(chunk)
+            self._hashed += len(data)
+            if self._hashed < len(self._chunks):
+                return
             self._hasher = None
             got = hasher.digest()
             if got != self._digest:
@@ -550,7 +655,7 @@ class _PacksReader(BlobReader):
         index = bisect.bisect_right(self._starts, pos) - 1
         data = await self._chunk(index)
         start = pos - self._starts[index]
-        out = data[start : start + n] if start or n < len(data) else data
+        out = bytes(data[start : start + n])
         self._pos = pos + len(out)
         return out
 
@@ -574,10 +679,7 @@ class _PacksReader(BlobReader):
     async def close(self) -> None:
         self._closed = True
         self._cur = []
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead[1].cancel()
-            await asyncio.gather(ahead[1], return_exceptions=True)
+        await asyncio.gather(*self._cancel_ahead(), return_exceptions=True)
 
 
 class _PacksBlobWriter(BlobWriter):
@@ -599,6 +701,9 @@ class _PacksBlobWriter(BlobWriter):
         self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self._chunks: list[ChunkMeta] = []
         self._seen: set[bytes] = set()
+        # Consecutive chunks zstd did not shrink, and chunks left to store raw.
+        self._incompressible = 0
+        self._skip_zstd = 0
         self._digest: B3Digest | None = None
         self._failed = False
         self._aborted = False
@@ -617,10 +722,10 @@ class _PacksBlobWriter(BlobWriter):
 
     async def _flush(self, final: bool) -> None:
         tail = await self._wait_job()
-        buf = b"".join([tail, *self._pending])
+        parts = [tail, *self._pending]
         self._pending = []
         self._pending_size = 0
-        self._job = asyncio.ensure_future(self._process(buf, final))
+        self._job = asyncio.ensure_future(self._process(parts, final))
         if final:
             await self._wait_job()
 
@@ -634,8 +739,10 @@ class _PacksBlobWriter(BlobWriter):
             self._failed = True
             raise
 
-    def _cut(self, buf: bytes, final: bool) -> tuple[int, list[_Item]]:
-        """Cut and hash ``buf`` (in a worker thread); returns the bytes used and the chunks."""
+    def _cut(self, parts: list[bytes], final: bool) -> tuple[bytes, int, list[_Item]]:
+        """Join, cut and hash ``parts`` (in a worker thread); returns the buffer,
+        the bytes of it used, and the chunks."""
+        buf = b"".join(parts)
         view = memoryview(buf)
         cuts = [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
         if not final and cuts:
@@ -650,12 +757,28 @@ class _PacksBlobWriter(BlobWriter):
             digest = blake3.blake3(data).digest()
             self._chunks.append(ChunkMeta(B3Digest(digest), length))
             items.append(_Item(digest, data))
-        return used, items
+        return buf, used, items
 
-    async def _process(self, buf: bytes, final: bool) -> bytes:
+    def _encode(self, items: list[_Item]) -> None:
+        """Encode ``items`` in place; stop trying zstd for a while on a blob whose
+        chunks do not compress (media, archives: the attempt costs ~1 s/GB)."""
+        zstd = self._service._zstd
+        for item in items:
+            attempt = zstd and self._skip_zstd == 0
+            if self._skip_zstd:
+                self._skip_zstd -= 1
+            header, payload, codec = encode(item.digest, item.data, attempt)
+            item.header, item.data = header, payload
+            if attempt:
+                self._incompressible = 0 if codec == CODEC_ZSTD else self._incompressible + 1
+                if self._incompressible >= 4:
+                    self._incompressible = 0
+                    self._skip_zstd = SKIP_ZSTD
+
+    async def _process(self, parts: list[bytes], final: bool) -> bytes:
         service = self._service
         loop = asyncio.get_running_loop()
-        used, items = await loop.run_in_executor(None, self._cut, buf, final)
+        buf, used, items = await loop.run_in_executor(None, self._cut, parts, final)
         new = []
         for item in items:
             if item.digest not in self._seen:
@@ -664,9 +787,12 @@ class _PacksBlobWriter(BlobWriter):
         if new:
             known = await service.index.locate([i.digest for i in new])
             new = [i for i in new if i.digest not in known]
+        if new:
+            # Compressed here, beside the committer writing the previous batch.
+            await loop.run_in_executor(None, self._encode, new)
         # Bounded memory: the previous batch is committed before this one is handed on.
         await service._wait(self._commits)
-        self._commits = service._submit(new)
+        self._commits = service._submit(new, lazy=not final)
         if final:
             await service._wait(self._commits)
         return buf[used:]

@@ -52,12 +52,20 @@ class PackStorage(abc.ABC):
     """Pack bytes: durable appends, reads of byte ranges."""
 
     @abc.abstractmethod
-    def append(self, parts: list[bytes], limit: int) -> tuple[str, int, int]:
-        """Store ``parts`` (entries) back to back in one pack, durably.
+    def append(self, parts: list[bytes], limit: int, sync: bool = True) -> tuple[str, int, int]:
+        """Store ``parts`` (entries) back to back in one pack, durably if ``sync``
+        (else :meth:`sync` makes them so, until the pack :meth:`rolls`).
 
         Returns the pack's name, the offset of the first byte and the pack's
         size after them. ``limit``: the pack size at which to start a new one.
         """
+
+    def rolls(self, limit: int) -> bool:
+        """Whether the next append goes to another pack than the last."""
+        return True
+
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make what was appended to the current pack durable."""
 
     @abc.abstractmethod
     def read(self, pack: str, start: int, end: int) -> bytes | memoryview:
@@ -91,7 +99,17 @@ class LocalPacks(PackStorage):
 
     # -- appending ---------------------------------------------------------------------------
 
-    def append(self, parts: list[bytes], limit: int) -> tuple[str, int, int]:
+    def rolls(self, limit: int) -> bool:
+        return self._fd is None or self._size >= limit
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                raise StorageError(f"pack {self.path(self._name)}: sync failed: {e}") from e
+
+    def append(self, parts: list[bytes], limit: int, sync: bool = True) -> tuple[str, int, int]:
         if self._fd is None or self._size >= limit:
             self._next_pack(limit)
         fd = self._fd
@@ -105,7 +123,8 @@ class LocalPacks(PackStorage):
                 n = os.pwrite(fd, view, pos)
                 view = view[n:]
                 pos += n
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         except OSError as e:
             # Leave the pack as it was; if even that fails, the tail stays unindexed.
             with contextlib.suppress(OSError):
@@ -270,8 +289,8 @@ class S3Packs(PackStorage):
     def key(self, name: str) -> str:
         return f"{self._prefix}packs/{name}.pack"
 
-    def append(self, parts: list[bytes], limit: int) -> tuple[str, int, int]:
-        name = _new_name()
+    def append(self, parts: list[bytes], limit: int, sync: bool = True) -> tuple[str, int, int]:
+        name = _new_name()  # one object per append: a PUT is durable when done
         payload = b"".join([MAGIC, *parts])
         key = self.key(name)
         try:
