@@ -59,6 +59,12 @@ type           kinds                     settings
 ``url``        all                       ``url``: any URL the kind's registry builds
 ``memory``     all                       none
 ``objectstore`` blob                     ``url``: ``objectstore+...``
+``packs``      blob                      ``path`` (a directory); optional ``zstd``,
+                                         ``avg_chunk_size``, ``pack_size`` (as in the URL)
+``packs_s3``   blob                      ``bucket``, ``index`` (``postgresql://...``);
+                                         optional ``prefix``, ``endpoint``, ``region``,
+                                         ``allow_http``, ``zstd``, ``avg_chunk_size``,
+                                         ``pack_size``
 ``sqlite``     directory, pathinfo       ``path``: the database file (its directory is created)
 ``grpc``       all                       ``url``: ``grpc+http://...``, ``grpc+unix://...``
 ``cache``      all                       ``near``, ``far``: names of services of the same kind
@@ -111,6 +117,7 @@ from typing import Any, Literal, Self, overload
 from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.blobservice.cache import CacheBlobService
+from tvix.castore.blobservice.packs import PacksFileConfig, PacksS3Config
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.directoryservice.cache import CacheDirectoryService
 from tvix.castore.directoryservice.sqlite import SQLiteDirectoryService
@@ -316,6 +323,46 @@ register_type(
     "blobservices",
     "objectstore",
     ServiceType(_URL, _url_with_scheme("objectstore+", "objectstore")),
+)
+
+
+def _build_packs(config: type[PacksFileConfig | PacksS3Config]) -> Builder:
+    """A builder from a table of the options of a packed store (see its config)."""
+
+    def build(ctx: BuildContext, settings: dict[str, Any]) -> Service:
+        try:
+            return config.from_mapping(settings).build()
+        except ValidationError as e:
+            raise CompositionError(f"{ctx.kind}.{ctx.name}: {e}") from None
+
+    return build
+
+
+_PACKS_COMMON = {
+    "zstd": Setting("bool", required=False),
+    "avg_chunk_size": Setting("int", required=False),
+    "pack_size": Setting("int", required=False),
+}
+register_type(
+    "blobservices",
+    "packs",
+    ServiceType({"path": Setting("path"), **_PACKS_COMMON}, _build_packs(PacksFileConfig)),
+)
+register_type(
+    "blobservices",
+    "packs_s3",
+    ServiceType(
+        {
+            "bucket": Setting("str"),
+            "index": Setting("str"),
+            "prefix": Setting("str", required=False),
+            "endpoint": Setting("str", required=False),
+            "region": Setting("str", required=False),
+            "allow_http": Setting("bool", required=False),
+            **_PACKS_COMMON,
+        },
+        _build_packs(PacksS3Config),
+    ),
 )
 for _kind in ("directoryservices", "pathinfoservices"):
     register_type(_kind, "sqlite", ServiceType({"path": Setting("path")}, _build_sqlite))
