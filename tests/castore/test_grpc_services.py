@@ -31,7 +31,6 @@ from tvix.castore.grpc import (
 from tvix.castore.proto import pb
 from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import BLOB_B, BLOB_B_DIGEST, DIRECTORY_A, b3
-from tvix.castore.url import ServiceURL
 
 
 async def _blob_client(listen: str, backend: BlobService) -> AsyncIterator[BlobService]:
@@ -115,7 +114,8 @@ async def test_chunked_read_fetches_only_touched_chunks(tmp_path: Path) -> None:
     counting = _CountingReads(backend)
     servicers = [counting, GRPCDirectoryServiceWrapper(MemoryDirectoryService())]
     async with running_server(unix_listen(tmp_path), servicers) as srv:
-        client = GRPCBlobService.from_url(ServiceURL.parse(srv.url))
+        client = blobservice.from_url(srv.url)
+        assert isinstance(client, GRPCBlobService)
         await write_all(client, BLOB_B)
         chunks = await client.chunks(BLOB_B_DIGEST)
         assert chunks is not None

@@ -11,7 +11,11 @@ import zstandard
 from obstore.store import MemoryStore
 
 from tvix.castore.blobservice import BlobService, from_url, read_all, write_all
-from tvix.castore.blobservice.objectstore import ObjectStoreBlobService, _raw_zstd_frame
+from tvix.castore.blobservice.objectstore import (
+    ObjectStoreBlobService,
+    ObjectStoreConfig,
+    _raw_zstd_frame,
+)
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
 from tvix.castore.testing import BlobServiceTests
@@ -50,7 +54,8 @@ class TestObjectStoreSmallChunks(BlobServiceTests):
 
 @pytest.fixture
 async def file_service(tmp_path: Path) -> AsyncIterator[ObjectStoreBlobService]:
-    svc = ObjectStoreBlobService.from_url(_parse(f"objectstore+file://{tmp_path}"))
+    svc = from_url(f"objectstore+file://{tmp_path}")
+    assert isinstance(svc, ObjectStoreBlobService)
     yield svc
     await svc.close()
 
@@ -353,7 +358,7 @@ def test_invalid_url_creates_nothing(tmp_path: Path) -> None:
 
 def test_unregistered_flavour_via_class() -> None:
     with pytest.raises(InvalidURLError, match="unknown object store flavour 'ftp'"):
-        ObjectStoreBlobService.from_url(_parse("objectstore+ftp://host/dir"))
+        ObjectStoreConfig.from_url(_parse("objectstore+ftp://host/dir"))
 
 
 async def test_upstream_empty_blob_record_reads_empty(tmp_path: Path) -> None:
@@ -365,7 +370,7 @@ async def test_upstream_empty_blob_record_reads_empty(tmp_path: Path) -> None:
     path = tmp_path / "blobs" / "b3" / h[:4] / h
     path.parent.mkdir(parents=True)
     path.write_bytes(pb.StatBlobResponse().SerializeToString())
-    svc = ObjectStoreBlobService.from_url(_parse(f"objectstore+file://{tmp_path}"))
+    svc = from_url(f"objectstore+file://{tmp_path}")
     try:
         assert await svc.has(EMPTY_BLOB_DIGEST)
         assert await read_all(svc, EMPTY_BLOB_DIGEST) == b""

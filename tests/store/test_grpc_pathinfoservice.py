@@ -19,7 +19,6 @@ from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
 from tvix.castore.ingest import ingest_path
 from tvix.castore.testing.fixtures import BLOB_A, DIRECTORY_WITH_KEEP
-from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.nar import calculate_nar
@@ -131,7 +130,8 @@ async def test_calculate_nar(server: tuple[GRPCServer, Backends], tmp_path: Path
     (tree / "sub" / "f").write_bytes(b"contents")
     (tree / "link").symlink_to("sub/f")
     node = await ingest_path(b.blobs, b.dirs, tree)
-    client = GRPCPathInfoService.from_url(ServiceURL.parse(srv.url))
+    client = from_url(srv.url)
+    assert isinstance(client, GRPCPathInfoService)
     assert await client.calculate(node) == await calculate_nar(b.blobs, b.dirs, node)
     await client.close()
 

@@ -6,7 +6,6 @@ Daemons in their own processes, in-process gRPC servers over memory services
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
@@ -31,53 +30,9 @@ from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
 _SERVICE_VARS = ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
 
 
-def register_types() -> bool:
-    """Make sure ``type = "race"`` and ``type = "trusted"`` exist; whether they already did.
-
-    tvix.store.composition registers them itself; this only fills in while it
-    does not (registering the same builders again would change nothing).
-    """
-    from tvix.store.composition import KINDS, TYPES, ServiceType, Setting, register_type
-    from tvix.store.pathinfoservice.race import build_race
-    from tvix.store.pathinfoservice.trust import build_trusted
-
-    present = "trusted" in TYPES["pathinfoservices"] and all("race" in TYPES[k] for k in KINDS)
-    for kind in KINDS:
-        if "race" not in TYPES[kind]:
-            register_type(kind, "race", ServiceType({"sources": Setting("refs")}, build_race))
-    if "trusted" not in TYPES["pathinfoservices"]:
-        settings = {
-            "inner": Setting("ref"),
-            "trusted_public_keys": Setting("str"),
-            "verify_nar": Setting("bool", required=False),
-        }
-        register_type("pathinfoservices", "trusted", ServiceType(settings, build_trusted))
-    return present
-
-
-_SHIM = (
-    "import sys; sys.path.insert(0, {here!r}); import stores_helpers; "
-    "stores_helpers.register_types(); from tvix.cli.extract import main; "
-    "sys.exit(main(sys.argv[1:]))"
-)
-
-
 def extract_argv() -> list[str]:
-    """``tvix-store extract`` in a new process.
-
-    Until the command and the composition types are registered by the
-    package itself, the same command through ``tvix.cli.extract`` with them
-    registered first.
-    """
-    from tvix.cli.store import build_parser
-
-    registered = any(
-        isinstance(a, argparse._SubParsersAction) and "extract" in a.choices
-        for a in build_parser()._actions
-    )
-    if registered and register_types():
-        return [sys.executable, "-m", "tvix.cli.store", "extract"]
-    return [sys.executable, "-c", _SHIM.format(here=str(Path(__file__).parent))]
+    """``tvix-store extract`` in a new process."""
+    return [sys.executable, "-m", "tvix.cli.store", "extract"]
 
 
 def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:

@@ -7,14 +7,16 @@ it ``type = "cache"`` in a composition file, or build it directly.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import blake3
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, StorageError
 
-__all__ = ["CacheBlobService"]
+__all__ = ["CacheBlobService", "CacheBlobServiceConfig", "CacheConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +154,23 @@ class _CacheBlobWriter(BlobWriter):
                 await self._far.abort()
             finally:
                 await self._near.abort()
+
+
+@dataclass(frozen=True)
+class CacheConfig(ServiceConfig):
+    """Type ``cache``: ``near`` and ``far``, names of services of the same kind.
+
+    The base of the cache combinators' configs, one per kind.
+    """
+
+    near: str = setting("ref")
+    far: str = setting("ref")
+
+
+@dataclass(frozen=True)
+class CacheBlobServiceConfig(CacheConfig):
+    """A :class:`CacheBlobService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CacheBlobService:
+        """Near and far come from the composition."""
+        return CacheBlobService(ctx.service(self.near), ctx.service(self.far))

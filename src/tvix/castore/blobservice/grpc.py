@@ -44,15 +44,21 @@ import grpc
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.blobservice.memory import _seek_target
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3_LEN, B3Digest
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk
-from tvix.castore.grpc.channel import LazyChannel, channel_target
+from tvix.castore.grpc.channel import GRPCConfig, LazyChannel
 from tvix.castore.grpc.errors import error_from_rpc
 from tvix.castore.proto import pb
-from tvix.castore.url import ServiceURL
 
-__all__ = ["MAX_VERIFIED_CHUNK", "MESSAGE_SIZE", "VERIFY_WINDOW", "GRPCBlobService", "from_url"]
+__all__ = [
+    "MAX_VERIFIED_CHUNK",
+    "MESSAGE_SIZE",
+    "VERIFY_WINDOW",
+    "GRPCBlobService",
+    "GRPCBlobServiceConfig",
+]
 
 # Bytes per BlobChunk sent by writers (and by the server's Read). DESIGN.md
 # measured grpc.aio at ~1 GB/s with 1 MiB messages and half that with 64 KiB;
@@ -100,11 +106,6 @@ class GRPCBlobService(BlobService):
         self._channel = LazyChannel(target)
         self.address = address or target
         self._stubs_cache: _Stubs | None = None
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCBlobService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
 
     def _stubs(self) -> _Stubs:
         channel = self._channel.get()
@@ -518,6 +519,10 @@ class _GRPCBlobWriter(BlobWriter):
                 self._call.cancel()
 
 
-def from_url(url: ServiceURL) -> GRPCBlobService:
-    """The registry's factory for ``grpc+http`` and ``grpc+unix``."""
-    return GRPCBlobService.from_url(url)
+@dataclass(frozen=True)
+class GRPCBlobServiceConfig(GRPCConfig):
+    """A store daemon's BlobService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
+
+    def build(self, ctx: BuildContext) -> GRPCBlobService:
+        """A client; it connects on first use."""
+        return GRPCBlobService(self.target, self.address)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import blake3
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
-from tvix.castore.url import ServiceURL
 
-__all__ = ["BytesBlobReader", "MemoryBlobService"]
+__all__ = ["BytesBlobReader", "MemoryBlobService", "MemoryBlobServiceConfig"]
 
 
 class BytesBlobReader(BlobReader):
@@ -93,14 +94,6 @@ class MemoryBlobService(BlobService):
     def __init__(self) -> None:
         self._blobs: dict[B3Digest, bytes] = {}
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryBlobService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
-
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs
 
@@ -113,3 +106,12 @@ class MemoryBlobService(BlobService):
 
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         return [self._blobs.get(d) for d in digests]
+
+
+@dataclass(frozen=True)
+class MemoryBlobServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryBlobService:
+        """A new, empty service."""
+        return MemoryBlobService()

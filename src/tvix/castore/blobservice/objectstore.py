@@ -98,7 +98,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import blake3
 import obstore
@@ -110,6 +110,7 @@ from pyfastcdc.cy import FastCDC
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
+from tvix.castore.composition import BuildContext, SettingKind, URLConfig
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, ValidationError
 from tvix.castore.proto import pb
@@ -118,7 +119,7 @@ from tvix.castore.url import ServiceURL
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["ObjectStoreBlobService", "from_url"]
+__all__ = ["ObjectStoreBlobService", "ObjectStoreConfig"]
 
 T = TypeVar("T")
 
@@ -318,8 +319,8 @@ def _s3_store(url: ServiceURL) -> tuple[ObjectStore, str]:
     region = url.params.get("region")
     if region is not None:
         config["region"] = region
-    allow_http = _bool_param(
-        url, "allow_http", endpoint is not None and endpoint.startswith("http://")
+    allow_http = url.bool_param(
+        "allow_http", endpoint is not None and endpoint.startswith("http://")
     )
     try:
         store = S3Store(
@@ -348,17 +349,6 @@ def _first_line(e: BaseException) -> str:
     """obstore's messages carry a multi-line debug dump after the first line."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _bool_param(url: ServiceURL, key: str, default: bool) -> bool:
-    value = url.params.get(key)
-    if value is None:
-        return default
-    if value in ("true", "1"):
-        return True
-    if value in ("false", "0"):
-        return False
-    raise InvalidURLError(f"invalid service URL {url.raw!r}: {key} must be true or false")
 
 
 class ObjectStoreBlobService(BlobService):
@@ -407,36 +397,6 @@ class ObjectStoreBlobService(BlobService):
         # Cleared on the first store that rejects put-if-not-exists; content-
         # addressed objects can then simply be overwritten with the same bytes.
         self._create_mode = True
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> ObjectStoreBlobService:
-        """``objectstore+file:///abs/dir``, ``objectstore+s3://bucket/prefix`` or
-        ``objectstore+memory://``.
-
-        Options: ``zstd=true|false`` (default true), ``avg_chunk_size=<bytes>``
-        (default 262144); for S3 also ``endpoint``, ``region`` and
-        ``allow_http`` (see :func:`_s3_store`).
-        """
-        flavour = url.scheme.removeprefix("objectstore+")
-        known = STORE_FLAVOURS.get(flavour) if flavour != url.scheme else None
-        if known is None:
-            raise InvalidURLError(
-                f"invalid service URL {url.raw!r}: unknown object store flavour {flavour!r} "
-                f"(known: {', '.join(sorted(STORE_FLAVOURS))})"
-            )
-        build, flavour_options = known
-        # Options are checked before building, so a bad URL creates no directory.
-        url.reject_params(*OPTIONS, *flavour_options)
-        zstd = _bool_param(url, "zstd", True)
-        avg = url.int_param("avg_chunk_size", DEFAULT_AVG_CHUNK_SIZE)
-        if not MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE:
-            raise InvalidURLError(
-                f"invalid service URL {url.raw!r}: avg_chunk_size must be within "
-                f"{MIN_AVG_CHUNK_SIZE}..{MAX_AVG_CHUNK_SIZE}"
-            )
-        store, prefix = build(url)
-        local_root = url.path if flavour == "file" else None
-        return cls(store, prefix, zstd=zstd, avg_chunk_size=avg, local_root=local_root)
 
     # -- keys and raw object access (blocking; called in worker threads) -----------------
 
@@ -626,11 +586,6 @@ def _resolve_group(group: list[_Job], done: Future[list[tuple[bool, Any]]]) -> N
             future.set_exception(value)
         else:
             future.cancel()
-
-
-def from_url(url: ServiceURL) -> ObjectStoreBlobService:
-    """The registry's entry point; see :meth:`ObjectStoreBlobService.from_url`."""
-    return ObjectStoreBlobService.from_url(url)
 
 
 def _decode_chunk(raw: obstore.Bytes | bytes, digest: B3Digest, size: int | None) -> bytes:
@@ -928,3 +883,54 @@ class _ObjectStoreBlobWriter(BlobWriter):
             job, self._job = self._job, None
             if job is not None:
                 await asyncio.gather(job, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class ObjectStoreConfig(URLConfig):
+    """``objectstore+file:///abs/dir``, ``objectstore+s3://bucket/prefix``, ``objectstore+memory://``.
+
+    Type ``objectstore``. Options: ``zstd`` (default true), ``avg_chunk_size``
+    (bytes, default 262144); for S3 also ``endpoint``, ``region`` and
+    ``allow_http`` (see :func:`_s3_store`). Everything is checked before
+    anything is created; :meth:`build` opens (or creates) the store.
+    """
+
+    OPTIONS: ClassVar[dict[str, SettingKind]] = {
+        "zstd": "bool",
+        "avg_chunk_size": "int",
+        "endpoint": "str",
+        "region": "str",
+        "allow_http": "bool",
+    }
+
+    url: ServiceURL
+    zstd: bool
+    avg_chunk_size: int
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """Check the flavour and the options."""
+        flavour = url.scheme.removeprefix("objectstore+")
+        known = STORE_FLAVOURS.get(flavour) if flavour != url.scheme else None
+        if known is None:
+            raise InvalidURLError(
+                f"invalid service URL {url.raw!r}: unknown object store flavour {flavour!r} "
+                f"(known: {', '.join(sorted(STORE_FLAVOURS))})"
+            )
+        url.reject_params(*OPTIONS, *known[1])
+        avg = url.int_param("avg_chunk_size", DEFAULT_AVG_CHUNK_SIZE)
+        if not MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE:
+            raise InvalidURLError(
+                f"invalid service URL {url.raw!r}: avg_chunk_size must be within "
+                f"{MIN_AVG_CHUNK_SIZE}..{MAX_AVG_CHUNK_SIZE}"
+            )
+        return cls(url, url.bool_param("zstd", True), avg)
+
+    def build(self, ctx: BuildContext) -> ObjectStoreBlobService:
+        """The service; a file store's directory is created."""
+        flavour = self.url.scheme.removeprefix("objectstore+")
+        store, prefix = STORE_FLAVOURS[flavour][0](self.url)
+        local_root = self.url.path if flavour == "file" else None
+        return ObjectStoreBlobService(
+            store, prefix, zstd=self.zstd, avg_chunk_size=self.avg_chunk_size, local_root=local_root
+        )

@@ -16,16 +16,24 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import blake3
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.digest import B3Digest
-from tvix.castore.errors import CastoreError, IntegrityError, StorageError
+from tvix.castore.errors import CastoreError, IntegrityError, StorageError, ValidationError
 
-__all__ = ["EAGER_SIZE", "RaceBlobService", "first_answer", "source_name"]
+__all__ = [
+    "EAGER_SIZE",
+    "RaceBlobService",
+    "RaceBlobServiceConfig",
+    "RaceConfig",
+    "first_answer",
+    "source_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -388,3 +396,28 @@ class _RaceReader(BlobReader):
             await self._reader.close()
             self._reader = None
         self._head = b""
+
+
+@dataclass(frozen=True)
+class RaceConfig(ServiceConfig):
+    """Type ``race``: ``sources``, names of services of the same kind, asked at once.
+
+    The base of the race combinators' configs, one per kind.
+    """
+
+    sources: list[str] = setting("refs")
+
+    def source_services(self, ctx: BuildContext) -> list[Any]:
+        """The sources, built; raises if there is none."""
+        if not self.sources:
+            raise ValidationError("'sources' must name at least one service")
+        return [ctx.service(name) for name in self.sources]
+
+
+@dataclass(frozen=True)
+class RaceBlobServiceConfig(RaceConfig):
+    """A :class:`RaceBlobService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RaceBlobService:
+        """The sources come from the composition."""
+        return RaceBlobService(self.source_services(ctx))

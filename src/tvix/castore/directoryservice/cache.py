@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from tvix.castore.blobservice.cache import CacheConfig
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.errors import IntegrityError, ValidationError
 
-__all__ = ["CacheDirectoryService", "verified_closure"]
+__all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig", "verified_closure"]
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +225,12 @@ class _CachePutter(DirectoryPutter):
         near, self._near = self._near, None
         if near is not None:
             await near.abort()
+
+
+@dataclass(frozen=True)
+class CacheDirectoryServiceConfig(CacheConfig):
+    """A :class:`CacheDirectoryService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CacheDirectoryService:
+        """Near and far come from the composition."""
+        return CacheDirectoryService(ctx.service(self.near), ctx.service(self.far))

@@ -24,17 +24,17 @@ from typing import Any, NoReturn
 
 import grpc
 
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.grpc._wire import identity
-from tvix.castore.grpc.channel import LazyChannel, channel_target
+from tvix.castore.grpc.channel import GRPCConfig, LazyChannel
 from tvix.castore.grpc.errors import error_from_rpc
 from tvix.castore.proto import directory_from_bytes, pb
-from tvix.castore.url import ServiceURL
 
-__all__ = ["GRPCDirectoryService", "from_url"]
+__all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
 
 _GET = "/tvix.castore.v1.DirectoryService/Get"
 _PUT = "/tvix.castore.v1.DirectoryService/Put"
@@ -59,11 +59,6 @@ class GRPCDirectoryService(DirectoryService):
         self._channel = LazyChannel(target)
         self.address = address or target
         self._stubs_cache: _Stubs | None = None
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCDirectoryService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
 
     def _stubs(self) -> _Stubs:
         channel = self._channel.get()
@@ -246,6 +241,10 @@ class _GRPCDirectoryPutter(DirectoryPutter):
                 self._call.cancel()
 
 
-def from_url(url: ServiceURL) -> GRPCDirectoryService:
-    """The registry's factory for ``grpc+http`` and ``grpc+unix``."""
-    return GRPCDirectoryService.from_url(url)
+@dataclass(frozen=True)
+class GRPCDirectoryServiceConfig(GRPCConfig):
+    """A store daemon's DirectoryService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
+
+    def build(self, ctx: BuildContext) -> GRPCDirectoryService:
+        """A client; it connects on first use."""
+        return GRPCDirectoryService(self.target, self.address)

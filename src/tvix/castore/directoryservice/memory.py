@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
 from tvix.castore.directoryservice.traverse import traverse_bfs
-from tvix.castore.url import ServiceURL
 
-__all__ = ["MemoryDirectoryService"]
+__all__ = ["MemoryDirectoryService", "MemoryDirectoryServiceConfig"]
 
 
 class MemoryDirectoryService(DirectoryService):
@@ -19,14 +20,6 @@ class MemoryDirectoryService(DirectoryService):
 
     def __init__(self) -> None:
         self._directories: dict[B3Digest, Directory] = {}
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryDirectoryService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
 
     async def get(self, digest: B3Digest) -> Directory | None:
         return self._directories.get(digest)
@@ -47,3 +40,12 @@ class MemoryDirectoryService(DirectoryService):
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         for directory in directories:
             self._directories.setdefault(directory.digest, directory)
+
+
+@dataclass(frozen=True)
+class MemoryDirectoryServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryDirectoryService:
+        """A new, empty service."""
+        return MemoryDirectoryService()

@@ -49,12 +49,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Self
+from dataclasses import dataclass
+from typing import ClassVar, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import blake3
 
+from tvix.castore.composition import BuildContext, SettingKind, URLConfig
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
@@ -64,7 +66,13 @@ from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, V
 from tvix.castore.proto import directory_from_bytes
 from tvix.castore.url import ServiceURL
 
-__all__ = ["PostgresDatabase", "PostgresDirectoryService", "storage_errors"]
+__all__ = [
+    "PostgresConfig",
+    "PostgresDatabase",
+    "PostgresDirectoryService",
+    "PostgresDirectoryServiceConfig",
+    "storage_errors",
+]
 
 # libpq's connection options that asyncpg understands (see its connect_utils).
 LIBPQ_OPTIONS = (
@@ -154,25 +162,6 @@ class PostgresDatabase:
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
         self._closed = False
-
-    @classmethod
-    def from_url(cls, url: ServiceURL, component: str, migrations: Sequence[str]) -> Self:
-        """Check a ``postgresql://`` URL (see the module docs) and keep it for later."""
-        if url.scheme not in ("postgresql", "postgres"):
-            raise InvalidURLError(f"invalid service URL {_redact(url.raw)!r}: not postgresql://")
-        url.reject_params(*LIBPQ_OPTIONS, *OWN_OPTIONS)
-        schema = url.params.get("schema")
-        if schema is not None and not schema:
-            raise InvalidURLError(f"invalid service URL {_redact(url.raw)!r}: empty schema")
-        pool_size = url.int_param("pool_size", DEFAULT_POOL_SIZE)
-        if pool_size < 1:
-            raise InvalidURLError(
-                f"invalid service URL {_redact(url.raw)!r}: pool_size must be positive"
-            )
-        parts = urlsplit(url.raw)
-        passed = {k: v for k, v in url.params.items() if k not in OWN_OPTIONS}
-        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), ""))
-        return cls(dsn, component, migrations, schema=schema, pool_size=pool_size)
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._closed:
@@ -288,16 +277,55 @@ def _decode_rows(rows: Sequence[tuple[bytes, bytes]]) -> dict[B3Digest, Director
     return {B3Digest(digest): _decode(digest, data) for digest, data in rows}
 
 
+@dataclass(frozen=True)
+class PostgresConfig(URLConfig):
+    """``postgresql://user@host:port/db?schema=...&pool_size=N`` (see the module docs).
+
+    The base of the PostgreSQL services' configs (type ``postgresql``); each
+    builds its own service on a :meth:`database`.
+    """
+
+    OPTIONS: ClassVar[dict[str, SettingKind]] = {
+        **dict.fromkeys(LIBPQ_OPTIONS, "str"),
+        "schema": "str",
+        "pool_size": "int",
+    }
+
+    dsn: str
+    schema: str | None
+    pool_size: int
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """Check the URL; nothing connects until first use."""
+        if url.scheme not in ("postgresql", "postgres"):
+            raise InvalidURLError(f"invalid service URL {_redact(url.raw)!r}: not postgresql://")
+        url.reject_params(*LIBPQ_OPTIONS, *OWN_OPTIONS)
+        schema = url.params.get("schema")
+        if schema is not None and not schema:
+            raise InvalidURLError(f"invalid service URL {_redact(url.raw)!r}: empty schema")
+        pool_size = url.int_param("pool_size", DEFAULT_POOL_SIZE)
+        if pool_size < 1:
+            raise InvalidURLError(
+                f"invalid service URL {_redact(url.raw)!r}: pool_size must be positive"
+            )
+        parts = urlsplit(url.raw)
+        passed = {k: v for k, v in url.params.items() if k not in OWN_OPTIONS}
+        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), ""))
+        return cls(dsn, schema, pool_size)
+
+    def database(self, component: str, migrations: Sequence[str]) -> PostgresDatabase:
+        """The database, for the schema ``component`` brought up by ``migrations``."""
+        return PostgresDatabase(
+            self.dsn, component, migrations, schema=self.schema, pool_size=self.pool_size
+        )
+
+
 class PostgresDirectoryService(DirectoryService):
     """Directories in one table of a PostgreSQL database (see the module docs)."""
 
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> PostgresDirectoryService:
-        """``postgresql://user@host:port/db?schema=...``; connects on first use."""
-        return cls(PostgresDatabase.from_url(url, "castore.directories", MIGRATIONS))
 
     async def get(self, digest: B3Digest) -> Directory | None:
         async with self._db.connection() as conn:
@@ -354,3 +382,12 @@ class PostgresDirectoryService(DirectoryService):
 
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class PostgresDirectoryServiceConfig(PostgresConfig):
+    """Directories in PostgreSQL (see :class:`PostgresConfig`)."""
+
+    def build(self, ctx: BuildContext) -> PostgresDirectoryService:
+        """Connects on first use."""
+        return PostgresDirectoryService(self.database("castore.directories", MIGRATIONS))

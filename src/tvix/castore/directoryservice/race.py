@@ -8,15 +8,17 @@ or build it directly.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import first_answer
+from tvix.castore.blobservice.race import RaceConfig, first_answer
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.cache import verified_closure
 from tvix.castore.errors import IntegrityError
 
-__all__ = ["RaceDirectoryService"]
+__all__ = ["RaceDirectoryService", "RaceDirectoryServiceConfig"]
 
 
 class RaceDirectoryService(DirectoryService):
@@ -79,3 +81,12 @@ class RaceDirectoryService(DirectoryService):
 
     def put_multiple_start(self) -> DirectoryPutter:
         return self.sources[0].put_multiple_start()
+
+
+@dataclass(frozen=True)
+class RaceDirectoryServiceConfig(RaceConfig):
+    """A :class:`RaceDirectoryService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RaceDirectoryService:
+        """The sources come from the composition."""
+        return RaceDirectoryService(self.source_services(ctx))

@@ -39,10 +39,13 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self, TypeVar
 
 import blake3
 
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
@@ -52,7 +55,12 @@ from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, V
 from tvix.castore.proto import directory_from_bytes
 from tvix.castore.url import ServiceURL
 
-__all__ = ["SQLiteDatabase", "SQLiteDirectoryService"]
+__all__ = [
+    "SQLiteConfig",
+    "SQLiteDatabase",
+    "SQLiteDirectoryService",
+    "SQLiteDirectoryServiceConfig",
+]
 
 T = TypeVar("T")
 
@@ -205,6 +213,27 @@ def _decode(digest: bytes, data: bytes) -> Directory:
         raise IntegrityError(f"Directory {digest.hex()}: stored encoding is invalid: {e}") from e
 
 
+@dataclass(frozen=True)
+class SQLiteConfig(ServiceConfig):
+    """``sqlite:///abs/path`` (``sqlite://``: private, in memory), or type ``sqlite`` with ``path``.
+
+    The base of the SQLite services' configs; each builds its own service.
+    """
+
+    path: str = setting("path")
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """See :meth:`SQLiteDatabase.path_from_url`."""
+        return cls(SQLiteDatabase.path_from_url(url))
+
+    def database_path(self) -> str:
+        """The file, its directory created (SQLite creates a file but not its directory)."""
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+
 class SQLiteDirectoryService(DirectoryService):
     """Directories in one table of an SQLite file; a closure is one transaction.
 
@@ -216,11 +245,6 @@ class SQLiteDirectoryService(DirectoryService):
     def __init__(self, path: str) -> None:
         """Use the database file at ``path`` (created if absent), or ``":memory:"``."""
         self._db = SQLiteDatabase(path, "castore.directories", MIGRATIONS)
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> SQLiteDirectoryService:
-        """``sqlite:///abs/path.db`` (created if absent), or ``sqlite://`` for in-memory."""
-        return cls(SQLiteDatabase.path_from_url(url))
 
     async def get(self, digest: B3Digest) -> Directory | None:
         def get(conn: sqlite3.Connection) -> Directory | None:
@@ -275,3 +299,12 @@ class SQLiteDirectoryService(DirectoryService):
 
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class SQLiteDirectoryServiceConfig(SQLiteConfig):
+    """Directories in an SQLite file (see :class:`SQLiteConfig`)."""
+
+    def build(self, ctx: BuildContext) -> SQLiteDirectoryService:
+        """Opens the file on first use."""
+        return SQLiteDirectoryService(self.database_path())

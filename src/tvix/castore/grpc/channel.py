@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 import grpc
 
+from tvix.castore.composition import URLConfig
 from tvix.castore.errors import InvalidURLError
 from tvix.castore.url import ServiceURL
 
-__all__ = ["CHANNEL_OPTIONS", "LazyChannel", "channel_target"]
+__all__ = ["CHANNEL_OPTIONS", "GRPCConfig", "LazyChannel", "channel_target"]
 
 # A bracketed IPv6 literal or a name/IPv4 address (no colon, no userinfo), then a port.
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\[\]:@/]+):([0-9]{1,5})$")
@@ -49,6 +51,23 @@ def channel_target(url: ServiceURL) -> str:
             raise InvalidURLError(f"invalid service URL {url.raw!r}: port {port} out of range")
         return f"{m.group(1)}:{port}"
     raise InvalidURLError(f"invalid service URL {url.raw!r}: not a grpc+http or grpc+unix URL")
+
+
+@dataclass(frozen=True)
+class GRPCConfig(URLConfig):
+    """``grpc+http://host:port`` or ``grpc+unix:///path`` (type ``grpc``): a store daemon.
+
+    ``target`` is the grpc channel target, ``address`` the URL (for messages).
+    Each kind's client subclasses it with its ``build``.
+    """
+
+    target: str
+    address: str
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """See :func:`channel_target`; no options."""
+        return cls(channel_target(url), url.raw)
 
 
 class LazyChannel:

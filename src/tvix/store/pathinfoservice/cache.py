@@ -8,12 +8,15 @@ it ``type = "cache"`` in a composition file, or build it directly. A typical
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from tvix.castore.blobservice.cache import CacheConfig
+from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["CachePathInfoService"]
+__all__ = ["CachePathInfoService", "CachePathInfoServiceConfig"]
 
 
 class CachePathInfoService(PathInfoService):
@@ -71,3 +74,12 @@ class CachePathInfoService(PathInfoService):
 
     def list(self) -> AsyncIterator[PathInfo]:
         return self.far.list()
+
+
+@dataclass(frozen=True)
+class CachePathInfoServiceConfig(CacheConfig):
+    """A :class:`CachePathInfoService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CachePathInfoService:
+        """Near and far come from the composition."""
+        return CachePathInfoService(ctx.service(self.near), ctx.service(self.far))

@@ -10,23 +10,24 @@ signature-checking wrapper in front to trust only what is signed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from tvix._proto import store_pb2
+from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError, ValidationError
-from tvix.castore.grpc.channel import LazyChannel, channel_target
+from tvix.castore.grpc.channel import GRPCConfig, LazyChannel
 from tvix.castore.grpc.errors import error_from_rpc
 from tvix.castore.nodes import Node
 from tvix.castore.proto import node_to_proto
-from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
 
-__all__ = ["GRPCPathInfoService", "from_url"]
+__all__ = ["GRPCPathInfoService", "GRPCPathInfoServiceConfig"]
 
 _SERVICE = "/tvix.store.v1.PathInfoService/"
 
@@ -41,11 +42,6 @@ class GRPCPathInfoService(PathInfoService):
     def __init__(self, target: str, address: str | None = None) -> None:
         self._channel = LazyChannel(target)
         self.address = address or target
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCPathInfoService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
 
     def _call(self, method: str, kind: str, response: Any) -> Any:
         channel = self._channel.get()
@@ -118,6 +114,10 @@ class GRPCPathInfoService(PathInfoService):
         await self._channel.close()
 
 
-def from_url(url: ServiceURL) -> GRPCPathInfoService:
-    """Build a :class:`GRPCPathInfoService` (for the scheme registry)."""
-    return GRPCPathInfoService.from_url(url)
+@dataclass(frozen=True)
+class GRPCPathInfoServiceConfig(GRPCConfig):
+    """A store daemon's PathInfoService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
+
+    def build(self, ctx: BuildContext) -> GRPCPathInfoService:
+        """A client; it connects on first use."""
+        return GRPCPathInfoService(self.target, self.address)

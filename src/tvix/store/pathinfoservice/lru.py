@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Self
 
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.errors import InvalidURLError, ValidationError
 from tvix.castore.url import ServiceURL
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["LRUPathInfoService"]
+__all__ = ["LRUPathInfoService", "LRUPathInfoServiceConfig"]
 
 
 class LRUPathInfoService(PathInfoService):
@@ -30,21 +33,6 @@ class LRUPathInfoService(PathInfoService):
         self.capacity = capacity
         # Least recently used first.
         self._infos: OrderedDict[bytes, PathInfo] = OrderedDict()
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> LRUPathInfoService:
-        """``lru://?capacity=N``: no host or path; ``capacity`` (positive) is required."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params("capacity")
-        if "capacity" not in url.params:
-            raise InvalidURLError(f"invalid service URL {url.raw!r}: capacity is required")
-        capacity = url.int_param("capacity", 0)
-        if capacity < 1:
-            raise InvalidURLError(
-                f"invalid service URL {url.raw!r}: capacity must be a positive integer"
-            )
-        return cls(capacity)
 
     def __len__(self) -> int:
         return len(self._infos)
@@ -68,3 +56,29 @@ class LRUPathInfoService(PathInfoService):
         # A snapshot: puts while the caller iterates must not break the iteration.
         for info in list(self._infos.values()):
             yield info
+
+
+@dataclass(frozen=True)
+class LRUPathInfoServiceConfig(ServiceConfig):
+    """``lru://?capacity=N`` (type ``lru``, key ``capacity``): a positive integer, required."""
+
+    capacity: int = setting("int")
+
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """No host or path; ``capacity`` is required."""
+        url.reject_host()
+        url.reject_path()
+        url.reject_params("capacity")
+        if "capacity" not in url.params:
+            raise InvalidURLError(f"invalid service URL {url.raw!r}: capacity is required")
+        capacity = url.int_param("capacity", 0)
+        if capacity < 1:
+            raise InvalidURLError(
+                f"invalid service URL {url.raw!r}: capacity must be a positive integer"
+            )
+        return cls(capacity)
+
+    def build(self, ctx: BuildContext) -> LRUPathInfoService:
+        """A new, empty service."""
+        return LRUPathInfoService(self.capacity)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from tvix.castore.url import ServiceURL
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["MemoryPathInfoService"]
+__all__ = ["MemoryPathInfoService", "MemoryPathInfoServiceConfig"]
 
 
 class MemoryPathInfoService(PathInfoService):
@@ -16,14 +17,6 @@ class MemoryPathInfoService(PathInfoService):
 
     def __init__(self) -> None:
         self._infos: dict[bytes, PathInfo] = {}
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryPathInfoService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
 
     async def get(self, digest: bytes) -> PathInfo | None:
         return self._infos.get(check_digest(digest))
@@ -35,3 +28,12 @@ class MemoryPathInfoService(PathInfoService):
     async def list(self) -> AsyncIterator[PathInfo]:
         for info in list(self._infos.values()):
             yield info
+
+
+@dataclass(frozen=True)
+class MemoryPathInfoServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryPathInfoService:
+        """A new, empty service."""
+        return MemoryPathInfoService()

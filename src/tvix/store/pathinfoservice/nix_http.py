@@ -56,8 +56,8 @@ than ``/nix/store``, is refused with a :class:`StorageError`.
 cannot be enumerated.
 
 URLs (this service needs the blob and directory services to ingest into, so
-the plain URL registry cannot build it: a composition builds it with its
-``default`` blob and directory services, see :func:`build_from_composition`)::
+a URL alone cannot build it: a composition builds it with its ``default``
+blob and directory services, see :class:`NixCacheConfig`)::
 
     nix+https://cache.example.org[/prefix]?trusted-public-keys=K1%20K2
     nix+http://127.0.0.1:8080
@@ -78,13 +78,14 @@ import lzma
 import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, Self
 
 import aiohttp
 import zstandard
 
 from tvix import __version__
 from tvix.castore.blobservice.base import BlobService
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
 from tvix.castore.nodes import FileNode
@@ -102,17 +103,13 @@ from tvix.store.nar.render import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-if TYPE_CHECKING:
-    from tvix.store.composition import BuildContext
-
 __all__ = [
     "BinaryCache",
+    "NixCacheConfig",
     "NixHTTPPathInfoService",
     "UntrustedPathError",
-    "build_from_composition",
     "check_ca_content",
     "check_trust",
-    "from_url",
     "parse_nix_url",
 ]
 
@@ -624,52 +621,58 @@ def parse_nix_url(url: ServiceURL) -> NixCacheSettings:
     return NixCacheSettings(cache, keys, require in ("true", "1"))
 
 
-def build(
-    settings: NixCacheSettings, blob_service: BlobService, directory_service: DirectoryService
-) -> NixHTTPPathInfoService:
-    """The service ``settings`` describe, ingesting into the given services."""
-    return NixHTTPPathInfoService(
-        BinaryCache(settings.cache_url),
-        blob_service,
-        directory_service,
-        trusted_keys=settings.trusted_keys,
-        require_sigs=settings.require_sigs,
-    )
+@dataclass(frozen=True)
+class NixCacheConfig(ServiceConfig):
+    """``nix+https://host/path?trusted-public-keys=...&require-sigs=...`` (type ``nix``).
 
-
-def from_url(url: ServiceURL) -> PathInfoService:
-    """Refuses, with the reason: the service needs blob and directory services to ingest into.
-
-    The URL is checked first, so a malformed one is reported as such.
+    In a table: ``url`` (``https://...``, ``http://...``, ``file:///...``, or
+    a ``nix+...`` URL with its options), ``trusted_public_keys``
+    (space-separated, as in nix.conf, added to the URL's), ``require_sigs``
+    (default true), and ``blob_service`` / ``directory_service``: the names
+    of the services NARs are ingested into (default ``default``). Building
+    needs those, so it takes a composition.
     """
-    parse_nix_url(url)
-    raise InvalidURLError(
-        f"{url.scheme}:// PathInfo services ingest NARs into blob and directory services, "
-        'so they are built by a composition (type "nix", or a URL given together with the '
-        "blob and directory service URLs), not alone"
-    )
 
+    url: str = setting("str")
+    trusted_public_keys: str = setting("str", "")
+    require_sigs: bool | None = setting("bool", None)
+    blob_service: str = setting("str", "default")
+    directory_service: str = setting("str", "default")
 
-def build_from_composition(ctx: BuildContext, settings: dict[str, Any]) -> PathInfoService:
-    """The ``nix`` composition type: a binary cache read through into the composition's castore.
+    @classmethod
+    def from_url(cls, url: ServiceURL) -> Self:
+        """Checks the URL (see :func:`parse_nix_url`)."""
+        parse_nix_url(url)
+        return cls(url.raw)
 
-    Settings: ``url`` (``https://...``, ``http://...``, ``file:///...``, or a
-    ``nix+...`` URL with its options), ``trusted_public_keys`` (space-separated,
-    as in nix.conf), ``require_sigs`` (default true), ``blob_service`` and
-    ``directory_service`` (names in the composition, default ``default``).
-    """
-    url: str = settings["url"]
-    if url.startswith("nix+"):
-        parsed = parse_nix_url(ServiceURL.parse(url))
-        keys = dict(parsed.trusted_keys)
-        require = parsed.require_sigs
-        cache = parsed.cache_url
-    else:
-        BinaryCache(url)  # checks the URL
-        cache, keys, require = url, {}, True
-    where = f"{ctx.kind}.{ctx.name}"
-    keys.update(_parse_keys(settings.get("trusted_public_keys", ""), where))
-    require = settings.get("require_sigs", require)
-    blobs = ctx.blob_service(settings.get("blob_service", "default"))
-    dirs = ctx.directory_service(settings.get("directory_service", "default"))
-    return build(NixCacheSettings(cache, keys, require), blobs, dirs)
+    def cache_settings(self, where: str) -> NixCacheSettings:
+        """The cache, its trusted keys and whether signatures are required."""
+        if self.url.startswith("nix+"):
+            parsed = parse_nix_url(ServiceURL.parse(self.url))
+            keys = dict(parsed.trusted_keys)
+            require = parsed.require_sigs
+            cache = parsed.cache_url
+        else:
+            BinaryCache(self.url)  # checks the URL
+            cache, keys, require = self.url, {}, True
+        keys.update(_parse_keys(self.trusted_public_keys, where))
+        if self.require_sigs is not None:
+            require = self.require_sigs
+        return NixCacheSettings(cache, keys, require)
+
+    def build(self, ctx: BuildContext) -> NixHTTPPathInfoService:
+        """Reads through into the composition's blob and directory services."""
+        if ctx.composition is None:
+            raise InvalidURLError(
+                f"{self.url.partition(':')[0]}:// PathInfo services ingest NARs into blob and "
+                'directory services, so they are built by a composition (type "nix", or a URL '
+                "given together with the blob and directory service URLs), not alone"
+            )
+        settings = self.cache_settings(f"{ctx.kind}.{ctx.name}")
+        return NixHTTPPathInfoService(
+            BinaryCache(settings.cache_url),
+            ctx.blob_service(self.blob_service),
+            ctx.directory_service(self.directory_service),
+            trusted_keys=settings.trusted_keys,
+            require_sigs=settings.require_sigs,
+        )

@@ -18,19 +18,20 @@ iteration ends (or the iterator is closed).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from tvix._proto import store_pb2
-from tvix.castore.directoryservice.postgres import PostgresDatabase
+from tvix.castore.composition import BuildContext
+from tvix.castore.directoryservice.postgres import PostgresConfig, PostgresDatabase
 from tvix.castore.errors import StorageError
-from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
 
-__all__ = ["PostgresPathInfoService"]
+__all__ = ["PostgresPathInfoService", "PostgresPathInfoServiceConfig"]
 
 MIGRATIONS = [
     """
@@ -61,11 +62,6 @@ class PostgresPathInfoService(PathInfoService):
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> PostgresPathInfoService:
-        """``postgresql://user@host:port/db?schema=...``; connects on first use."""
-        return cls(PostgresDatabase.from_url(url, "store.pathinfos", MIGRATIONS))
-
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         async with self._db.connection() as conn:
@@ -92,3 +88,12 @@ class PostgresPathInfoService(PathInfoService):
 
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class PostgresPathInfoServiceConfig(PostgresConfig):
+    """PathInfos in PostgreSQL (see :class:`PostgresConfig`)."""
+
+    def build(self, ctx: BuildContext) -> PostgresPathInfoService:
+        """Connects on first use."""
+        return PostgresPathInfoService(self.database("store.pathinfos", MIGRATIONS))

@@ -2,27 +2,23 @@
 
 Composition only (it refers to other services, so it has no URL): name it
 ``type = "race"`` with ``sources = ["a", "b", ...]`` in a composition file,
-or build it directly. :func:`build_race` is the composition builder of
-``type = "race"`` for all three kinds.
+or build it directly. Each kind has its race combinator and config.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import RaceBlobService, first_answer
-from tvix.castore.directoryservice.race import RaceDirectoryService
-from tvix.castore.errors import CastoreError, IntegrityError, ValidationError
+from tvix.castore.blobservice.race import RaceConfig, first_answer
+from tvix.castore.composition import BuildContext
+from tvix.castore.errors import CastoreError, IntegrityError
 from tvix.store.errors import StoreError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-if TYPE_CHECKING:
-    from tvix.store.composition import BuildContext, Service
-
-__all__ = ["Check", "RacePathInfoService", "build_race"]
+__all__ = ["Check", "RacePathInfoService", "RacePathInfoServiceConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +111,10 @@ class RacePathInfoService(PathInfoService):
                 yield info
 
 
-def build_race(ctx: BuildContext, settings: dict[str, Any]) -> Service:
-    """The composition builder of ``type = "race"`` (``sources``: names of the same kind)."""
-    sources = settings["sources"]
-    if not sources:
-        raise ValidationError("'sources' must name at least one service")
-    if ctx.kind == "blobservices":
-        return RaceBlobService(sources)
-    if ctx.kind == "directoryservices":
-        return RaceDirectoryService(sources)
-    return RacePathInfoService(sources)
+@dataclass(frozen=True)
+class RacePathInfoServiceConfig(RaceConfig):
+    """A :class:`RacePathInfoService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RacePathInfoService:
+        """The sources come from the composition."""
+        return RacePathInfoService(self.source_services(ctx))

@@ -7,12 +7,15 @@ Composition only (it wraps another service and reads a key file): name it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
+from tvix.castore.errors import ValidationError
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
-__all__ = ["SigningPathInfoService"]
+__all__ = ["SigningPathInfoService", "SigningPathInfoServiceConfig"]
 
 
 class SigningPathInfoService(PathInfoService):
@@ -47,3 +50,20 @@ class SigningPathInfoService(PathInfoService):
 
     def list(self) -> AsyncIterator[PathInfo]:
         return self.inner.list()
+
+
+@dataclass(frozen=True)
+class SigningPathInfoServiceConfig(ServiceConfig):
+    """Type ``signing``: ``inner`` (a name) and ``key_file`` (a Nix secret key file)."""
+
+    inner: str = setting("ref")
+    key_file: str = setting("path")
+
+    def build(self, ctx: BuildContext) -> SigningPathInfoService:
+        """Reads the key file; ``inner`` comes from the composition."""
+        try:
+            key = SigningKey.from_file(self.key_file)
+        except (OSError, ValueError) as e:
+            # ValueError: nixcompat's InvalidKeyError; its message does not name the file.
+            raise ValidationError(f"cannot use key_file {self.key_file}: {e}") from None
+        return SigningPathInfoService(ctx.service(self.inner), key)

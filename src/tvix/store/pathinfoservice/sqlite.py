@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from tvix._proto import store_pb2
-from tvix.castore.directoryservice.sqlite import SQLiteDatabase
+from tvix.castore.composition import BuildContext
+from tvix.castore.directoryservice.sqlite import SQLiteConfig, SQLiteDatabase
 from tvix.castore.errors import StorageError
-from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
 
-__all__ = ["SQLitePathInfoService"]
+__all__ = ["SQLitePathInfoService", "SQLitePathInfoServiceConfig"]
 
 _MIGRATIONS = [
     """
@@ -52,11 +53,6 @@ class SQLitePathInfoService(PathInfoService):
 
     def __init__(self, path: str) -> None:
         self._db = SQLiteDatabase(path, "pathinfos", _MIGRATIONS)
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> SQLitePathInfoService:
-        """``sqlite:///abs/path.sqlite`` (created if absent), or ``sqlite://`` for in-memory."""
-        return cls(SQLiteDatabase.path_from_url(url))
 
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
@@ -106,3 +102,12 @@ class SQLitePathInfoService(PathInfoService):
 
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class SQLitePathInfoServiceConfig(SQLiteConfig):
+    """PathInfos in an SQLite file (see :class:`SQLiteConfig`)."""
+
+    def build(self, ctx: BuildContext) -> SQLitePathInfoService:
+        """Opens the file on first use."""
+        return SQLitePathInfoService(self.database_path())

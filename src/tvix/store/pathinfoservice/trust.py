@@ -4,16 +4,17 @@ Blobs and Directories verify themselves (they are addressed by their
 digest); a PathInfo does not, so one from an untrusted source is only as
 good as its signatures. Composition: ``type = "trusted"`` with ``inner``,
 ``trusted_public_keys`` and optionally ``verify_nar`` (see
-:func:`build_trusted`), or build it directly.
+:class:`TrustedPathInfoServiceConfig`), or build it directly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from tvix.castore.blobservice.base import BlobService
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import IntegrityError, ValidationError
 from tvix.nixcompat import nixbase32
@@ -25,10 +26,7 @@ from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.pathinfoservice.race import RacePathInfoService
 
-if TYPE_CHECKING:
-    from tvix.store.composition import BuildContext, Service
-
-__all__ = ["TrustedPathInfoService", "UntrustedPathInfoError", "build_trusted"]
+__all__ = ["TrustedPathInfoService", "TrustedPathInfoServiceConfig", "UntrustedPathInfoError"]
 
 log = logging.getLogger(__name__)
 
@@ -140,27 +138,36 @@ class TrustedPathInfoService(PathInfoService):
             yield info
 
 
-def build_trusted(ctx: BuildContext, settings: dict[str, Any]) -> Service:
-    """The composition builder of ``type = "trusted"`` (pathinfoservices).
+@dataclass(frozen=True)
+class TrustedPathInfoServiceConfig(ServiceConfig):
+    """Type ``trusted``: ``inner`` (a name), ``trusted_public_keys``, ``verify_nar``.
 
-    Settings: ``inner`` (a name), ``trusted_public_keys`` (Nix's format:
-    space-separated ``name:base64``, at least one), ``verify_nar`` (optional,
-    default false; the NAR is rendered from the composition's default blob
-    and directory services).
+    ``trusted_public_keys`` is Nix's format (space-separated ``name:base64``,
+    at least one); ``verify_nar`` (default false) renders each NAR from the
+    composition's default blob and directory services.
     """
-    try:
-        keys = parse_public_keys(settings["trusted_public_keys"])
-    except InvalidKeyError as e:
-        raise ValidationError(f"trusted_public_keys: {e}") from None
-    if not keys:
-        raise ValidationError("trusted_public_keys names no key: every PathInfo would be refused")
-    verify_nar = bool(settings.get("verify_nar", False))
-    if verify_nar:
-        return TrustedPathInfoService(
-            settings["inner"],
-            keys.values(),
-            verify_nar=True,
-            blob_service=ctx.blob_service(),
-            directory_service=ctx.directory_service(),
-        )
-    return TrustedPathInfoService(settings["inner"], keys.values())
+
+    inner: str = setting("ref")
+    trusted_public_keys: str = setting("str")
+    verify_nar: bool = setting("bool", False)
+
+    def build(self, ctx: BuildContext) -> TrustedPathInfoService:
+        """``inner`` (and, with ``verify_nar``, the castore) come from the composition."""
+        try:
+            keys = parse_public_keys(self.trusted_public_keys)
+        except InvalidKeyError as e:
+            raise ValidationError(f"trusted_public_keys: {e}") from None
+        if not keys:
+            raise ValidationError(
+                "trusted_public_keys names no key: every PathInfo would be refused"
+            )
+        inner = ctx.service(self.inner)
+        if self.verify_nar:
+            return TrustedPathInfoService(
+                inner,
+                keys.values(),
+                verify_nar=True,
+                blob_service=ctx.blob_service(),
+                directory_service=ctx.directory_service(),
+            )
+        return TrustedPathInfoService(inner, keys.values())
