@@ -24,12 +24,12 @@ from tvix.store.copy import (
     StoreSource,
     copy_closure,
     leaves_first,
-    parse_reference_graph,
 )
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.nix_http import UntrustedPathError
+from tvix.store.reference_graph import parse_reference_graph
 from tvix.store.resolve import NotFoundError
 
 pytestmark = pytest.mark.nix

@@ -46,10 +46,9 @@ from tvix.store.copy import (
     PathSource,
     StoreSource,
     copy_closure,
-    import_reference_graph,
-    parse_reference_graph,
 )
 from tvix.store.pathinfo import PathInfo
+from tvix.store.reference_graph import import_reference_graph, parse_reference_graph
 from tvix.store.resolve import parse_path
 
 __all__ = ["add_arguments", "cmd_copy"]

@@ -57,6 +57,7 @@ from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.nodes import DirectoryNode, Node
 from tvix.nixcompat.storepath import StorePath
+from tvix.store.concurrency import gather_all
 from tvix.store.errors import StoreError
 from tvix.store.nar.render import load_closure
 from tvix.store.pathinfo import PathInfo
@@ -71,7 +72,6 @@ from tvix.store.tree_writer import (
     ExtractStats,
     TreePlan,
     TreeWriter,
-    gather_all,
 )
 
 __all__ = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -23,6 +23,7 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import FileNode, Node, SymlinkNode
+from tvix.store.concurrency import gather_all
 
 __all__ = [
     "DIRECTORY_MODE",
@@ -33,7 +34,6 @@ __all__ = [
     "ExtractStats",
     "TreePlan",
     "TreeWriter",
-    "gather_all",
 ]
 
 FILE_MODE = 0o444
@@ -338,15 +338,3 @@ class TreeWriter:
 
 def _open_new(top: int, path: bytes, mode: int) -> int:
     return os.open(path, _NEW_FILE, mode, dir_fd=top)
-
-
-async def gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """Like ``asyncio.gather``, but the first failure cancels (and awaits) the rest."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
