@@ -15,11 +15,11 @@ from tvix.castore import blobservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.cache import CacheBlobService, CacheConfig
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix.castore.blobservice.race import RaceConfig
 from tvix.castore.composition import EmptyConfig, Registry, ServiceConfig
 from tvix.castore.directoryservice import MemoryDirectoryService, SQLiteDirectoryService
 from tvix.castore.directoryservice.cache import CacheDirectoryService
 from tvix.castore.errors import ValidationError
+from tvix.castore.race import RaceConfig
 from tvix.castore.testing.fixtures import BLOB_B, BLOB_B_DIGEST, DIRECTORY_WITH_KEEP
 from tvix.nixcompat.signing import SigningKey
 from tvix.store import pathinfoservice

@@ -4,35 +4,31 @@ Composition only (it refers to other services, so it has no URL): name it
 ``type = "race"`` with ``sources = ["a", "b", ...]`` in a composition file,
 or build it directly.
 
-:func:`first_answer` is the racing loop shared by the race combinators of
-all three kinds (see :mod:`tvix.castore.directoryservice.race` and
-:mod:`tvix.store.pathinfoservice.race`).
+The racing loop itself, shared by the race combinators of all three kinds,
+is :func:`tvix.castore.race.first_answer`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import blake3
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
-from tvix.castore.composition import BuildContext, ServiceConfig, setting
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
-from tvix.castore.errors import CastoreError, IntegrityError, StorageError, ValidationError
+from tvix.castore.errors import CastoreError, IntegrityError
+from tvix.castore.race import RaceConfig, first_answer, source_name
 
 __all__ = [
     "EAGER_SIZE",
     "RaceBlobService",
     "RaceBlobServiceConfig",
-    "RaceConfig",
-    "first_answer",
-    "source_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,92 +42,6 @@ T = TypeVar("T")
 # source to deliver this many bytes, verified as they stream (see _RaceReader).
 EAGER_SIZE = 1 << 20
 _BLOCK = 1 << 20
-
-
-def source_name(service: object, index: int) -> str:
-    """How logs and errors name source ``index``: its address when it has one."""
-    address = getattr(service, "address", None)
-    return f"source {index} ({address or type(service).__name__})"
-
-
-async def first_answer(
-    sources: Sequence[S],
-    ask: Callable[[S], Awaitable[T | None]],
-    what: str,
-    *,
-    discard: Callable[[T], Awaitable[None]] | None = None,
-) -> tuple[int, T] | None:
-    """Ask every source at once; the index and answer of the first that is not ``None``.
-
-    ``ask`` verifies what a source returns and raises when it does not hold
-    up. The other sources' calls are cancelled as soon as one answer wins
-    (and awaited, so nothing outlives the call); answers that arrive
-    together with the winner are passed to ``discard`` (e.g. to close a
-    reader). A source whose call raises (unavailable, wrong data) is logged
-    as a warning naming it, and skipped. Returns ``None`` only when every
-    source answered ``None``. When no source answered and some failed, raises
-    the failure: of its own type if all failures share one, else
-    :class:`StorageError` listing them.
-    """
-    tasks = [asyncio.ensure_future(ask(s)) for s in sources]
-    index: dict[asyncio.Future[T | None], int] = {t: i for i, t in enumerate(tasks)}
-    failures: list[tuple[int, Exception]] = []
-    winner: tuple[int, T] | None = None
-    try:
-        pending: set[asyncio.Future[T | None]] = set(tasks)
-        while pending and winner is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # In source order, so ties go to the earlier source (deterministic).
-            for task in sorted(done, key=index.__getitem__):
-                i = index[task]
-                # A call cancelled by someone else than us counts as a failing source.
-                exc = (
-                    StorageError("the call was cancelled") if task.cancelled() else task.exception()
-                )
-                if exc is not None and not isinstance(exc, Exception):
-                    raise exc  # KeyboardInterrupt and the like are not a source's failure
-                if exc is not None:
-                    name = source_name(sources[i], i)
-                    log.warning("race: %s: %s failed, skipping it: %s", what, name, exc)
-                    failures.append((i, exc))
-                    continue
-                answer = task.result()
-                if answer is None:
-                    continue
-                if winner is None:
-                    winner = (i, answer)
-                elif discard is not None:
-                    await discard(answer)
-    finally:
-        losers = [t for t in tasks if not t.done()]
-        for t in losers:
-            t.cancel()
-        if losers:
-            # Let the cancellations land (a remote call ends, a reader closes) before
-            # returning; their outcome no longer matters.
-            await asyncio.wait(losers)
-        for t in tasks:
-            if t.done() and not t.cancelled():
-                t.exception()  # retrieved: a loser's failure is not "never retrieved"
-    if winner is not None:
-        return winner
-    if failures:
-        raise _combined(what, sources, failures)
-    return None
-
-
-def _combined(
-    what: str, sources: Sequence[object], failures: list[tuple[int, Exception]]
-) -> Exception:
-    detail = "; ".join(f"{source_name(sources[i], i)}: {e}" for i, e in failures)
-    message = f"{what}: no source had it and {len(failures)} of {len(sources)} failed: {detail}"
-    kinds = {type(e) for _, e in failures}
-    if len(kinds) == 1:
-        try:
-            return kinds.pop()(message)
-        except TypeError:  # an exception type with another constructor
-            pass
-    return StorageError(message)
 
 
 @dataclass
@@ -396,22 +306,6 @@ class _RaceReader(BlobReader):
             await self._reader.close()
             self._reader = None
         self._head = b""
-
-
-@dataclass(frozen=True)
-class RaceConfig(ServiceConfig):
-    """Type ``race``: ``sources``, names of services of the same kind, asked at once.
-
-    The base of the race combinators' configs, one per kind.
-    """
-
-    sources: list[str] = setting("refs")
-
-    def source_services(self, ctx: BuildContext) -> list[Any]:
-        """The sources, built; raises if there is none."""
-        if not self.sources:
-            raise ValidationError("'sources' must name at least one service")
-        return [ctx.service(name) for name in self.sources]
 
 
 @dataclass(frozen=True)

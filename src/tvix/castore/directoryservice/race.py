@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import RaceConfig, first_answer
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.cache import verified_closure
 from tvix.castore.errors import IntegrityError
+from tvix.castore.race import RaceConfig, first_answer
 
 __all__ = ["RaceDirectoryService", "RaceDirectoryServiceConfig"]
 

@@ -11,9 +11,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import RaceConfig, first_answer
 from tvix.castore.composition import BuildContext
 from tvix.castore.errors import CastoreError, IntegrityError
+from tvix.castore.race import RaceConfig, first_answer
 from tvix.store.errors import StoreError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
