@@ -151,6 +151,11 @@ async def test_invalid_closures(channel: grpc.aio.Channel) -> None:
     code, details = await put(unsorted)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not sorted" in details
+    # An empty file whose digest is another blob's would render as empty and cat as that blob.
+    empty_but_not = pb.Directory(files=[pb.FileNode(name=b"e", digest=BLOB_A_DIGEST, size=0)])
+    code, details = await put(empty_but_not)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "size 0 contradicts its digest" in details
     # Nothing of a rejected stream is stored, not even its valid leaves.
     code, _ = await put(msg(DIRECTORY_WITH_KEEP), msg(DIRECTORY_A))  # disconnected
     assert code == grpc.StatusCode.INVALID_ARGUMENT

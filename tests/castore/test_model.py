@@ -27,9 +27,12 @@ from tvix.castore.testing.fixtures import (
     DIRECTORY_COMPLICATED,
     DIRECTORY_WITH_KEEP,
     EMPTY_BLOB_DIGEST,
+    b3,
 )
 
 D = EMPTY_BLOB_DIGEST
+# For files with contents: only the empty blob has the empty blob's digest.
+F = b3(b"contents")
 
 
 def test_known_digests() -> None:
@@ -54,14 +57,14 @@ def test_encoding_matches_protobuf_deterministic(directory: Directory) -> None:
 def test_encoding_of_large_values() -> None:
     d = Directory(
         directories=[DirectoryNode(b"d", D, 2**40)],
-        files=[FileNode(b"f", D, 2**64 - 1, True), FileNode(b"g", D, 300)],
+        files=[FileNode(b"f", F, 2**64 - 1, True), FileNode(b"g", F, 300)],
         symlinks=[SymlinkNode(b"s" * 200, b"t" * 1000)],
     )
     m = pb.Directory(
         directories=[pb.DirectoryNode(name=b"d", digest=D, size=2**40)],
         files=[
-            pb.FileNode(name=b"f", digest=D, size=2**64 - 1, executable=True),
-            pb.FileNode(name=b"g", digest=D, size=300),
+            pb.FileNode(name=b"f", digest=F, size=2**64 - 1, executable=True),
+            pb.FileNode(name=b"g", digest=F, size=300),
         ],
         symlinks=[pb.SymlinkNode(name=b"s" * 200, target=b"t" * 1000)],
     )
@@ -86,7 +89,9 @@ def test_size_counts_all_entries_below() -> None:
         (lambda: FileNode(b"a", b"\0" * 31, 0), "digest length: 31"),
         (lambda: DirectoryNode(b"a", b"\0" * 33, 0), "digest length: 33"),
         (lambda: FileNode(b"a", D, -1), "uint64"),
-        (lambda: FileNode(b"a", D, 2**64), "uint64"),
+        (lambda: FileNode(b"a", F, 2**64), "uint64"),
+        (lambda: FileNode(b"a", F, 0), "size 0 contradicts its digest"),
+        (lambda: FileNode(b"a", D, 1), "size 1 contradicts its digest"),
         (lambda: SymlinkNode(b"a", b""), "empty target"),
         (lambda: SymlinkNode(b"a", b"x\0y"), "NUL"),
         (
@@ -164,7 +169,7 @@ def test_invalid_wire_directory_rejected() -> None:
 
 @pytest.mark.parametrize(
     "node",
-    [FileNode(b"f", D, 3, True), DirectoryNode(b"d", D, 7), SymlinkNode(b"s", b"\xfftarget")],
+    [FileNode(b"f", F, 3, True), DirectoryNode(b"d", D, 7), SymlinkNode(b"s", b"\xfftarget")],
 )
 def test_node_round_trip(node: FileNode | DirectoryNode | SymlinkNode) -> None:
     assert node_from_proto(node_to_proto(node)) == node

@@ -7,7 +7,7 @@ from typing import Self
 
 from tvix.castore.errors import ValidationError
 
-__all__ = ["B3_LEN", "B3Digest"]
+__all__ = ["B3_LEN", "EMPTY_BLOB_DIGEST", "B3Digest"]
 
 B3_LEN = 32
 
@@ -53,3 +53,9 @@ class B3Digest(bytes):
 
     def __repr__(self) -> str:
         return f"B3Digest({self.hex()!r})"
+
+
+EMPTY_BLOB_DIGEST = B3Digest(
+    bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
+)
+"""The digest of the empty blob (blake3 of no bytes): the only one a file of size 0 has."""
