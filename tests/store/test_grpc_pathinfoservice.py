@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tvix._proto import store_pb2
+from tvix._proto import castore_pb2, store_pb2
 from tvix.castore.blobservice import MemoryBlobService, write_all
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
 from tvix.castore.ingest import ingest_path
-from tvix.castore.testing.fixtures import BLOB_A, DIRECTORY_WITH_KEEP
+from tvix.castore.nodes import DirectoryNode, FileNode
+from tvix.castore.proto import node_to_proto
+from tvix.castore.testing.fixtures import BLOB_A, DIRECTORY_WITH_KEEP, b3
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.nar import calculate_nar
@@ -155,3 +158,42 @@ async def test_reflection_alone(server: tuple[GRPCServer, Backends]) -> None:
         "tvix.castore.v1.DirectoryService": ["Get", "Put"],
         "tvix.store.v1.PathInfoService": ["CalculateNAR", "Get", "List", "Put"],
     }
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+async def test_root_size_contradicting_stored_data_refused(
+    server: tuple[GRPCServer, Backends], kind: str
+) -> None:
+    """A root node whose size differs from its stored Directory's or blob's could never render."""
+    srv, b = server
+    client = from_url(srv.url)
+    good = path_info(4, kind)
+    node = good.node
+    assert isinstance(node, FileNode | DirectoryNode)
+    lying = dataclasses.replace(good, node=dataclasses.replace(node, size=node.size + 1))
+    with pytest.raises(InvalidPathInfoError, match=r"gives size \d+ for (blob|Directory)"):
+        await client.put(lying)
+    assert await b.infos.get(good.store_path.digest) is None
+    assert await client.put(good) == good
+    await client.close()
+
+
+async def test_calculate_nar_of_absent_root_is_not_found(
+    server: tuple[GRPCServer, Backends],
+) -> None:
+    srv, _b = server
+    absent = b3(b"not stored")
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        calculate = channel.unary_unary(
+            "/tvix.store.v1.PathInfoService/CalculateNAR",
+            request_serializer=castore_pb2.Node.SerializeToString,
+            response_deserializer=store_pb2.CalculateNARResponse.FromString,
+        )
+        for node in (
+            DirectoryNode(b"d", absent, 3),
+            FileNode(b"f", absent, 12),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await calculate(node_to_proto(node))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+            assert absent.hex() in (e.value.details() or "")

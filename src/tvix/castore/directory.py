@@ -157,6 +157,10 @@ class Directory:
             object.__setattr__(self, "_digest", digest)
         return digest
 
+    def accepts_size(self, size: int) -> bool:
+        """Whether a DirectoryNode pointing here may give ``size`` as its size."""
+        return size == self.size
+
     def nodes(self) -> Iterator[Node]:
         """Every entry, directories, files and symlinks merged in name order."""
         return merge(self.directories, self.files, self.symlinks, key=_by_name)

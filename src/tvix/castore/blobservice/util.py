@@ -6,7 +6,7 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError
 
-__all__ = ["copy_blob", "read_all", "write_all"]
+__all__ = ["blob_size_matches", "copy_blob", "read_all", "write_all"]
 
 COPY_BLOCK = 1 << 20
 
@@ -46,3 +46,24 @@ async def copy_blob(src: BlobService, dst: BlobService, digest: B3Digest) -> boo
     if got != digest:
         raise IntegrityError(f"blob {digest.hex()}: source returned bytes hashing to {got.hex()}")
     return True
+
+
+async def blob_size_matches(service: BlobService, digest: B3Digest, size: int) -> bool | None:
+    """Whether blob ``digest`` has ``size`` bytes; ``None`` when it is not stored.
+
+    A blob stored in chunks answers from its chunk list; otherwise its bytes
+    are counted, reading at most ``size + 1`` of them.
+    """
+    chunks = await service.chunks(digest)
+    if chunks is None:
+        return None
+    if chunks:
+        return sum(c.size for c in chunks) == size
+    reader = await service.open_read(digest)
+    if reader is None:
+        return None
+    got = 0
+    async with reader:
+        while got <= size and (part := await reader.read(min(COPY_BLOCK, size + 1 - got))):
+            got += len(part)
+    return got == size
