@@ -4,6 +4,7 @@ aborted uploads, and clients facing a server that lies."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,6 +53,8 @@ from tvix.castore.testing.fixtures import (
     b3,
     big_blob,
 )
+from tvix.store.grpc import GRPCPathInfoServiceWrapper
+from tvix.store.pathinfoservice import MemoryPathInfoService
 
 Context = Any
 
@@ -670,3 +673,43 @@ async def test_wrong_put_root_is_caught(scripted: Any) -> None:
     servicer.put_root = DIRECTORY_B.digest
     with pytest.raises(IntegrityError, match="answered root"):
         await client.put(DIRECTORY_A)
+
+
+# Every method whose request is one message (not a stream), for each service.
+UNARY_METHODS = [
+    "/tvix.castore.v1.BlobService/Stat",
+    "/tvix.castore.v1.BlobService/Read",
+    "/tvix.castore.v1.DirectoryService/Get",
+    "/tvix.store.v1.PathInfoService/Get",
+    "/tvix.store.v1.PathInfoService/Put",
+    "/tvix.store.v1.PathInfoService/CalculateNAR",
+    "/tvix.store.v1.PathInfoService/List",
+]
+
+
+@pytest.mark.parametrize("method", UNARY_METHODS)
+async def test_undecodable_request_is_invalid_argument(
+    tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not the request message: INVALID_ARGUMENT and one log line, no traceback."""
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    servicers = [
+        *castore_servicers(blobs, dirs),
+        GRPCPathInfoServiceWrapper(MemoryPathInfoService(), blobs, dirs),
+    ]
+    async with (
+        running_server(unix_listen(tmp_path), servicers) as srv,
+        grpc.aio.insecure_channel(srv.address) as ch,
+    ):
+        # A field 1 of wire type 2 whose length runs past the end.
+        garbage = b"\x0a\xff\xff\x03abc"
+        if method.endswith(("Read", "DirectoryService/Get", "List")):
+            call: Any = ch.unary_stream(method)(garbage)
+        else:
+            call = ch.unary_unary(method)(garbage)
+        with caplog.at_level(logging.WARNING):
+            code, details = await _code_of(call)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "request is not a valid tvix." in details
+    assert not [r for r in caplog.records if r.exc_info], "no traceback in the log"
+    assert len([r for r in caplog.records if "undecodable" in r.getMessage()]) == 1

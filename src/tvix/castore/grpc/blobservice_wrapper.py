@@ -12,6 +12,7 @@ from tvix.castore.errors import ValidationError
 from tvix.castore.grpc._stream import ensure_stream_completed
 from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk_parts, identity
 from tvix.castore.grpc.errors import digest_of, translate_errors
+from tvix.castore.grpc.handlers import unary_stream, unary_unary
 from tvix.castore.proto import pb
 
 __all__ = ["READ_MESSAGE_SIZE", "GRPCBlobServiceWrapper"]
@@ -54,16 +55,16 @@ class GRPCBlobServiceWrapper:
         return grpc.method_handlers_generic_handler(
             self.service_name,
             {
-                "Stat": grpc.unary_unary_rpc_method_handler(
+                "Stat": unary_unary(
                     self.Stat,
-                    request_deserializer=pb.StatBlobRequest.FromString,
-                    response_serializer=pb.StatBlobResponse.SerializeToString,
+                    pb.StatBlobRequest,
+                    pb.StatBlobResponse.SerializeToString,
                 ),
-                "Read": grpc.unary_stream_rpc_method_handler(
+                "Read": unary_stream(
                     self.Read,
-                    request_deserializer=pb.ReadBlobRequest.FromString,
+                    pb.ReadBlobRequest,
                     # Read yields encoded messages, built in one join.
-                    response_serializer=identity,
+                    identity,
                 ),
                 "Put": grpc.stream_unary_rpc_method_handler(
                     self.Put,

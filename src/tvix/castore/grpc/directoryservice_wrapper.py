@@ -11,6 +11,7 @@ from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.grpc._stream import ensure_stream_completed
 from tvix.castore.grpc._wire import identity
 from tvix.castore.grpc.errors import digest_of, translate_errors
+from tvix.castore.grpc.handlers import unary_stream
 from tvix.castore.proto import directory_from_bytes, pb
 
 __all__ = ["GRPCDirectoryServiceWrapper"]
@@ -42,10 +43,10 @@ class GRPCDirectoryServiceWrapper:
         return grpc.method_handlers_generic_handler(
             self.service_name,
             {
-                "Get": grpc.unary_stream_rpc_method_handler(
+                "Get": unary_stream(
                     self.Get,
-                    request_deserializer=pb.GetDirectoryRequest.FromString,
-                    response_serializer=identity,
+                    pb.GetDirectoryRequest,
+                    identity,
                 ),
                 "Put": grpc.stream_unary_rpc_method_handler(
                     self.Put,

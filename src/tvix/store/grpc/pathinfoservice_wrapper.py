@@ -13,6 +13,7 @@ from tvix.castore.blobservice.util import blob_size_matches
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.errors import translate_errors
+from tvix.castore.grpc.handlers import unary_stream, unary_unary
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.castore.proto import node_from_proto
 from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
@@ -60,25 +61,25 @@ class GRPCPathInfoServiceWrapper:
         return grpc.method_handlers_generic_handler(
             self.service_name,
             {
-                "Get": grpc.unary_unary_rpc_method_handler(
+                "Get": unary_unary(
                     self.Get,
-                    request_deserializer=store_pb2.GetPathInfoRequest.FromString,
-                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                    store_pb2.GetPathInfoRequest,
+                    store_pb2.PathInfo.SerializeToString,
                 ),
-                "Put": grpc.unary_unary_rpc_method_handler(
+                "Put": unary_unary(
                     self.Put,
-                    request_deserializer=store_pb2.PathInfo.FromString,
-                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                    store_pb2.PathInfo,
+                    store_pb2.PathInfo.SerializeToString,
                 ),
-                "CalculateNAR": grpc.unary_unary_rpc_method_handler(
+                "CalculateNAR": unary_unary(
                     self.CalculateNAR,
-                    request_deserializer=castore_pb2.Node.FromString,
-                    response_serializer=store_pb2.CalculateNARResponse.SerializeToString,
+                    castore_pb2.Node,
+                    store_pb2.CalculateNARResponse.SerializeToString,
                 ),
-                "List": grpc.unary_stream_rpc_method_handler(
+                "List": unary_stream(
                     self.List,
-                    request_deserializer=store_pb2.ListPathInfoRequest.FromString,
-                    response_serializer=store_pb2.PathInfo.SerializeToString,
+                    store_pb2.ListPathInfoRequest,
+                    store_pb2.PathInfo.SerializeToString,
                 ),
             },
         )
