@@ -27,6 +27,7 @@ import grpc
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.graph import ClosureError, DirectoryGraph, Order
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.grpc._wire import identity
 from tvix.castore.grpc.channel import LazyChannel, channel_target
@@ -119,56 +120,32 @@ class GRPCDirectoryService(DirectoryService):
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         what = f"recursive Get of Directory {root.hex()}"
-        # Referred to by a Directory received, not yet received: digest -> size.
-        expected: dict[B3Digest, int] = {}
-        received: dict[B3Digest, int] = {}
+        graph = DirectoryGraph(Order.ROOT_TO_LEAVES, root)
         call = self._stubs().get(pb.GetDirectoryRequest(digest=root, recursive=True))
         try:
             async for raw in call:
                 directory = self._decode(raw, what)
-                digest = directory.digest
-                if not received:
-                    if digest != root:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()} first"
-                        )
-                else:
-                    size = expected.pop(digest, None)
-                    if size is None:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()}, which no "
-                            "Directory received before refers to"
-                            + (" (a second time)" if digest in received else "")
-                        )
-                    if size != directory.size:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()} of size "
-                            f"{directory.size}, referred to with size {size}"
-                        )
-                for child in directory.directories:
-                    known = received.get(child.digest, expected.get(child.digest))
-                    if known is not None and known != child.size:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directories that disagree on the "
-                            f"size of {child.digest.hex()} ({known} and {child.size})"
-                        )
-                    if child.digest not in received:
-                        expected[child.digest] = child.size
-                received[digest] = directory.size
+                try:
+                    graph.add(directory)
+                except ClosureError as e:
+                    raise IntegrityError(f"{what}: {self.address} {_sent_wrongly(e)}") from None
                 yield directory
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND and not received:
+            if e.code() == grpc.StatusCode.NOT_FOUND and not len(graph):
                 return
             self._fail(e, what)
         finally:
             # Also reached when the consumer stops early: end the call then.
             call.cancel()
-        if expected:
-            missing = next(iter(expected))
+        if not len(graph):
+            return
+        try:
+            graph.validate()
+        except ClosureError as e:
             raise IntegrityError(
-                f"{what}: {self.address} ended the stream without {len(expected)} "
-                f"Directories below the root, e.g. {missing.hex()}"
-            )
+                f"{what}: {self.address} ended the stream without {e.count} "
+                f"Directories below the root, e.g. {e.digest.hex() if e.digest else '?'}"
+            ) from None
 
     def put_multiple_start(self) -> DirectoryPutter:
         return _GRPCDirectoryPutter(self)
@@ -244,6 +221,25 @@ class _GRPCDirectoryPutter(DirectoryPutter):
             self._aborted = True
             if self._call is not None:
                 self._call.cancel()
+
+
+def _sent_wrongly(e: ClosureError) -> str:
+    """What a server did wrong, by the :class:`ClosureError` its stream caused."""
+    digest = e.digest.hex() if e.digest else "?"
+    if e.problem == "wrong-root":
+        return f"sent Directory {digest} first"
+    if e.problem in ("unreferenced", "again"):
+        return f"sent Directory {digest}, which no Directory received before refers to" + (
+            " (a second time)" if e.problem == "again" else ""
+        )
+    if e.problem == "size-of-added" and e.reference is not None:
+        return f"sent Directory {digest} of size {e.size}, referred to with size {e.reference.size}"
+    if e.problem == "size-in-reference" and e.reference is not None:
+        return (
+            f"sent Directories that disagree on the size of {digest} "
+            f"({e.size} and {e.reference.size})"
+        )
+    return f"sent a bad closure: {e}"
 
 
 def from_url(url: ServiceURL) -> GRPCDirectoryService:
