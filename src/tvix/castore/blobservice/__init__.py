@@ -18,21 +18,32 @@ Further backends register their scheme in :data:`registry`.
 
 from __future__ import annotations
 
+from tvix.castore.blobservice._readers import (
+    BlobMismatchError,
+    BytesBlobReader,
+    VerifyingReader,
+    open_verified,
+    read_verified,
+)
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import BytesBlobReader, MemoryBlobService
+from tvix.castore.blobservice.memory import MemoryBlobService
 from tvix.castore.blobservice.util import copy_blob, read_all, write_all
 from tvix.castore.url import Registry
 
 __all__ = [
+    "BlobMismatchError",
     "BlobReader",
     "BlobService",
     "BlobWriter",
     "BytesBlobReader",
     "ChunkMeta",
     "MemoryBlobService",
+    "VerifyingReader",
     "copy_blob",
     "from_url",
+    "open_verified",
     "read_all",
+    "read_verified",
     "registry",
     "write_all",
 ]

@@ -33,17 +33,17 @@ stream, never a complete one, and stores nothing.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import io
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 import blake3
 import grpc
 
+from tvix.castore.blobservice._readers import ChunkedReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import _seek_target
 from tvix.castore.digest import B3_LEN, B3Digest
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk
@@ -54,13 +54,9 @@ from tvix.castore.url import ServiceURL
 
 __all__ = ["MAX_VERIFIED_CHUNK", "MESSAGE_SIZE", "VERIFY_WINDOW", "GRPCBlobService", "from_url"]
 
-# Bytes per BlobChunk sent by writers (and by the server's Read). DESIGN.md
-# measured grpc.aio at ~1 GB/s with 1 MiB messages and half that with 64 KiB;
-# with hashing and encoding added, 512 KiB messages cost the client a third of
-# the CPU of 1 MiB ones (bench/bench_grpc.py: 0.9-1.0 vs 2.7-2.9 CPU seconds per
-# GiB put; client-side copies of 1 MiB ran at ~1 GB/s, page-fault bound,
-# apparently glibc handing such blocks back to the kernel and back). Either size
-# stays far below any peer's default 4 MiB receive limit.
+# Bytes per BlobChunk sent by writers (and by the server's Read): 512 KiB
+# messages cost a third of the client CPU of 1 MiB ones, and stay far below
+# any peer's 4 MiB receive limit (measurements: bench/NOTES.md).
 MESSAGE_SIZE = 512 << 10
 # A listed chunk is fetched and held whole to verify it; larger ones make the
 # reader fall back to streaming the blob, so memory stays bounded whatever the
@@ -169,138 +165,57 @@ class GRPCBlobService(BlobService):
             return None
         chunks = self._chunk_list(digest, response)
         if chunks and all(c.size <= MAX_VERIFIED_CHUNK for c in chunks):
-            return _ChunkedReader(self, digest, chunks)
+            return ChunkedReader(
+                digest,
+                chunks,
+                partial(self._fetch_chunk, digest),
+                mismatch=lambda _got: (
+                    f"blob {digest.hex()} from {self.address}: its chunks "
+                    "(each matching its own digest) do not add up to the blob"
+                ),
+                ahead_bytes=READ_AHEAD,
+            )
         return _StreamReader(self, digest)
 
-    def open_write(self) -> BlobWriter:
-        return _GRPCBlobWriter(self)
+    async def _fetch_chunk(self, blob: B3Digest, chunk: ChunkMeta) -> bytes:
+        """Chunk ``chunk`` of ``blob``, verified."""
 
-    async def close(self) -> None:
-        await self._channel.close()
-
-
-class _ChunkedReader(BlobReader):
-    """Reads a blob chunk by chunk, each verified before any of its bytes is returned."""
-
-    def __init__(self, service: GRPCBlobService, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
-        self._service = service
-        self._digest = digest
-        self._chunks = chunks
-        self._starts: list[int] = []
-        size = 0
-        for c in chunks:
-            self._starts.append(size)
-            size += c.size
-        self._size = size
-        self._pos = 0
-        self._current = -1
-        self._current_data = b""
-        self._fetches: dict[int, asyncio.Task[bytes]] = {}
-        # Whole-blob verification, possible while chunks are read in order.
-        self._whole = blake3.blake3()
-        self._hashed = 0
-        self._broken: IntegrityError | None = None
-
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            parts = []
-            while part := await self.read(MESSAGE_SIZE):
-                parts.append(part)
-            return b"".join(parts)
-        if self._broken is not None:
-            raise self._broken
-        if n == 0 or self._pos >= self._size:
-            return b""
-        i = bisect.bisect_right(self._starts, self._pos) - 1
-        data = await self._chunk(i)
-        offset = self._pos - self._starts[i]
-        end = min(len(data), offset + n)
-        self._pos += end - offset
-        if offset == 0 and end == len(data):
-            return data
-        return data[offset:end]
-
-    async def _chunk(self, i: int) -> bytes:
-        if i == self._current:
-            return self._current_data
-        sequential = i == self._current + 1
-        task = self._fetches.pop(i, None)
-        if task is None:
-            task = self._start_fetch(i)
-        # Drop prefetches a seek made useless; keep the ones ahead of i.
-        for j in [j for j in self._fetches if j < i]:
-            self._fetches.pop(j).cancel()
-        if sequential:
-            ahead, j = 0, i + 1
-            while j < len(self._chunks) and ahead + self._chunks[j].size <= READ_AHEAD:
-                ahead += self._chunks[j].size
-                if j not in self._fetches:
-                    self._fetches[j] = self._start_fetch(j)
-                j += 1
-        data = await task
-        if i == self._hashed:
-            self._whole.update(data)
-            self._hashed += 1
-            if self._hashed == len(self._chunks) and self._whole.digest() != self._digest:
-                self._broken = IntegrityError(
-                    f"blob {self._digest.hex()} from {self._service.address}: its chunks "
-                    "(each matching its own digest) do not add up to the blob"
-                )
-                raise self._broken
-        self._current, self._current_data = i, data
-        return data
-
-    def _start_fetch(self, i: int) -> asyncio.Task[bytes]:
-        task = asyncio.create_task(self._fetch(self._chunks[i]))
-        # A prefetch may fail or be dropped without anyone awaiting it.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
-
-    async def _fetch(self, chunk: ChunkMeta) -> bytes:
-        service = self._service
-        what = f"chunk {chunk.digest.hex()} of blob {self._digest.hex()}"
+        what = f"chunk {chunk.digest.hex()} of blob {blob.hex()}"
         hasher = blake3.blake3()
         parts: list[memoryview] = []
         got = 0
-        call = service._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
+        call = self._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
         try:
             async for part in call:
                 if part is None:
-                    raise IntegrityError(f"{what} from {service.address}: undecodable message")
+                    raise IntegrityError(f"{what} from {self.address}: undecodable message")
                 got += len(part)
                 if got > chunk.size:
                     raise IntegrityError(
-                        f"{what} from {service.address}: more than the {chunk.size} bytes listed"
+                        f"{what} from {self.address}: more than the {chunk.size} bytes listed"
                     )
                 hasher.update(part)
                 parts.append(part)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise StorageError(
-                    f"{what}: {service.address} listed it but does not have it"
+                    f"{what}: {self.address} listed it but does not have it"
                 ) from None
-            service._fail(e, f"Read of {what}")
+            self._fail(e, f"Read of {what}")
         finally:
             call.cancel()
         if got != chunk.size or hasher.digest() != chunk.digest:
             raise IntegrityError(
-                f"{what} from {service.address}: received {got} bytes hashing to "
+                f"{what} from {self.address}: received {got} bytes hashing to "
                 f"{hasher.hexdigest()}, expected {chunk.size} bytes"
             )
         return b"".join(parts)
 
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = _seek_target(self._pos, self._size, offset, whence)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    def open_write(self) -> BlobWriter:
+        return _GRPCBlobWriter(self)
 
     async def close(self) -> None:
-        for task in self._fetches.values():
-            task.cancel()
-        self._fetches.clear()
-        self._current_data = b""
+        await self._channel.close()
 
 
 class _StreamReader(BlobReader):
@@ -410,7 +325,7 @@ class _StreamReader(BlobReader):
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         # The size is unknown until the end of the stream, so SEEK_END is refused.
-        self._pos = _seek_target(self._pos, None, offset, whence)
+        self._pos = seek_target(self._pos, None, offset, whence)
         return self._pos
 
     def tell(self) -> int:

@@ -109,7 +109,8 @@ from obstore.store import LocalStore, MemoryStore, S3Store
 from pyfastcdc.cy import FastCDC
 
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
+from tvix.castore.blobservice._readers import BytesBlobReader
+from tvix.castore.blobservice._readers import seek_target as _seek_target
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, ValidationError
 from tvix.castore.proto import pb
