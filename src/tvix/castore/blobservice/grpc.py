@@ -32,12 +32,10 @@ stream, never a complete one, and stores nothing.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NoReturn
 
 import blake3
 import grpc
@@ -46,18 +44,14 @@ from tvix.castore.blobservice._readers import ChunkedReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.digest import B3_LEN, B3Digest
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
-from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk
-from tvix.castore.grpc.channel import LazyChannel, channel_target
-from tvix.castore.grpc.errors import error_from_rpc
+from tvix.castore.grpc._client import GRPCClient, StreamingPut
+from tvix.castore.grpc._wire import MESSAGE_SIZE, decode_blob_chunk, encode_blob_chunk
+from tvix.castore.grpc.channel import channel_target
 from tvix.castore.proto import pb
 from tvix.castore.url import ServiceURL
 
 __all__ = ["MAX_VERIFIED_CHUNK", "MESSAGE_SIZE", "VERIFY_WINDOW", "GRPCBlobService", "from_url"]
 
-# Bytes per BlobChunk sent by writers (and by the server's Read): 512 KiB
-# messages cost a third of the client CPU of 1 MiB ones, and stay far below
-# any peer's 4 MiB receive limit (measurements: bench/NOTES.md).
-MESSAGE_SIZE = 512 << 10
 # A listed chunk is fetched and held whole to verify it; larger ones make the
 # reader fall back to streaming the blob, so memory stays bounded whatever the
 # server lists.
@@ -78,13 +72,15 @@ _PUT = "/tvix.castore.v1.BlobService/Put"
 
 @dataclass
 class _Stubs:
+    """The BlobService stubs on one channel."""
+
     channel: grpc.aio.Channel
     stat: grpc.aio.UnaryUnaryMultiCallable[pb.StatBlobRequest, pb.StatBlobResponse]
     read: grpc.aio.UnaryStreamMultiCallable[pb.ReadBlobRequest, memoryview | None]
     put: grpc.aio.StreamUnaryMultiCallable[bytes | bytearray | memoryview, pb.PutBlobResponse]
 
 
-class GRPCBlobService(BlobService):
+class GRPCBlobService(GRPCClient[_Stubs], BlobService):
     """A client of a remote ``tvix.castore.v1.BlobService``; see the module docstring
     for how what it reads is verified.
 
@@ -92,42 +88,30 @@ class GRPCBlobService(BlobService):
     ``target`` the grpc channel target.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
-        self._stubs_cache: _Stubs | None = None
-
     @classmethod
     def from_url(cls, url: ServiceURL) -> GRPCBlobService:
         """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
         return cls(channel_target(url), url.raw)
 
-    def _stubs(self) -> _Stubs:
-        channel = self._channel.get()
-        stubs = self._stubs_cache
-        if stubs is None or stubs.channel is not channel:
-            stubs = self._stubs_cache = _Stubs(
-                channel,
-                channel.unary_unary(
-                    _STAT,
-                    request_serializer=pb.StatBlobRequest.SerializeToString,
-                    response_deserializer=pb.StatBlobResponse.FromString,
-                ),
-                channel.unary_stream(
-                    _READ,
-                    request_serializer=pb.ReadBlobRequest.SerializeToString,
-                    response_deserializer=decode_blob_chunk,
-                ),
-                channel.stream_unary(
-                    _PUT,
-                    request_serializer=encode_blob_chunk,
-                    response_deserializer=pb.PutBlobResponse.FromString,
-                ),
-            )
-        return stubs
-
-    def _fail(self, e: grpc.aio.AioRpcError, what: str) -> NoReturn:
-        raise error_from_rpc(e, what, self.address) from None
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        return _Stubs(
+            channel,
+            channel.unary_unary(
+                _STAT,
+                request_serializer=pb.StatBlobRequest.SerializeToString,
+                response_deserializer=pb.StatBlobResponse.FromString,
+            ),
+            channel.unary_stream(
+                _READ,
+                request_serializer=pb.ReadBlobRequest.SerializeToString,
+                response_deserializer=decode_blob_chunk,
+            ),
+            channel.stream_unary(
+                _PUT,
+                request_serializer=encode_blob_chunk,
+                response_deserializer=pb.PutBlobResponse.FromString,
+            ),
+        )
 
     async def _stat(self, digest: B3Digest, send_chunks: bool) -> pb.StatBlobResponse | None:
         try:
@@ -213,9 +197,6 @@ class GRPCBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _GRPCBlobWriter(self)
-
-    async def close(self) -> None:
-        await self._channel.close()
 
 
 class _StreamReader(BlobReader):
@@ -341,38 +322,18 @@ class _StreamReader(BlobReader):
 class _GRPCBlobWriter(BlobWriter):
     def __init__(self, service: GRPCBlobService) -> None:
         self._service = service
-        self._call: grpc.aio.StreamUnaryCall[Any, pb.PutBlobResponse] | None = None
+        self._put: StreamingPut[pb.PutBlobResponse] = StreamingPut(
+            service,
+            lambda: service._stubs().put(),  # type: ignore[call-arg]  # stubs gap
+            "Put of a blob",
+            "the server ended it early",
+        )
         self._buf = bytearray()
         self._hasher = blake3.blake3()
         self._digest: B3Digest | None = None
-        self._aborted = False
-
-    def _ensure_call(self) -> grpc.aio.StreamUnaryCall[Any, pb.PutBlobResponse]:
-        if self._call is None:
-            # No request iterator: messages are sent with write(), each awaited,
-            # which is grpc's flow control reaching back to the caller.
-            self._call = self._service._stubs().put()  # type: ignore[call-arg]  # stubs gap
-        return self._call
-
-    async def _send(self, data: bytes | bytearray | memoryview) -> None:
-        call = self._ensure_call()
-        try:
-            await call.write(data)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._failed()
-
-    async def _failed(self) -> NoReturn:
-        """The call ended early: raise what the server said."""
-        assert self._call is not None
-        self._aborted = True
-        try:
-            await self._call
-        except grpc.aio.AioRpcError as e:
-            self._service._fail(e, "Put of a blob")
-        raise StorageError(f"Put of a blob at {self._service.address}: the server ended it early")
 
     async def write(self, data: bytes | memoryview) -> None:
-        if self._digest is not None or self._aborted:
+        if self._digest is not None or self._put.aborted:
             raise ValueError("write to a closed blob writer")
         view = memoryview(data).cast("B")
         self._hasher.update(view)
@@ -384,11 +345,11 @@ class _GRPCBlobWriter(BlobWriter):
             if len(buf) < MESSAGE_SIZE:
                 return
             # The serializer has copied the message once write() returns.
-            await self._send(buf)
+            await self._put.send(buf)
             buf.clear()
         # Large writes go out in slices without passing through the buffer.
         while len(view) >= MESSAGE_SIZE:
-            await self._send(view[:MESSAGE_SIZE])
+            await self._put.send(view[:MESSAGE_SIZE])
             view = view[MESSAGE_SIZE:]
         if view:
             buf += view
@@ -396,27 +357,19 @@ class _GRPCBlobWriter(BlobWriter):
     async def close(self) -> B3Digest:
         if self._digest is not None:
             return self._digest
-        if self._aborted:
+        if self._put.aborted:
             raise ValueError("close of an aborted blob writer")
         if self._buf:
-            await self._send(self._buf)
+            await self._put.send(self._buf)
             self._buf = bytearray()
-        call = self._ensure_call()
-        try:
-            await call.done_writing()
-            response = await call
-        except grpc.aio.AioRpcError as e:
-            self._aborted = True
-            self._service._fail(e, "Put of a blob")
-        except asyncio.InvalidStateError:
-            await self._failed()
+        response = await self._put.finish()
         local = B3Digest(self._hasher.digest())
         try:
             remote = B3Digest(response.digest)
         except ValidationError:
             remote = None
         if remote != local:
-            self._aborted = True
+            self._put.aborted = True
             raise IntegrityError(
                 f"Put of a blob at {self._service.address}: the server answered digest "
                 f"{response.digest.hex()}, the bytes sent hash to {local.hex()}"
@@ -426,11 +379,8 @@ class _GRPCBlobWriter(BlobWriter):
 
     async def abort(self) -> None:
         if self._digest is None:
-            self._aborted = True
             self._buf = bytearray()
-            if self._call is not None:
-                # A cancelled call never reaches the server as a complete stream.
-                self._call.cancel()
+            self._put.cancel()
 
 
 def from_url(url: ServiceURL) -> GRPCBlobService:

@@ -17,10 +17,8 @@ root digest the server returns must be the digest of the last Directory sent.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 import grpc
 
@@ -28,10 +26,10 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.graph import ClosureError, DirectoryGraph, Order
-from tvix.castore.errors import IntegrityError, StorageError, ValidationError
+from tvix.castore.errors import IntegrityError, ValidationError
+from tvix.castore.grpc._client import GRPCClient, StreamingPut
 from tvix.castore.grpc._wire import identity
-from tvix.castore.grpc.channel import LazyChannel, channel_target
-from tvix.castore.grpc.errors import error_from_rpc
+from tvix.castore.grpc.channel import channel_target
 from tvix.castore.proto import directory_from_bytes, pb
 from tvix.castore.url import ServiceURL
 
@@ -43,12 +41,14 @@ _PUT = "/tvix.castore.v1.DirectoryService/Put"
 
 @dataclass
 class _Stubs:
+    """The DirectoryService stubs on one channel."""
+
     channel: grpc.aio.Channel
     get: grpc.aio.UnaryStreamMultiCallable[pb.GetDirectoryRequest, bytes]
     put: grpc.aio.StreamUnaryMultiCallable[bytes, pb.PutDirectoryResponse]
 
 
-class GRPCDirectoryService(DirectoryService):
+class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
     """A client of a remote ``tvix.castore.v1.DirectoryService``; see the module
     docstring for how what it receives is verified.
 
@@ -56,37 +56,25 @@ class GRPCDirectoryService(DirectoryService):
     ``target`` the grpc channel target.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
-        self._stubs_cache: _Stubs | None = None
-
     @classmethod
     def from_url(cls, url: ServiceURL) -> GRPCDirectoryService:
         """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
         return cls(channel_target(url), url.raw)
 
-    def _stubs(self) -> _Stubs:
-        channel = self._channel.get()
-        stubs = self._stubs_cache
-        if stubs is None or stubs.channel is not channel:
-            stubs = self._stubs_cache = _Stubs(
-                channel,
-                channel.unary_stream(
-                    _GET,
-                    request_serializer=pb.GetDirectoryRequest.SerializeToString,
-                    response_deserializer=identity,
-                ),
-                channel.stream_unary(
-                    _PUT,
-                    request_serializer=identity,
-                    response_deserializer=pb.PutDirectoryResponse.FromString,
-                ),
-            )
-        return stubs
-
-    def _fail(self, e: grpc.aio.AioRpcError, what: str) -> NoReturn:
-        raise error_from_rpc(e, what, self.address) from None
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        return _Stubs(
+            channel,
+            channel.unary_stream(
+                _GET,
+                request_serializer=pb.GetDirectoryRequest.SerializeToString,
+                response_deserializer=identity,
+            ),
+            channel.stream_unary(
+                _PUT,
+                request_serializer=identity,
+                response_deserializer=pb.PutDirectoryResponse.FromString,
+            ),
+        )
 
     def _decode(self, raw: bytes, what: str) -> Directory:
         try:
@@ -150,64 +138,39 @@ class GRPCDirectoryService(DirectoryService):
     def put_multiple_start(self) -> DirectoryPutter:
         return _GRPCDirectoryPutter(self)
 
-    async def close(self) -> None:
-        await self._channel.close()
-
 
 class _GRPCDirectoryPutter(DirectoryPutter):
     """Streams a closure to ``Put``; the server validates it (see the module docstring)."""
 
     def __init__(self, service: GRPCDirectoryService) -> None:
         self._service = service
-        self._call: grpc.aio.StreamUnaryCall[Any, pb.PutDirectoryResponse] | None = None
+        self._put: StreamingPut[pb.PutDirectoryResponse] = StreamingPut(
+            service,
+            lambda: service._stubs().put(),  # type: ignore[call-arg]  # stubs gap
+            "Put of Directories",
+            "ended early",
+        )
         self._last: B3Digest | None = None
         self._root: B3Digest | None = None
-        self._aborted = False
-
-    def _ensure_call(self) -> grpc.aio.StreamUnaryCall[Any, pb.PutDirectoryResponse]:
-        if self._call is None:
-            # No request iterator: each put() awaits its write (flow control).
-            self._call = self._service._stubs().put()  # type: ignore[call-arg]  # stubs gap
-        return self._call
-
-    async def _failed(self) -> NoReturn:
-        """The call ended early (the server rejected the closure): raise what it said."""
-        assert self._call is not None
-        self._aborted = True
-        try:
-            await self._call
-        except grpc.aio.AioRpcError as e:
-            self._service._fail(e, "Put of Directories")
-        raise StorageError(f"Put of Directories at {self._service.address}: ended early")
 
     async def put(self, directory: Directory) -> None:
-        if self._root is not None or self._aborted:
+        if self._root is not None or self._put.aborted:
             raise ValueError("put into a closed directory putter")
-        call = self._ensure_call()
-        try:
-            await call.write(directory.encode())
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._failed()
+        await self._put.send(directory.encode())
         self._last = directory.digest
 
     async def close(self) -> B3Digest:
         if self._root is not None:
             return self._root
-        if self._aborted:
+        if self._put.aborted:
             raise ValueError("close of an aborted directory putter")
-        call = self._ensure_call()
-        try:
-            await call.done_writing()
-            response = await call
-        except grpc.aio.AioRpcError as e:
-            self._aborted = True
-            self._service._fail(e, "Put of Directories")
+        response = await self._put.finish()
         try:
             root = B3Digest(response.root_digest)
         except ValidationError:
             root = None
         if root is None or root != self._last:
-            self._aborted = True
+            self._put.aborted = True
             raise IntegrityError(
                 f"Put of Directories at {self._service.address}: the server answered root "
                 f"{response.root_digest.hex()}, the last Directory sent was "
@@ -218,9 +181,7 @@ class _GRPCDirectoryPutter(DirectoryPutter):
 
     async def abort(self) -> None:
         if self._root is None:
-            self._aborted = True
-            if self._call is not None:
-                self._call.cancel()
+            self._put.cancel()
 
 
 def _sent_wrongly(e: ClosureError) -> str:
