@@ -62,28 +62,23 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
         return cls(channel_target(url), url.raw)
 
     def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        def unary(method: str, response: Any) -> Any:
+            return channel.unary_unary(
+                _SERVICE + method,
+                request_serializer=_serialize,
+                response_deserializer=response.FromString,
+            )
+
         return _Stubs(
             channel,
-            channel.unary_unary(
-                _SERVICE + "Get",
-                request_serializer=_serialize,
-                response_deserializer=store_pb2.PathInfo.FromString,
-            ),
-            channel.unary_unary(
-                _SERVICE + "Put",
-                request_serializer=_serialize,
-                response_deserializer=store_pb2.PathInfo.FromString,
-            ),
+            unary("Get", store_pb2.PathInfo),
+            unary("Put", store_pb2.PathInfo),
             channel.unary_stream(
                 _SERVICE + "List",
                 request_serializer=_serialize,
                 response_deserializer=store_pb2.PathInfo.FromString,
             ),
-            channel.unary_unary(
-                _SERVICE + "CalculateNAR",
-                request_serializer=_serialize,
-                response_deserializer=store_pb2.CalculateNARResponse.FromString,
-            ),
+            unary("CalculateNAR", store_pb2.CalculateNARResponse),
         )
 
     def _received(self, m: store_pb2.PathInfo, what: str) -> PathInfo:
