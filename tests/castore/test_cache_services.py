@@ -28,7 +28,8 @@ from tvix.castore.directoryservice import (
     MemoryDirectoryService,
     SQLiteDirectoryService,
 )
-from tvix.castore.directoryservice.cache import CacheDirectoryService, verified_closure
+from tvix.castore.directoryservice.cache import CacheDirectoryService
+from tvix.castore.directoryservice.graph import verified_closure
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.nodes import DirectoryNode
 from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests

@@ -11,11 +11,8 @@ import zstandard
 from obstore.store import MemoryStore
 
 from tvix.castore.blobservice import BlobService, from_url, read_all, write_all
-from tvix.castore.blobservice.objectstore import (
-    ObjectStoreBlobService,
-    ObjectStoreConfig,
-    _raw_zstd_frame,
-)
+from tvix.castore.blobservice.objectstore import ObjectStoreBlobService, ObjectStoreConfig
+from tvix.castore.blobservice.objectstore._codec import raw_zstd_frame
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
 from tvix.castore.testing import BlobServiceTests
@@ -299,7 +296,7 @@ def test_raw_zstd_frame_decodes() -> None:
     dctx = zstandard.ZstdDecompressor()
     for size in (0, 1, 128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * MIB + 5):
         data = big_blob(size, seed=size)
-        frame = _raw_zstd_frame(data)
+        frame = raw_zstd_frame(data)
         assert zstandard.frame_content_size(frame) == size
         assert dctx.decompress(frame) == data
         assert len(frame) - size < 64 + 3 * (size // (128 * 1024) + 1)
@@ -307,7 +304,7 @@ def test_raw_zstd_frame_decodes() -> None:
 
 def test_memory_store_direct() -> None:
     svc = ObjectStoreBlobService(MemoryStore(), "some/prefix", zstd=False)
-    assert svc._chunk_key(BLOB_A_DIGEST).startswith("some/prefix/chunks/b3/")
+    assert svc.chunk_key(BLOB_A_DIGEST).startswith("some/prefix/chunks/b3/")
 
 
 @pytest.mark.parametrize(

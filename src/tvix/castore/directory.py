@@ -10,6 +10,7 @@ from typing import Any
 
 import blake3
 
+from tvix.castore._protowire import encode_varint
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import ValidationError
 from tvix.castore.nodes import MAX_SIZE, DirectoryNode, FileNode, Node, SymlinkNode
@@ -19,22 +20,8 @@ __all__ = ["Directory"]
 _by_name = attrgetter("name")
 
 
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [bytes([i]) for i in range(0x80)]
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    return tag + encode_varint(len(payload)) + payload
 
 
 def _check_sorted(kind: str, nodes: tuple[Node, ...]) -> None:
@@ -130,14 +117,14 @@ class Directory:
             parts: list[bytes] = []
             append = parts.append
             for d in self.directories:
-                body = b"\x0a" + _varint(len(d.name)) + d.name + b"\x12\x20" + d.digest
+                body = b"\x0a" + encode_varint(len(d.name)) + d.name + b"\x12\x20" + d.digest
                 if d.size:
-                    body += b"\x18" + _varint(d.size)
+                    body += b"\x18" + encode_varint(d.size)
                 append(_field(b"\x0a", body))
             for f in self.files:
-                body = b"\x0a" + _varint(len(f.name)) + f.name + b"\x12\x20" + f.digest
+                body = b"\x0a" + encode_varint(len(f.name)) + f.name + b"\x12\x20" + f.digest
                 if f.size:
-                    body += b"\x18" + _varint(f.size)
+                    body += b"\x18" + encode_varint(f.size)
                 if f.executable:
                     body += b"\x20\x01"
                 append(_field(b"\x12", body))

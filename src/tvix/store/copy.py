@@ -38,6 +38,7 @@ from tvix.castore.blobservice.util import copy_blob
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.directoryservice.graph import leaves_to_root
 from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node
 from tvix.nixcompat.signing import VerifyingKey
@@ -225,26 +226,9 @@ class StoreSource(PathSource):
 def leaves_first(tree: Mapping[B3Digest, Directory], root: B3Digest) -> list[Directory]:
     """The Directories of ``tree`` below and including ``root``, each after its children.
 
-    (A breadth-first listing reversed is not always such an order: a
-    Directory referred to from two levels comes after the first referrer
-    only.)
+    See :func:`~tvix.castore.directoryservice.graph.leaves_to_root`.
     """
-    out: list[Directory] = []
-    done: set[B3Digest] = set()
-    stack: list[tuple[B3Digest, bool]] = [(root, False)]
-    while stack:
-        digest, expanded = stack.pop()
-        if digest in done:
-            continue
-        if expanded:
-            done.add(digest)
-            out.append(tree[digest])
-            continue
-        stack.append((digest, True))
-        for child in tree[digest].directories:
-            if child.digest not in done:
-                stack.append((child.digest, False))
-    return out
+    return list(leaves_to_root(tree, root))
 
 
 # -- closures ---------------------------------------------------------------------------------

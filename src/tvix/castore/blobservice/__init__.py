@@ -20,25 +20,32 @@ backend's type, plus ``cache`` (``near``, ``far``) and ``race`` (``sources``).
 
 from __future__ import annotations
 
-from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import (
+from tvix.castore.blobservice._readers import (
+    BlobMismatchError,
     BytesBlobReader,
-    MemoryBlobService,
-    MemoryBlobServiceConfig,
+    VerifyingReader,
+    open_verified,
+    read_verified,
 )
+from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.memory import MemoryBlobService, MemoryBlobServiceConfig
 from tvix.castore.blobservice.util import copy_blob, read_all, write_all
 from tvix.castore.composition import Registry
 
 __all__ = [
+    "BlobMismatchError",
     "BlobReader",
     "BlobService",
     "BlobWriter",
     "BytesBlobReader",
     "ChunkMeta",
     "MemoryBlobService",
+    "VerifyingReader",
     "copy_blob",
     "from_url",
+    "open_verified",
     "read_all",
+    "read_verified",
     "registry",
     "write_all",
 ]

@@ -143,10 +143,7 @@ class BlobService(abc.ABC):
         if reader is None:
             return None
         async with reader:
-            parts = []
-            while chunk := await reader.read(1 << 20):
-                parts.append(chunk)
-        return b"".join(parts)
+            return await reader.read()
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         """The finer chunks the blob is stored as, in order, or ``None`` when absent.

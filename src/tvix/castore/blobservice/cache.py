@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import blake3
-
+from tvix.castore.blobservice._readers import BLOCK, open_verified
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.digest import B3Digest
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Bytes per read while copying a blob from far into near: what bounds the
 # memory of a cache fill, whatever the blob's size.
-COPY_BLOCK = 1 << 20
+COPY_BLOCK = BLOCK
 
 
 class CacheBlobService(BlobService):
@@ -79,24 +78,16 @@ class CacheBlobService(BlobService):
 
     async def _fill(self, digest: B3Digest) -> bool:
         """Copy blob ``digest`` from far into near, verified; ``False`` if far lacks it."""
-        src = await self.far.open_read(digest)
+        src = await open_verified(self.far, digest, source="the cache's far service")
         if src is None:
             return False
-        hasher = blake3.blake3()
         async with src:
-            # The writer aborts (stores nothing) if anything below raises.
+            # The writer aborts (stores nothing) if anything below raises. The
+            # reader checks the digest at the end, before close: wrong bytes must
+            # never become visible in near, not even under their own (correct) digest.
             async with self.near.open_write() as dst:
                 while block := await src.read(COPY_BLOCK):
-                    hasher.update(block)
                     await dst.write(block)
-                # Checked before close: wrong bytes must never become visible in near,
-                # not even under their own (correct) digest.
-                got = B3Digest(hasher.digest())
-                if got != digest:
-                    raise IntegrityError(
-                        f"blob {digest.hex()}: the cache's far service returned bytes "
-                        f"hashing to {got.hex()}"
-                    )
             stored = await dst.close()
         if stored != digest:
             raise IntegrityError(

@@ -2,56 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import blake3
 
+from tvix.castore.blobservice._readers import BytesBlobReader
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter
 from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
 
-__all__ = ["BytesBlobReader", "MemoryBlobService", "MemoryBlobServiceConfig"]
-
-
-class BytesBlobReader(BlobReader):
-    """A :class:`BlobReader` over bytes already in memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    async def read(self, n: int = -1) -> bytes:
-        start = self._pos
-        end = len(self._view) if n < 0 else min(len(self._view), start + n)
-        if start >= end:
-            return b""
-        self._pos = end
-        return bytes(self._view[start:end])
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        pos = _seek_target(self._pos, len(self._view), offset, whence)
-        self._pos = pos
-        return pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-def _seek_target(pos: int, size: int | None, offset: int, whence: int) -> int:
-    """Where a seek lands; shared by the readers of every backend."""
-    if whence == io.SEEK_SET:
-        target = offset
-    elif whence == io.SEEK_CUR:
-        target = pos + offset
-    elif whence == io.SEEK_END and size is not None:
-        target = size + offset
-    else:
-        raise ValueError(f"unsupported whence {whence}")
-    if target < 0:
-        raise ValueError(f"negative seek position {target}")
-    return target
+__all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
 
 class _MemoryBlobWriter(BlobWriter):

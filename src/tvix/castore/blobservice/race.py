@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import blake3
 
+from tvix.castore.blobservice._readers import BLOCK, BlobVerifier, BytesBlobReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import CastoreError, IntegrityError
@@ -41,7 +41,7 @@ T = TypeVar("T")
 # that verifies" literal for them. Larger blobs are streamed from the first
 # source to deliver this many bytes, verified as they stream (see _RaceReader).
 EAGER_SIZE = 1 << 20
-_BLOCK = 1 << 20
+_BLOCK = BLOCK
 
 
 @dataclass
@@ -129,9 +129,9 @@ async def _probe(source: BlobService, digest: B3Digest) -> _Found | None:
         head = await _read_up_to(reader, EAGER_SIZE + 1)
         if len(head) > EAGER_SIZE:
             return _Found(head, reader)
-        got = blake3.blake3(head).digest()
-        if got != digest:
-            raise IntegrityError(f"blob {digest.hex()}: the source's bytes hash to {got.hex()}")
+        verifier = BlobVerifier(digest)
+        verifier.update(head)
+        verifier.check("the source")
     except BaseException:
         await reader.close()
         raise
@@ -181,8 +181,8 @@ class _RaceReader(BlobReader):
         self._reader: BlobReader | None = reader
         self._reader_pos = len(head)  # where the source's reader is
         self._pos = 0
-        self._hasher: blake3.blake3 | None = blake3.blake3()  # None once reads skipped around
-        self._hashed = 0
+        # None once reads skipped around.
+        self._verifier: BlobVerifier | None = BlobVerifier(digest)
         self._broken: IntegrityError | None = None
         self._closed = False
 
@@ -203,19 +203,19 @@ class _RaceReader(BlobReader):
             data = self._head[pos : pos + n]
         else:
             data = await self._read_source(n)
-        if self._hasher is not None and pos == self._hashed:
+        verifier = self._verifier
+        if verifier is not None and pos == verifier.hashed:
             if data:
-                self._hasher.update(data)
-                self._hashed += len(data)
-            elif self._hasher.digest() != self._digest:
+                verifier.update(data)
+            elif not verifier.matches():
                 self._broken = IntegrityError(
                     f"blob {self._digest.hex()}: the bytes read hash to "
-                    f"{self._hasher.hexdigest()} (last source: "
+                    f"{verifier.current().hex()} (last source: "
                     f"{source_name(self._service.sources[self._index], self._index)})"
                 )
                 raise self._broken
-        elif pos != self._hashed:
-            self._hasher = None
+        elif verifier is not None:
+            self._verifier = None
         self._pos += len(data)
         return data
 
@@ -272,8 +272,8 @@ class _RaceReader(BlobReader):
 
     async def _align(self, reader: BlobReader, name: str) -> None:
         """Bring a fallback ``reader`` to the current position, checking it agrees so far."""
-        hasher = self._hasher
-        if hasher is None or self._hashed != self._pos:
+        verifier = self._verifier
+        if verifier is None or verifier.hashed != self._pos:
             # Reads skipped around: only the sources' own verification vouches for them.
             await reader.seek(self._pos)
             return
@@ -285,7 +285,7 @@ class _RaceReader(BlobReader):
                 break
             prefix.update(part)
             remaining -= len(part)
-        if remaining or prefix.digest() != hasher.digest():
+        if remaining or prefix.digest() != verifier.current():
             self._broken = IntegrityError(
                 f"blob {self._digest.hex()}: the {self._pos} bytes already returned differ "
                 f"from {name}'s; the blob cannot be read consistently"
@@ -294,7 +294,7 @@ class _RaceReader(BlobReader):
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         # The size is not known until the end, so SEEK_END is refused.
-        self._pos = _seek_target(self._pos, None, offset, whence)
+        self._pos = seek_target(self._pos, None, offset, whence)
         return self._pos
 
     def tell(self) -> int:

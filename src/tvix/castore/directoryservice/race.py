@@ -14,7 +14,7 @@ from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
-from tvix.castore.directoryservice.cache import verified_closure
+from tvix.castore.directoryservice.graph import verified_closure
 from tvix.castore.errors import IntegrityError
 from tvix.castore.race import RaceConfig, first_answer
 
@@ -32,7 +32,7 @@ class RaceDirectoryService(DirectoryService):
         each), and the first closure that verifies wins: it starts with the
         root asked for, every Directory referred to is in it with the size
         its parent gives, and nothing else is (see
-        :func:`~tvix.castore.directoryservice.cache.verified_closure`). A
+        :func:`~tvix.castore.directoryservice.graph.verified_closure`). A
         closure is therefore held in memory until it is verified and
         yielded (Directories are small: ~100 bytes plus their entries). The
         losers' calls are cancelled. A source that answers wrongly or fails

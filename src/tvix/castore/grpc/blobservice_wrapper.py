@@ -10,16 +10,20 @@ import grpc
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc._stream import ensure_stream_completed
-from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk_parts, identity
+from tvix.castore.grpc._wire import (
+    MESSAGE_SIZE,
+    decode_blob_chunk,
+    encode_blob_chunk_parts,
+    identity,
+)
 from tvix.castore.grpc.errors import digest_of, translate_errors
 from tvix.castore.grpc.handlers import unary_stream, unary_unary
 from tvix.castore.proto import pb
 
 __all__ = ["READ_MESSAGE_SIZE", "GRPCBlobServiceWrapper"]
 
-# Bytes per BlobChunk sent by Read: see tvix.castore.blobservice.grpc.MESSAGE_SIZE
-# for why 512 KiB; far below the 4 MiB default receive limit of any peer.
-READ_MESSAGE_SIZE = 512 << 10
+# Bytes per BlobChunk sent by Read: the one message size, see _wire.MESSAGE_SIZE.
+READ_MESSAGE_SIZE = MESSAGE_SIZE
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 

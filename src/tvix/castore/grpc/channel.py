@@ -14,10 +14,11 @@ from tvix.castore.composition import URLConfig
 from tvix.castore.errors import InvalidURLError
 from tvix.castore.url import ServiceURL
 
-__all__ = ["CHANNEL_OPTIONS", "GRPCConfig", "LazyChannel", "channel_target"]
+__all__ = ["CHANNEL_OPTIONS", "HOST_PORT", "GRPCConfig", "LazyChannel", "channel_target"]
 
-# A bracketed IPv6 literal or a name/IPv4 address (no colon, no userinfo), then a port.
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\[\]:@/]+):([0-9]{1,5})$")
+# A bracketed IPv6 literal or a name/IPv4 address (no colon, no userinfo), then a
+# port: what a grpc+http URL and a listen address name.
+HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\[\]:@/]+):([0-9]{1,5})$")
 
 # grpc's default SO_REUSEPORT and message limits stay; what we send is at most
 # 512 KiB per message, so peers with the default 4 MiB receive limit interoperate.
@@ -40,7 +41,7 @@ def channel_target(url: ServiceURL) -> str:
         url.reject_path()
         if not url.host:
             raise InvalidURLError(f"invalid service URL {url.raw!r}: host:port is required")
-        m = _HOST_PORT.match(url.host)
+        m = HOST_PORT.match(url.host)
         if m is None:
             raise InvalidURLError(
                 f"invalid service URL {url.raw!r}: expected host:port or [ipv6]:port, "

@@ -10,7 +10,6 @@ reflection naming all of them, and binds one listen address.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.blobservice_wrapper import GRPCBlobServiceWrapper
+from tvix.castore.grpc.channel import HOST_PORT
 from tvix.castore.grpc.directoryservice_wrapper import GRPCDirectoryServiceWrapper
 
 __all__ = [
@@ -40,8 +40,6 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (("grpc.so_reuseport", 0),)
 
 # grpc_health's stubs predate its asyncio servicer.
 _AioHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
-
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\[\]:@/]+):([0-9]{1,5})$")
 
 
 class Servicer(Protocol):
@@ -77,7 +75,7 @@ def parse_listen_address(listen: str) -> str:
         if not path or path.endswith("/"):
             raise ValidationError(f"invalid listen address {listen!r}: no socket path")
         return listen
-    m = _HOST_PORT.match(listen)
+    m = HOST_PORT.match(listen)
     if m is None or int(m.group(2)) > 65535:
         raise ValidationError(
             f"invalid listen address {listen!r}: expected host:port, [ipv6]:port or "

@@ -18,7 +18,8 @@ import grpc
 from tvix._proto import store_pb2
 from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError, ValidationError
-from tvix.castore.grpc.channel import GRPCConfig, LazyChannel
+from tvix.castore.grpc import GRPCClient
+from tvix.castore.grpc.channel import GRPCConfig
 from tvix.castore.grpc.errors import error_from_rpc
 from tvix.castore.nodes import Node
 from tvix.castore.proto import node_to_proto
@@ -32,24 +33,47 @@ __all__ = ["GRPCPathInfoService", "GRPCPathInfoServiceConfig"]
 _SERVICE = "/tvix.store.v1.PathInfoService/"
 
 
-class GRPCPathInfoService(PathInfoService):
+@dataclass
+class _Stubs:
+    """The PathInfoService stubs on one channel."""
+
+    channel: grpc.aio.Channel
+    get: grpc.aio.UnaryUnaryMultiCallable[store_pb2.GetPathInfoRequest, store_pb2.PathInfo]
+    put: grpc.aio.UnaryUnaryMultiCallable[store_pb2.PathInfo, store_pb2.PathInfo]
+    list: grpc.aio.UnaryStreamMultiCallable[store_pb2.ListPathInfoRequest, store_pb2.PathInfo]
+    calculate: grpc.aio.UnaryUnaryMultiCallable[Any, store_pb2.CalculateNARResponse]
+
+
+def _serialize(m: Any) -> bytes:
+    data: bytes = m.SerializeToString()
+    return data
+
+
+class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     """A client of a remote ``tvix.store.v1.PathInfoService``.
 
     Also offers :meth:`calculate`, so the server computes NAR hashes of
     content it holds instead of the client fetching it all.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        def unary(method: str, response: Any) -> Any:
+            return channel.unary_unary(
+                _SERVICE + method,
+                request_serializer=_serialize,
+                response_deserializer=response.FromString,
+            )
 
-    def _call(self, method: str, kind: str, response: Any) -> Any:
-        channel = self._channel.get()
-        factory = channel.unary_stream if kind == "stream" else channel.unary_unary
-        return factory(
-            _SERVICE + method,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response.FromString,
+        return _Stubs(
+            channel,
+            unary("Get", store_pb2.PathInfo),
+            unary("Put", store_pb2.PathInfo),
+            channel.unary_stream(
+                _SERVICE + "List",
+                request_serializer=_serialize,
+                response_deserializer=store_pb2.PathInfo.FromString,
+            ),
+            unary("CalculateNAR", store_pb2.CalculateNARResponse),
         )
 
     def _received(self, m: store_pb2.PathInfo, what: str) -> PathInfo:
@@ -61,9 +85,7 @@ class GRPCPathInfoService(PathInfoService):
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         try:
-            m = await self._call("Get", "unary", store_pb2.PathInfo)(
-                store_pb2.GetPathInfoRequest(by_output_hash=key)
-            )
+            m = await self._stubs().get(store_pb2.GetPathInfoRequest(by_output_hash=key))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -77,7 +99,7 @@ class GRPCPathInfoService(PathInfoService):
 
     async def put(self, info: PathInfo) -> PathInfo:
         try:
-            m = await self._call("Put", "unary", store_pb2.PathInfo)(pathinfo_to_proto(info))
+            m = await self._stubs().put(pathinfo_to_proto(info))
         except grpc.aio.AioRpcError as e:
             err = error_from_rpc(e, f"put {info.store_path}", self.address)
             if isinstance(err, ValidationError):
@@ -89,7 +111,7 @@ class GRPCPathInfoService(PathInfoService):
         return stored
 
     async def list(self) -> AsyncIterator[PathInfo]:
-        call = self._call("List", "stream", store_pb2.PathInfo)(store_pb2.ListPathInfoRequest())
+        call = self._stubs().list(store_pb2.ListPathInfoRequest())
         try:
             async for m in call:
                 yield self._received(m, "a listing")
@@ -101,17 +123,12 @@ class GRPCPathInfoService(PathInfoService):
     async def calculate(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``, computed by the server from what it stores."""
         try:
-            m = await self._call("CalculateNAR", "unary", store_pb2.CalculateNARResponse)(
-                node_to_proto(node)
-            )
+            m = await self._stubs().calculate(node_to_proto(node))
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, "CalculateNAR", self.address) from e
         if len(m.nar_sha256) != 32:
             raise IntegrityError(f"{self.address} sent a {len(m.nar_sha256)}-byte NAR sha256")
         return m.nar_size, m.nar_sha256
-
-    async def close(self) -> None:
-        await self._channel.close()
 
 
 @dataclass(frozen=True)
