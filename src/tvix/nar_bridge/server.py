@@ -444,16 +444,7 @@ class NarBridge:
             raise BadRequest(
                 f"NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar_size} bytes"
             )
-        return PathInfo(
-            store_path=store_path,
-            node=node.renamed(store_path.base_name.encode()),
-            nar_size=nar_size,
-            nar_sha256=narinfo.nar_hash,
-            references=narinfo.references,
-            signatures=narinfo.signatures,
-            deriver=narinfo.deriver,
-            ca=narinfo.ca,
-        )
+        return PathInfo.from_narinfo(narinfo, node)
 
 
 def _file_name_of(url: str) -> NarFileName | None:
