@@ -62,11 +62,10 @@ from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import StoreError
+from tvix.store.errors import ExtractError, NotFoundError
 from tvix.store.nar.render import load_closure
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
-from tvix.store.resolve import NotFoundError
 
 __all__ = [
     "DIRECTORY_MODE",
@@ -108,10 +107,6 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 T = TypeVar("T")
 # A blob to write: its digest, its size, and the files to write it to (path, executable).
 _Item = tuple[B3Digest, int, list[tuple[bytes, bool]]]
-
-
-class ExtractError(StoreError):
-    """The destination cannot be used (it exists, or its parent is not a directory)."""
 
 
 class ExtractProgress(Protocol):
@@ -543,7 +538,7 @@ async def path_info_closure(
 
     Breadth-first from the ones given, each store path once; the PathInfos
     of one level are asked for concurrently. Raises
-    :class:`~tvix.store.resolve.NotFoundError` naming a store path that is
+    :class:`~tvix.store.errors.NotFoundError` naming a store path that is
     not in the store (and what refers to it).
     """
     found: dict[StorePath, PathInfo] = {}
