@@ -24,14 +24,11 @@ from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import VerifyingKey
 from tvix.nixcompat.storepath import StorePath
 from tvix.store import pathinfoservice
+from tvix.store.binary_cache import BinaryCache
 from tvix.store.composition import Composition
-from tvix.store.errors import ListNotSupportedError
+from tvix.store.errors import ListNotSupportedError, UntrustedPathInfoError
 from tvix.store.nar import render_nar
-from tvix.store.pathinfoservice.nix_http import (
-    BinaryCache,
-    NixHTTPPathInfoService,
-    UntrustedPathError,
-)
+from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 from tvix.store.testing.fixtures import path_info
 
 pytestmark = pytest.mark.nix
@@ -117,7 +114,7 @@ async def test_input_addressed_needs_a_trusted_signature(closure: Closure) -> No
     for keys in ([], [other]):
         svc = _service(closure.cache_url("none"), keys)
         try:
-            with pytest.raises(UntrustedPathError, match="scale-test-1"):
+            with pytest.raises(UntrustedPathInfoError, match="scale-test-1"):
                 await svc.get(_digest(closure.built))
             # Content-addressed paths pass without a trusted signature, as in Nix.
             for path in (closure.tree, closure.flat, closure.text):
