@@ -28,8 +28,10 @@ from tvix.store.binary_cache import BinaryCache
 from tvix.store.composition import Composition
 from tvix.store.errors import ListNotSupportedError, UntrustedPathInfoError
 from tvix.store.nar import render_nar
+from tvix.store.pathinfoservice.base import PathInfoService
 from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 from tvix.store.testing.fixtures import path_info
+from tvix.store.testing.pathinfoservice import PathInfoServiceTests
 
 pytestmark = pytest.mark.nix
 
@@ -337,3 +339,17 @@ async def test_from_urls_and_url_options(closure: Closure) -> None:
 def test_invalid_urls(url: str, message: str) -> None:
     with pytest.raises(InvalidURLError, match=message):
         pathinfoservice.from_url(url)
+
+
+class TestConformance(PathInfoServiceTests):
+    """The shipped suite, against a file:// cache the real ``nix copy`` wrote.
+
+    The service is read-only and cannot list: the suite checks that put and
+    list fail as the contract says and skips what needs them.
+    """
+
+    @pytest.fixture
+    async def path_info_service(self, closure: Closure) -> AsyncIterator[PathInfoService]:
+        svc = _service(f"file://{closure.caches['xz']}", [closure.public])
+        yield svc
+        await svc.close()
