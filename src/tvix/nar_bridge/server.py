@@ -48,7 +48,6 @@ from tvix.nar_bridge.errors import (
     is_unexpected,
     status_for,
 )
-from tvix.nar_bridge.nar import LayoutCache, render_full, render_range
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
@@ -62,6 +61,7 @@ from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import ingest_nar_stream
+from tvix.store.nar.seekable import LayoutCache, render_full, render_range
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
