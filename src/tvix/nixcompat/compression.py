@@ -108,7 +108,7 @@ class _Capped:
 
     def finish(self) -> None:
         if not self._obj.eof:
-            raise CompressionError(f"the {self._name} stream ends early")
+            raise CompressionError(f"corrupt {self._name} data: the stream ends early")
 
 
 class _Zstd:
@@ -129,7 +129,7 @@ class _Zstd:
 
     def finish(self) -> None:
         if not self._seen:
-            raise CompressionError("the zstd stream is empty")
+            raise CompressionError("corrupt zstd data: the stream is empty")
 
 
 def decompressor(method: str) -> Decompressor:

@@ -7,6 +7,8 @@
     :class:`~tvix.castore.sql.postgres.PostgresDatabase` (a lazily created
     pool, the URL options, versioned schemas, the one place asyncpg's errors
     become :class:`~tvix.castore.errors.StorageError`).
+:mod:`tvix.castore.sql.schema`
+    versioned schemas per component, the same for both engines.
 :mod:`tvix.castore.sql.records`
     decoding stored castore records, damage raising
     :class:`~tvix.castore.errors.IntegrityError`.

@@ -19,6 +19,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from tvix.castore.errors import InvalidURLError, StorageError
+from tvix.castore.sql.schema import CREATE_SCHEMA_TABLE, migration_statements
 from tvix.castore.url import ServiceURL
 
 __all__ = [
@@ -163,24 +164,15 @@ class PostgresDatabase:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             if self._schema:
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self._schema)}")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS tvix_schema "
-                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
+            await conn.execute(CREATE_SCHEMA_TABLE)
             have = await conn.fetchval(
                 "SELECT version FROM tvix_schema WHERE component = $1", self.component
             )
             have = 0 if have is None else int(have)
             want = len(self._migrations)
-            if have > want:
-                raise StorageError(
-                    f"PostgreSQL {self.display} has schema version {have} for {self.component}, "
-                    f"newer than the {want} this version of tvix knows; use a newer tvix"
-                )
-            for script in self._migrations[have:]:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        await conn.execute(statement)
+            where = f"PostgreSQL {self.display}"
+            for statement in migration_statements(self._migrations, have, self.component, where):
+                await conn.execute(statement)
             if have != want:
                 await conn.execute(
                     "INSERT INTO tvix_schema VALUES ($1, $2) "

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from tvix.castore.errors import InvalidURLError, StorageError
+from tvix.castore.sql.schema import CREATE_SCHEMA_TABLE, migration_statements
 from tvix.castore.url import ServiceURL
 
 __all__ = ["IN_BATCH", "SQLiteDatabase", "select_in"]
@@ -120,25 +121,15 @@ class SQLiteDatabase:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         def migrate(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS tvix_schema "
-                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
+            conn.execute(CREATE_SCHEMA_TABLE)
             row = conn.execute(
                 "SELECT version FROM tvix_schema WHERE component = ?", (self.component,)
             ).fetchone()
             have = 0 if row is None else int(row[0])
             want = len(self._migrations)
-            if have > want:
-                raise StorageError(
-                    f"database {self.path} has schema version {have} for {self.component}, "
-                    f"newer than the {want} this version of tvix knows; use a newer tvix"
-                )
-            for script in self._migrations[have:]:
-                # executescript would commit our transaction; run statement by statement.
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            where = f"database {self.path}"
+            for statement in migration_statements(self._migrations, have, self.component, where):
+                conn.execute(statement)
             if have != want:
                 conn.execute(
                     "INSERT OR REPLACE INTO tvix_schema VALUES (?, ?)", (self.component, want)
