@@ -24,7 +24,7 @@ content (:meth:`TrustPolicy.check_content`)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -42,10 +42,7 @@ from tvix.store.nar.calculate import NarCalculation, calculate_nar
 from tvix.store.nar.render import render_nar
 from tvix.store.pathinfo import PathInfo
 
-__all__ = ["Check", "TrustPolicy", "UntrustedPathInfoError", "check_ca_content"]
-
-Check = Callable[[PathInfo], Awaitable[None]]
-"""Vets a PathInfo a source returned: returns to accept it, raises to refuse it."""
+__all__ = ["TrustPolicy", "UntrustedPathInfoError", "check_ca_content"]
 
 
 class TrustPolicy:

@@ -93,7 +93,7 @@ from tvix.store.errors import NarMismatchError, UntrustedPathInfoError
 from tvix.store.nar.ingest import ingest_nar_stream
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
-from tvix.store.trust import TrustPolicy
+from tvix.store.trust import TrustPolicy, check_ca_content
 
 if TYPE_CHECKING:
     from tvix.store.composition import BuildContext
@@ -103,6 +103,7 @@ __all__ = [
     "NixHTTPPathInfoService",
     "UntrustedPathInfoError",
     "build_from_composition",
+    "check_ca_content",
     "from_url",
     "parse_nix_url",
 ]
