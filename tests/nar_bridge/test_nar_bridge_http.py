@@ -30,12 +30,12 @@ from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.castore.proto import node_to_proto
 from tvix.nar_bridge import BasicAuth, NarBridge, encode_castore_nar
-from tvix.nar_bridge.nar import NarLayout
 from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.importer import import_path
+from tvix.store.nar.seekable import NarLayout
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 

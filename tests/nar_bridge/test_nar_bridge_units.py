@@ -31,10 +31,10 @@ from tvix.cli.common import CLIError
 from tvix.cli.nar_bridge import ListenAddress
 from tvix.nar_bridge import BasicAuth, decode_castore_nar, encode_castore_nar, load_credentials
 from tvix.nar_bridge.errors import BadRequest, RangeNotSatisfiable, UnsupportedMediaType
-from tvix.nar_bridge.nar import LayoutCache, NarLayout, render_full, render_range
 from tvix.nar_bridge.server import parse_range
 from tvix.nar_bridge.upload import NarBody
 from tvix.store.nar import render_nar
+from tvix.store.nar.seekable import LayoutCache, NarLayout, render_full, render_range
 
 
 async def _layout(tree: Path) -> tuple[MemoryBlobService, NarLayout]:

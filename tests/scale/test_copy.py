@@ -25,12 +25,11 @@ from tvix.store.copy import (
     copy_closure,
     leaves_first,
 )
+from tvix.store.errors import NotFoundError, UntrustedPathInfoError
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
-from tvix.store.pathinfoservice.nix_http import UntrustedPathError
 from tvix.store.reference_graph import parse_reference_graph
-from tvix.store.resolve import NotFoundError
 
 pytestmark = pytest.mark.nix
 
@@ -225,7 +224,7 @@ async def test_copy_between_stores(closure: Closure) -> None:
     source = StoreSource(
         blobs, dirs, infos, MemoryBlobService(), MemoryDirectoryService(), trusted_keys=[]
     )
-    with pytest.raises(UntrustedPathError):
+    with pytest.raises(UntrustedPathInfoError):
         await copy_closure(source, MemoryPathInfoService(), [_sp(closure.built)])
     with pytest.raises(NotFoundError):
         await copy_closure(source, MemoryPathInfoService(), [StorePath(b"\x07" * 20, "nope")])

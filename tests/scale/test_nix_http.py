@@ -24,15 +24,14 @@ from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import VerifyingKey
 from tvix.nixcompat.storepath import StorePath
 from tvix.store import pathinfoservice
+from tvix.store.binary_cache import BinaryCache
 from tvix.store.composition import Composition
-from tvix.store.errors import ListNotSupportedError
+from tvix.store.errors import ListNotSupportedError, UntrustedPathInfoError
 from tvix.store.nar import render_nar
-from tvix.store.pathinfoservice.nix_http import (
-    BinaryCache,
-    NixHTTPPathInfoService,
-    UntrustedPathError,
-)
+from tvix.store.pathinfoservice.base import PathInfoService
+from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 from tvix.store.testing.fixtures import path_info
+from tvix.store.testing.pathinfoservice import PathInfoServiceTests
 
 pytestmark = pytest.mark.nix
 
@@ -117,7 +116,7 @@ async def test_input_addressed_needs_a_trusted_signature(closure: Closure) -> No
     for keys in ([], [other]):
         svc = _service(closure.cache_url("none"), keys)
         try:
-            with pytest.raises(UntrustedPathError, match="scale-test-1"):
+            with pytest.raises(UntrustedPathInfoError, match="scale-test-1"):
                 await svc.get(_digest(closure.built))
             # Content-addressed paths pass without a trusted signature, as in Nix.
             for path in (closure.tree, closure.flat, closure.text):
@@ -340,3 +339,17 @@ async def test_from_urls_and_url_options(closure: Closure) -> None:
 def test_invalid_urls(url: str, message: str) -> None:
     with pytest.raises(InvalidURLError, match=message):
         pathinfoservice.from_url(url)
+
+
+class TestConformance(PathInfoServiceTests):
+    """The shipped suite, against a file:// cache the real ``nix copy`` wrote.
+
+    The service is read-only and cannot list: the suite checks that put and
+    list fail as the contract says and skips what needs them.
+    """
+
+    @pytest.fixture
+    async def path_info_service(self, closure: Closure) -> AsyncIterator[PathInfoService]:
+        svc = _service(f"file://{closure.caches['xz']}", [closure.public])
+        yield svc
+        await svc.close()

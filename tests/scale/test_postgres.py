@@ -138,7 +138,7 @@ async def test_damaged_rows(pg: PostgreSQL, pg_url: str) -> None:
         pg.psql(f"UPDATE {schema}.pathinfos SET data = '\\x0a0b'")
         with pytest.raises(IntegrityError):
             await dirs.get(DIRECTORY_A.digest)
-        with pytest.raises(StorageError, match="damaged"):
+        with pytest.raises(IntegrityError, match="damaged"):
             await infos.get(info.store_path.digest)
     finally:
         await dirs.close()

@@ -65,10 +65,10 @@ def test_invalid_urls(url: str, message: str) -> None:
         pathinfoservice.from_url(url)
 
 
-async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
+async def test_damaged_row_is_an_integrity_error(tmp_path: Path) -> None:
     import sqlite3
 
-    from tvix.castore.errors import StorageError
+    from tvix.castore.errors import IntegrityError
 
     db = tmp_path / "p.sqlite"
     svc = SQLitePathInfoService(str(db))
@@ -80,6 +80,6 @@ async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     svc = SQLitePathInfoService(str(db))
-    with pytest.raises(StorageError, match="is damaged"):
+    with pytest.raises(IntegrityError, match="is damaged"):
         await svc.get(info.store_path.digest)
     await svc.close()

@@ -1,4 +1,4 @@
-"""What every command shares: service addresses, the run loop, errors, progress."""
+"""What every command shares: service addresses, trust options, the run loop, errors, progress."""
 
 from __future__ import annotations
 
@@ -18,18 +18,23 @@ from tvix.castore.blobservice import BlobService
 from tvix.castore.directoryservice import DirectoryService
 from tvix.castore.errors import CastoreError
 from tvix.nixcompat.errors import NixCompatError
+from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
 from tvix.store.composition import Composition
 from tvix.store.errors import StoreError
 from tvix.store.pathinfoservice import PathInfoService
+from tvix.store.pathinfoservice.trust import TrustedPathInfoService
 
 __all__ = [
     "CLIError",
     "Progress",
     "Services",
     "add_service_args",
+    "add_trust_args",
     "default_data_dir",
     "open_services",
     "run",
+    "trusted_keys",
+    "trusted_services",
 ]
 
 log = logging.getLogger("tvix")
@@ -97,6 +102,61 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_trust_args(
+    parser: argparse.ArgumentParser,
+    *,
+    title: str = "trust",
+    description: str | None = None,
+    no_check_sigs: bool = False,
+    verify_nar: bool = False,
+) -> None:
+    """The trust options of commands reading PathInfos from sources they do not control.
+
+    ``--trusted-public-keys`` (env ``TVIX_TRUSTED_PUBLIC_KEYS``; ``None``
+    when not given), and, when asked for, ``--no-check-sigs`` and
+    ``--verify-nar``. Read them with :func:`trusted_keys`; what they mean is
+    a :class:`~tvix.store.trust.TrustPolicy`.
+    """
+    g = parser.add_argument_group(
+        title,
+        description
+        or "Blobs and directories verify themselves; PathInfos are only as good as their "
+        "signatures. With trusted keys, a PathInfo is used only when one of its signatures "
+        "verifies against one of them.",
+    )
+    g.add_argument(
+        "--trusted-public-keys",
+        default=os.environ.get("TVIX_TRUSTED_PUBLIC_KEYS") or None,
+        metavar="KEYS",
+        help="space-separated public keys (name:base64, as in Nix's trusted-public-keys); "
+        "PathInfos not signed by one of them are refused (env TVIX_TRUSTED_PUBLIC_KEYS)",
+    )
+    if no_check_sigs:
+        g.add_argument(
+            "--no-check-sigs",
+            action="store_true",
+            help="trust the source: do not require signatures (hashes are still checked)",
+        )
+    if verify_nar:
+        g.add_argument(
+            "--verify-nar",
+            action="store_true",
+            help="also recompute the NAR hash of each accepted PathInfo from the content its "
+            "root node points to (reads every blob once more) and refuse a mismatch: the "
+            "signature does not cover the root node",
+        )
+
+
+def trusted_keys(args: argparse.Namespace) -> dict[str, VerifyingKey] | None:
+    """The keys ``--trusted-public-keys`` names (``None`` when not given); :class:`CLIError`."""
+    if args.trusted_public_keys is None:
+        return None
+    try:
+        return parse_public_keys(args.trusted_public_keys)
+    except NixCompatError as e:
+        raise CLIError(f"--trusted-public-keys: {e}") from None
+
+
 @dataclass
 class Services:
     """The three services a command works with."""
@@ -144,6 +204,31 @@ async def open_services(
         composition = Composition.from_urls(*urls)
     async with composition:
         yield Services(*composition.build_all())
+
+
+def trusted_services(args: argparse.Namespace, services: Services) -> Services:
+    """``services`` with the PathInfo service wrapped in a trust check when keys are given.
+
+    For commands with ``add_trust_args(..., verify_nar=True)``.
+    """
+    keys = trusted_keys(args)
+    if keys is None:
+        if args.verify_nar:
+            raise CLIError(
+                "--verify-nar needs --trusted-public-keys (an unsigned NAR hash "
+                "vouches for nothing)"
+            )
+        return services
+    if not keys:
+        raise CLIError("--trusted-public-keys names no key: every store path would be refused")
+    checked = TrustedPathInfoService(
+        services.path_infos,
+        keys.values(),
+        verify_nar=args.verify_nar,
+        blob_service=services.blobs,
+        directory_service=services.directories,
+    )
+    return Services(services.blobs, services.directories, checked)
 
 
 class Progress:

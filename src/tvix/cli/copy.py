@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tvix.castore.errors import InvalidURLError
-from tvix.cli.common import CLIError, Services, open_services
-from tvix.nixcompat.errors import NixCompatError
-from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
+from tvix.cli.common import CLIError, Services, add_trust_args, open_services, trusted_keys
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
 from tvix.store.copy import (
@@ -88,18 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --reference-graph: read /nix/store/... under DIR (a chroot store's root)",
     )
-    trust = p.add_argument_group("trust (--from)")
-    trust.add_argument(
-        "--trusted-public-keys",
-        default=os.environ.get("TVIX_TRUSTED_PUBLIC_KEYS", ""),
-        metavar="KEYS",
-        help="space-separated name:base64 public keys; input-addressed paths need a "
-        "signature by one of them (env TVIX_TRUSTED_PUBLIC_KEYS)",
-    )
-    trust.add_argument(
-        "--no-check-sigs",
-        action="store_true",
-        help="trust the source: do not require signatures (hashes are still checked)",
+    add_trust_args(
+        p,
+        title="trust (--from)",
+        description="Input-addressed paths need a signature by one of the trusted keys; "
+        "content-addressed ones pass without, their content checked against their address.",
+        no_check_sigs=True,
     )
     p.add_argument(
         "-j",
@@ -152,13 +143,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _keys(text: str) -> list[VerifyingKey]:
-    try:
-        return list(parse_public_keys(text).values())
-    except NixCompatError as e:
-        raise CLIError(f"--trusted-public-keys: {e}") from None
-
-
 def _store_paths(texts: list[str]) -> list[StorePath]:
     out = []
     for text in texts:
@@ -171,7 +155,7 @@ def _store_paths(texts: list[str]) -> list[StorePath]:
 
 @contextlib.asynccontextmanager
 async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[PathSource]:
-    keys = _keys(args.trusted_public_keys)
+    keys = list((trusted_keys(args) or {}).values())
     require = not args.no_check_sigs
     if args.from_store_composition is not None:
         composition = Composition.from_file(args.from_store_composition)

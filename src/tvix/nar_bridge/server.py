@@ -48,7 +48,6 @@ from tvix.nar_bridge.errors import (
     is_unexpected,
     status_for,
 )
-from tvix.nar_bridge.nar import LayoutCache, render_full, render_range
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
@@ -62,6 +61,7 @@ from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import ingest_nar_stream
+from tvix.store.nar.seekable import LayoutCache, render_full, render_range
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -444,16 +444,7 @@ class NarBridge:
             raise BadRequest(
                 f"NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar_size} bytes"
             )
-        return PathInfo(
-            store_path=store_path,
-            node=node.renamed(store_path.base_name.encode()),
-            nar_size=nar_size,
-            nar_sha256=narinfo.nar_hash,
-            references=narinfo.references,
-            signatures=narinfo.signatures,
-            deriver=narinfo.deriver,
-            ca=narinfo.ca,
-        )
+        return PathInfo.from_narinfo(narinfo, node)
 
 
 def _file_name_of(url: str) -> NarFileName | None:

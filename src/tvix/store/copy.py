@@ -44,10 +44,12 @@ from tvix.castore.nodes import DirectoryNode, FileNode, Node
 from tvix.nixcompat.signing import VerifyingKey
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.concurrency import bounded, first_error
-from tvix.store.nar.calculate import calculate_nar
+from tvix.store.errors import (
+    NotFoundError,
+)
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
-from tvix.store.resolve import NotFoundError
+from tvix.store.trust import TrustPolicy
 
 __all__ = [
     "BinaryCacheSource",
@@ -108,8 +110,8 @@ class BinaryCacheSource(PathSource):
 
     Fetching is :class:`~tvix.store.pathinfoservice.nix_http.NixHTTPPathInfoService`'s
     lookup: the narinfo's trust is checked as Nix does (a signature by a
-    trusted key, or a content-addressed path), the NAR's hash and size and
-    a content address are verified.
+    trusted key, or a content-addressed path; or ``policy``), the NAR's
+    hash and size and a content address are verified.
     """
 
     def __init__(
@@ -120,9 +122,11 @@ class BinaryCacheSource(PathSource):
         *,
         trusted_keys: Iterable[VerifyingKey] = (),
         require_sigs: bool = True,
+        policy: TrustPolicy | None = None,
     ) -> None:
         # Imported here: aiohttp is slow to import and only needed for caches.
-        from tvix.store.pathinfoservice.nix_http import BinaryCache, NixHTTPPathInfoService
+        from tvix.store.binary_cache import BinaryCache
+        from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 
         self._service = NixHTTPPathInfoService(
             BinaryCache(url),
@@ -130,6 +134,7 @@ class BinaryCacheSource(PathSource):
             directory_service,
             trusted_keys=list(trusted_keys),
             require_sigs=require_sigs,
+            policy=policy,
         )
         self.description = f"binary cache {self._service.cache.url}"
 
@@ -145,13 +150,15 @@ class StoreSource(PathSource):
 
     Blobs and Directories are copied as they are (each verified against its
     digest on the way; what the destination has is skipped: a stored
-    Directory implies its whole tree). PathInfos are checked as Nix checks
-    substitutes, unless ``require_sigs`` is false: a signature by one of
-    ``trusted_keys``, or a content-addressed store path, and then the NAR of
-    the copied content must have the signed (or content-addressed) hash and
-    size, since a signature covers the NAR hash, not the root node that
-    says where the content is. Without ``require_sigs`` the source is
-    trusted as it is.
+    Directory implies its whole tree). PathInfos are checked by ``policy``
+    (default: from ``trusted_keys`` and ``require_sigs``, as Nix checks
+    substitutes unless ``require_sigs`` is false): a signature by one of
+    ``trusted_keys``, or a content-addressed store path, before anything is
+    copied; and then the NAR of the copied
+    content must have the signed (or content-addressed) hash and size,
+    since a signature covers the NAR hash, not the root node that says
+    where the content is. Without ``require_sigs`` the source is trusted as
+    it is.
     """
 
     def __init__(
@@ -164,6 +171,7 @@ class StoreSource(PathSource):
         *,
         trusted_keys: Iterable[VerifyingKey] = (),
         require_sigs: bool = True,
+        policy: TrustPolicy | None = None,
         description: str = "source store",
     ) -> None:
         self._blobs = blob_service
@@ -171,29 +179,21 @@ class StoreSource(PathSource):
         self._infos = path_info_service
         self._dest_blobs = dest_blob_service
         self._dest_dirs = dest_directory_service
-        self._keys = {k.name: k for k in trusted_keys}
-        self._require_sigs = require_sigs
+        self.policy = policy or TrustPolicy(
+            trusted_keys, require_sigs=require_sigs, accept_ca=require_sigs, verify_nar=require_sigs
+        )
         self.description = description
 
     async def fetch(self, path: StorePath) -> PathInfo | None:
-        from tvix.store.pathinfoservice.nix_http import check_ca_content, check_trust
-
         info = await self._infos.get(path.digest)
         if info is None:
             return None
         if info.store_path != path:
             raise IntegrityError(f"{self.description} returned the PathInfo of {info.store_path}")
-        check_trust(info.to_narinfo(), self._keys, self._require_sigs)
+        self.policy.check_signatures(info)
         await self._copy_node(info.node)
-        if self._require_sigs:
-            size, sha256 = await calculate_nar(self._dest_blobs, self._dest_dirs, info.node)
-            if (size, sha256) != (info.nar_size, info.nar_sha256):
-                raise IntegrityError(
-                    f"{self.description}: the content of {path} is not the NAR its PathInfo "
-                    f"describes (NAR size {size}, claimed {info.nar_size})"
-                )
-            if info.ca is not None:
-                await check_ca_content(self._dest_blobs, self._dest_dirs, info, info.ca)
+        # Checked in the destination: what was copied is what will be served.
+        await self.policy.check_content(info, self._dest_blobs, self._dest_dirs)
         return info
 
     async def _copy_node(self, node: Node) -> None:
@@ -245,7 +245,7 @@ async def copy_closure(
     """Copy ``roots`` and everything they refer to, transitively, from ``source`` to ``dest``.
 
     At most ``jobs`` paths are fetched at a time. Raises
-    :class:`~tvix.store.resolve.NotFoundError` if the source lacks a path
+    :class:`~tvix.store.errors.NotFoundError` if the source lacks a path
     of the closure, and whatever the source raises for a path it cannot
     vouch for; paths copied before a failure stay copied (see the module
     docs), the others are not registered.

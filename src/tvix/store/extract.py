@@ -58,11 +58,10 @@ from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.nodes import DirectoryNode, Node
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.concurrency import gather_all
-from tvix.store.errors import StoreError
+from tvix.store.errors import ExtractError, NotFoundError
 from tvix.store.nar.render import load_closure
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
-from tvix.store.resolve import NotFoundError
 from tvix.store.tree_writer import (
     DIRECTORY_MODE,
     EXECUTABLE_MODE,
@@ -88,10 +87,6 @@ __all__ = [
 
 # Directory closures fetched at once when extracting several store paths.
 CLOSURE_CONCURRENCY = 16
-
-
-class ExtractError(StoreError):
-    """The destination cannot be used (it exists, or its parent is not a directory)."""
 
 
 # -- placing the result ---------------------------------------------------------------------
@@ -235,7 +230,7 @@ async def path_info_closure(
 
     Breadth-first from the ones given, each store path once; the PathInfos
     of one level are asked for concurrently. Raises
-    :class:`~tvix.store.resolve.NotFoundError` naming a store path that is
+    :class:`~tvix.store.errors.NotFoundError` naming a store path that is
     not in the store (and what refers to it).
     """
     found: dict[StorePath, PathInfo] = {}

@@ -28,7 +28,7 @@ from tvix.nixcompat.signing import Signature
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.concurrency import first_error
 from tvix.store.copy import CopyObserver, CopyResult
-from tvix.store.errors import NarMismatchError, StoreError
+from tvix.store.errors import InvalidReferenceGraphError, NarMismatchError
 from tvix.store.nar.hasher import NarHasher
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
@@ -39,10 +39,6 @@ __all__ = [
     "import_reference_graph",
     "parse_reference_graph",
 ]
-
-
-class InvalidReferenceGraphError(StoreError):
-    """A reference graph file is not what ``exportReferencesGraph`` writes."""
 
 
 @dataclass(frozen=True)

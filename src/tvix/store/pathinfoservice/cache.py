@@ -30,7 +30,8 @@ class CachePathInfoService(PathInfoService):
         :class:`~tvix.castore.errors.IntegrityError`, and nothing is cached);
         put a signature-checking service in front of an untrusted ``far``.
         :meth:`list` asks ``far`` only (``near`` holds a subset of it), and
-        :attr:`supports_list` is ``far``'s.
+        :attr:`supports_list` is ``far``'s; :attr:`supports_put` holds when
+        both can put.
     Writes
         :meth:`put` stores into ``far`` (the source of truth) first, then
         puts what ``far`` returned (it may have added signatures) into
@@ -46,10 +47,13 @@ class CachePathInfoService(PathInfoService):
         self.near = near
         self.far = far
 
-    # The base declares a class constant; a wrapper can only know its own per instance.
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return self.far.supports_list
+
+    @property
+    def supports_put(self) -> bool:
+        return self.far.supports_put and self.near.supports_put
 
     async def get(self, digest: bytes) -> PathInfo | None:
         digest = check_digest(digest)

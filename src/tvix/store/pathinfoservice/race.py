@@ -8,7 +8,7 @@ or build it directly. Each kind has its race combinator and config.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from tvix.castore.composition import BuildContext
@@ -16,14 +16,11 @@ from tvix.castore.errors import CastoreError, IntegrityError
 from tvix.castore.race import RaceConfig, first_answer
 from tvix.store.errors import StoreError
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.pathinfoservice.base import Check, PathInfoService, check_digest
 
 __all__ = ["Check", "RacePathInfoService", "RacePathInfoServiceConfig"]
 
 log = logging.getLogger(__name__)
-
-Check = Callable[[PathInfo], Awaitable[None]]
-"""Vets a PathInfo a source returned: returns to accept it, raises to refuse it."""
 
 
 class RacePathInfoService(PathInfoService):
@@ -33,8 +30,9 @@ class RacePathInfoService(PathInfoService):
     store path asked for, and it passes ``check`` (when given) — a
     :data:`Check`, typically a signature check (see
     :class:`~tvix.store.pathinfoservice.trust.TrustedPathInfoService`, which
-    hands its check to a race it wraps so that an unsigned answer from a
-    fast source does not hide a signed one from a slower source).
+    hands its check to what it wraps through :meth:`get_checked`, so that
+    an unsigned answer from a fast source does not hide a signed one from a
+    slower source).
 
     Reads
         :meth:`get` asks every source at once; the first acceptable answer
@@ -42,12 +40,13 @@ class RacePathInfoService(PathInfoService):
         refused, or which fails, is logged and skipped. ``None`` only when
         every source says absent; if none gave an acceptable answer and some
         failed or were refused, that is raised (e.g. the check's own error).
-        :meth:`get_checked` does the same with another check.
+        :meth:`get_checked` does the same with another check (run inside
+        the race, after ``check``).
         :meth:`list` is not raced: it streams each source's listing in turn,
         each store path once (the first source's copy; later copies are
         not compared), leaving out (with a warning) what ``check`` refuses;
         :attr:`supports_list` holds when
-        every source can list.
+        every source can list; :attr:`supports_put` is the first source's.
     Writes
         :meth:`put` stores into the first source only (the primary) and
         returns what it stored; the others are mirrors this service only
@@ -64,16 +63,32 @@ class RacePathInfoService(PathInfoService):
         self.sources = list(sources)
         self.check = check
 
-    # The base declares a class constant; a combinator can only know its own per instance.
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return all(s.supports_list for s in self.sources)
 
-    async def get(self, digest: bytes) -> PathInfo | None:
-        return await self.get_checked(digest, self.check)
+    @property
+    def supports_put(self) -> bool:
+        return self.sources[0].supports_put
 
-    async def get_checked(self, digest: bytes, check: Check | None) -> PathInfo | None:
-        """Like :meth:`get`, accepting only answers that pass ``check`` (``None``: any)."""
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await self._race(digest, self.check)
+
+    async def get_checked(self, digest: bytes, check: Check) -> PathInfo | None:
+        return await self._race(digest, self._and_own_check(check))
+
+    def _and_own_check(self, check: Check) -> Check:
+        own = self.check
+        if own is None:
+            return check
+
+        async def both(info: PathInfo) -> None:
+            await own(info)
+            await check(info)
+
+        return both
+
+    async def _race(self, digest: bytes, check: Check | None) -> PathInfo | None:
         digest = check_digest(digest)
 
         async def ask(source: PathInfoService) -> PathInfo | None:

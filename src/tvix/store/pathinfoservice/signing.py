@@ -24,7 +24,7 @@ class SigningPathInfoService(PathInfoService):
     Reads
         :meth:`get` and :meth:`list` go to ``inner`` unchanged (PathInfos
         stored there earlier, or by others, may be unsigned);
-        :attr:`supports_list` is ``inner``'s.
+        :attr:`supports_list` and :attr:`supports_put` are ``inner``'s.
     Writes
         :meth:`put` signs the PathInfo's fingerprint with ``key`` (replacing
         an earlier signature by a key of the same name, keeping the others),
@@ -37,10 +37,13 @@ class SigningPathInfoService(PathInfoService):
         self.inner = inner
         self.key = key
 
-    # The base declares a class constant; a wrapper can only know its own per instance.
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return self.inner.supports_list
+
+    @property
+    def supports_put(self) -> bool:
+        return self.inner.supports_put
 
     async def get(self, digest: bytes) -> PathInfo | None:
         return await self.inner.get(digest)

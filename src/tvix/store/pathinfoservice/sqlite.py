@@ -1,9 +1,11 @@
 """``sqlite:///path/file.sqlite``: PathInfos in an embedded SQLite database.
 
-Shares the plumbing (one connection in its own thread, WAL with
-``synchronous=FULL``, versioned schema) with the SQLite directory service;
+Shares the plumbing (:class:`~tvix.castore.sql.sqlite.SQLiteDatabase`: one
+connection in its own thread, WAL with ``synchronous=FULL``, versioned
+schema) with the SQLite directory service;
 both may live in one file. A PathInfo is stored as its protobuf encoding
-under the 20-byte digest of its store path, and validated when read back.
+under the 20-byte digest of its store path, and validated when read back
+(:mod:`tvix.store.sql`; damage raises :class:`~tvix.castore.errors.IntegrityError`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,11 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
-
-from tvix._proto import store_pb2
 from tvix.castore.composition import BuildContext
-from tvix.castore.directoryservice.sqlite import SQLiteConfig, SQLiteDatabase
-from tvix.castore.errors import StorageError
-from tvix.store.errors import InvalidPathInfoError
+from tvix.castore.sql.sqlite import SQLiteConfig, SQLiteDatabase
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
-from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
+from tvix.store.sql import decode_pathinfo, encode_pathinfo
 
 __all__ = ["SQLitePathInfoService", "SQLitePathInfoServiceConfig"]
 
@@ -38,16 +35,6 @@ _MIGRATIONS = [
 LIST_PAGE = 1000
 
 
-def _decode(digest: bytes, data: bytes) -> PathInfo:
-    try:
-        info = pathinfo_from_proto(store_pb2.PathInfo.FromString(data))
-    except (InvalidPathInfoError, DecodeError, ValueError) as e:
-        raise StorageError(f"stored PathInfo {digest.hex()} is damaged: {e}") from e
-    if info.store_path.digest != digest:
-        raise StorageError(f"stored PathInfo {digest.hex()} is for {info.store_path}")
-    return info
-
-
 class SQLitePathInfoService(PathInfoService):
     """PathInfos in an SQLite database file (``:memory:`` for a private one)."""
 
@@ -62,10 +49,10 @@ class SQLitePathInfoService(PathInfoService):
             return None if row is None else bytes(row[0])
 
         data = await self._db.run(get)
-        return None if data is None else _decode(key, data)
+        return None if data is None else decode_pathinfo(key, data)
 
     async def put(self, info: PathInfo) -> PathInfo:
-        data = pathinfo_to_proto(info).SerializeToString(deterministic=True)
+        data = encode_pathinfo(info)
         key = info.store_path.digest
 
         def put(conn: sqlite3.Connection) -> None:
@@ -95,7 +82,7 @@ class SQLitePathInfoService(PathInfoService):
 
             rows = await self._db.run(page)
             for digest, data in rows:
-                yield _decode(digest, data)
+                yield decode_pathinfo(digest, data)
             if len(rows) < LIST_PAGE:
                 return
             after = rows[-1][0]

@@ -17,46 +17,46 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import IntegrityError, ValidationError
-from tvix.nixcompat import nixbase32
 from tvix.nixcompat.errors import InvalidKeyError
 from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
-from tvix.store.errors import StoreError
+from tvix.store.errors import UntrustedPathInfoError
 from tvix.store.nar.calculate import NarCalculation, NarCalculator
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice.base import PathInfoService, check_digest
-from tvix.store.pathinfoservice.race import RacePathInfoService
+from tvix.store.pathinfoservice.base import Check, PathInfoService, check_digest
+from tvix.store.trust import TrustPolicy
 
 __all__ = ["TrustedPathInfoService", "TrustedPathInfoServiceConfig", "UntrustedPathInfoError"]
 
 log = logging.getLogger(__name__)
 
 
-class UntrustedPathInfoError(StoreError):
-    """A PathInfo was refused: no signature by a trusted key, or its NAR is not the signed one."""
-
-
 class TrustedPathInfoService(PathInfoService):
     """Passes on a PathInfo from ``inner`` only when one of its signatures verifies.
 
-    The signature covers the fingerprint Nix signs (store path, NAR hash,
-    NAR size, references), not the root node that says where the contents
-    are in castore. With ``verify_nar``, a PathInfo whose signature verifies
-    is also checked against its contents: the NAR of its root node is
-    rendered from ``blob_service`` and ``directory_service`` (every blob is
-    read) and its sha256 and size must be the signed ones, so a PathInfo
-    whose root node was swapped is refused too. NAR results are remembered
-    per root node (see :class:`~tvix.store.nar.calculate.NarCalculator`).
+    The check is a :class:`~tvix.store.trust.TrustPolicy` requiring a
+    signature by one of ``trusted_keys`` (content-addressed paths get no
+    exemption here). The signature covers the fingerprint Nix signs (store
+    path, NAR hash, NAR size, references), not the root node that says
+    where the contents are in castore. With ``verify_nar``, a PathInfo whose
+    signature verifies is also checked against its contents: the NAR of its
+    root node is rendered from ``blob_service`` and ``directory_service``
+    (every blob is read) and its sha256 and size must be the signed ones, so
+    a PathInfo whose root node was swapped is refused too. NAR results are
+    remembered per root node (see
+    :class:`~tvix.store.nar.calculate.NarCalculator`).
 
     Reads
-        :meth:`get` asks ``inner`` and returns its PathInfo when it passes
-        :meth:`check`; a refused PathInfo raises
-        :class:`UntrustedPathInfoError` naming why (it is not treated as
-        absent: the caller learns that something untrusted was offered).
-        When ``inner`` is a
+        :meth:`get` asks ``inner`` (through
+        :meth:`~tvix.store.pathinfoservice.base.PathInfoService.get_checked`)
+        and returns its PathInfo when it passes :meth:`check`; a refused
+        PathInfo raises :class:`~tvix.store.errors.UntrustedPathInfoError`
+        naming why (it is not treated as absent: the caller learns that
+        something untrusted was offered). When ``inner`` is a
         :class:`~tvix.store.pathinfoservice.race.RacePathInfoService`, the
         check runs inside the race, so a refused answer only disqualifies
         its source and a slower source's trusted answer can still win.
         :meth:`list` leaves out (with a warning) what the check refuses.
+        :attr:`supports_list` and :attr:`supports_put` are ``inner``'s.
     Writes
         :meth:`put` stores into ``inner`` unchanged (no check: the writer
         vouches for what it writes). A PathInfo put without a trusted
@@ -78,18 +78,24 @@ class TrustedPathInfoService(PathInfoService):
         nar_calculator: NarCalculation | None = None,
     ) -> None:
         self.inner = inner
-        self.trusted_keys = {k.name: k for k in trusted_keys}
+        self.policy = TrustPolicy(trusted_keys, verify_nar=verify_nar)
+        self.trusted_keys = self.policy.keys
         self.verify_nar = verify_nar
+        self._blobs = blob_service
+        self._dirs = directory_service
         self._calc: NarCalculation | None = nar_calculator
         if verify_nar and self._calc is None:
             if blob_service is None or directory_service is None:
                 raise ValueError("verify_nar needs the blob and directory services")
             self._calc = NarCalculator(blob_service, directory_service)
 
-    # The base declares a class constant; a wrapper can only know its own per instance.
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return self.inner.supports_list
+
+    @property
+    def supports_put(self) -> bool:
+        return self.inner.supports_put
 
     async def check(self, info: PathInfo) -> None:
         """Return if ``info`` is trusted, else raise :class:`UntrustedPathInfoError`.
@@ -97,33 +103,25 @@ class TrustedPathInfoService(PathInfoService):
         Content missing for ``verify_nar`` raises the castore error (a
         :class:`~tvix.castore.errors.StorageError`).
         """
-        if not info.verify(self.trusted_keys.values()):
-            signers = sorted({s.name for s in info.signatures})
-            raise UntrustedPathInfoError(
-                f"{info.store_path} is not signed by a trusted key "
-                f"({'signed by ' + ', '.join(signers) if signers else 'unsigned'}; "
-                f"trusted: {', '.join(sorted(self.trusted_keys)) or 'none'})"
-            )
+        self.policy.check_signatures(info)
         if self._calc is not None:
-            size, sha256 = await self._calc.calculate(info.node)
-            if (size, sha256) != (info.nar_size, info.nar_sha256):
-                raise UntrustedPathInfoError(
-                    f"{info.store_path}: the contents its root node points to have NAR "
-                    f"sha256:{nixbase32.encode(sha256)} ({size} bytes), not the signed "
-                    f"sha256:{nixbase32.encode(info.nar_sha256)} ({info.nar_size} bytes)"
+            await self.policy.check_content(
+                info, self._blobs, self._dirs, nar_calculator=self._calc
+            )
+
+    def _check_for(self, digest: bytes) -> Check:
+        async def check(info: PathInfo) -> None:
+            if info.store_path.digest != digest:
+                raise IntegrityError(
+                    f"PathInfo {digest.hex()}: inner answered with {info.store_path}"
                 )
+            await self.check(info)
+
+        return check
 
     async def get(self, digest: bytes) -> PathInfo | None:
         digest = check_digest(digest)
-        if isinstance(self.inner, RacePathInfoService):
-            return await self.inner.get_checked(digest, self.check)
-        info = await self.inner.get(digest)
-        if info is None:
-            return None
-        if info.store_path.digest != digest:
-            raise IntegrityError(f"PathInfo {digest.hex()}: inner answered with {info.store_path}")
-        await self.check(info)
-        return info
+        return await self.inner.get_checked(digest, self._check_for(digest))
 
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.inner.put(info)
