@@ -92,7 +92,7 @@ def test_valid(
     [
         (L2R, None, [DIRECTORY_B, DIRECTORY_A], None, "sent after a Directory that refers to it"),
         (L2R, None, [DIRECTORY_WITH_KEEP, LIAR], None, "gives size 42 for Directory"),
-        (L2R, None, [SPLIT], None, "gives size 42"),
+        (L2R, None, [DIRECTORY_WITH_KEEP, SPLIT], None, "gives size 42"),
         (R2L, DIRECTORY_C.digest, [DIRECTORY_B], None, "sent first"),
         (R2L, None, [DIRECTORY_B, DIRECTORY_WITH_KEEP], None, "which no Directory sent before"),
         (R2L, None, [DIRECTORY_B, DIRECTORY_A, DIRECTORY_A], None, "sent twice"),
@@ -143,26 +143,42 @@ def test_invalid(
         assert raised.value.problem == problem
 
 
-def test_dangling_resolved_by_stored_sizes() -> None:
+def test_dangling_resolved_by_stored_directories() -> None:
     graph = DirectoryGraph(L2R)
     graph.add(DIRECTORY_C)
     graph.add(DIRECTORY_COMPLICATED)
     dangling = graph.dangling()
     assert list(dangling) == [DIRECTORY_WITH_KEEP.digest]
     assert dangling[DIRECTORY_WITH_KEEP.digest].parent == DIRECTORY_COMPLICATED.digest
-    with pytest.raises(ClosureError, match="gives size"):
-        graph.validate({DIRECTORY_WITH_KEEP.digest: 7})
-    assert graph.validate({DIRECTORY_WITH_KEEP.digest: DIRECTORY_WITH_KEEP.size}) == (
+    assert graph.validate({DIRECTORY_WITH_KEEP.digest: DIRECTORY_WITH_KEEP}) == (
         DIRECTORY_COMPLICATED.digest
     )
     assert graph.drain_leaves_to_root() == [DIRECTORY_C, DIRECTORY_COMPLICATED]
+    liar = DirectoryGraph(L2R)
+    liar.add(LIAR)
+    with pytest.raises(ClosureError, match="gives size 42"):
+        liar.validate({DIRECTORY_WITH_KEEP.digest: DIRECTORY_WITH_KEEP})
+
+
+def test_references_that_disagree_are_each_checked() -> None:
+    """Two sizes for one dangling Directory: fine if both are valid for it, else refused."""
+    old_rule = DirectoryNode(b"a", DIRECTORY_WITH_KEEP.digest, 1)  # entries + sums
+    new_rule = DirectoryNode(b"b", DIRECTORY_WITH_KEEP.digest, 2)  # upstream's 2 x entries
+    both = Directory(directories=[old_rule, new_rule])
+    graph = DirectoryGraph(L2R)
+    graph.add(both)
+    assert graph.validate({DIRECTORY_WITH_KEEP.digest: DIRECTORY_WITH_KEEP}) == both.digest
+    graph = DirectoryGraph(L2R)
+    graph.add(SPLIT)
+    with pytest.raises(ClosureError, match="gives size 42"):
+        graph.validate({DIRECTORY_WITH_KEEP.digest: DIRECTORY_WITH_KEEP})
 
 
 def test_stored_sizes_do_not_complete_other_orders() -> None:
     graph = DirectoryGraph(R2L)
     graph.add(DIRECTORY_B)
     with pytest.raises(ClosureError, match="not sent before"):
-        graph.validate({DIRECTORY_A.digest: DIRECTORY_A.size})
+        graph.validate({DIRECTORY_A.digest: DIRECTORY_A})
 
 
 def test_leaves_to_root_deep_and_missing() -> None:

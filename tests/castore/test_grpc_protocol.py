@@ -622,7 +622,7 @@ COMPLICATED_BFS = [DIRECTORY_COMPLICATED, DIRECTORY_C, DIRECTORY_WITH_KEEP]
         (DIRECTORY_B, [DIRECTORY_B, DIRECTORY_A, DIRECTORY_WITH_KEEP], "no Directory received"),
         (DIRECTORY_B, [DIRECTORY_B, DIRECTORY_A, DIRECTORY_A], "a second time"),
         (DIRECTORY_COMPLICATED, COMPLICATED_BFS[:2], "without 1 Directories"),
-        (LIAR, [LIAR, DIRECTORY_WITH_KEEP], "of size 1, referred to with size 42"),
+        (LIAR, [LIAR, DIRECTORY_WITH_KEEP], "of size 2, referred to with size 42"),
         (DIRECTORY_B, [DIRECTORY_B, UNSORTED], "invalid Directory.*not sorted"),
     ],
     ids=["wrong-root", "unreferenced", "twice", "truncated", "wrong-size", "invalid"],

@@ -73,8 +73,8 @@ async def test_file_layout(tmp_path: Path) -> None:
         assert conn.execute("SELECT * FROM tvix_schema").fetchall() == [("castore.directories", 1)]
         rows = conn.execute("SELECT digest, data, size FROM directories ORDER BY size").fetchall()
         assert rows == [
-            (DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.encode(), 1),
-            (DIRECTORY_C.digest, DIRECTORY_C.encode(), 4),
+            (DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.encode(), 2),
+            (DIRECTORY_C.digest, DIRECTORY_C.encode(), 8),
         ]
     finally:
         conn.close()

@@ -51,8 +51,10 @@ class Directory:
     _encoded: bytes | None
     _digest: B3Digest | None
     size: int
-    """Entries below this directory: its own entries plus each child
-    directory's ``size``. This is the ``size`` of a DirectoryNode pointing here."""
+    """The ``size`` a DirectoryNode pointing here gets, computed as every
+    upstream tvix-store (since August 2024) and snix do: ``2·entries + Σ`` the
+    child directories' sizes (each entry counts once, and once more; see
+    :meth:`accepts_size` for the other rules in use)."""
 
     def __init__(
         self,
@@ -79,7 +81,7 @@ class Directory:
             if len(names) != len(dirs) + len(fls) + len(syms):
                 dup = _first_duplicate(dirs, fls, syms)
                 raise ValidationError(f"invalid Directory: duplicate name {dup!r}")
-        size = len(dirs) + len(fls) + len(syms) + sum(d.size for d in dirs)
+        size = 2 * (len(dirs) + len(fls) + len(syms)) + sum(d.size for d in dirs)
         if size > MAX_SIZE:
             raise ValidationError("invalid Directory: size overflows a uint64")
         setattr_ = object.__setattr__
@@ -145,8 +147,26 @@ class Directory:
         return digest
 
     def accepts_size(self, size: int) -> bool:
-        """Whether a DirectoryNode pointing here may give ``size`` as its size."""
-        return size == self.size
+        """Whether a DirectoryNode pointing here may give ``size`` as its size.
+
+        Every rule a known writer uses is accepted, so closures written by
+        any of them stay valid (``Σ`` is the sum of the child directories'
+        sizes as this Directory gives them):
+
+        - ``entries + Σ``: the protocol's documented rule, which tvix-store
+          before August 2024 and this project before adopting upstream's
+          wrote;
+        - ``2·entries + Σ``: what upstream computes since then (:attr:`size`);
+        - ``files + symlinks + 2·directories + Σ``: what the newest snix
+          sources move to.
+        """
+        entries = len(self.directories) + len(self.files) + len(self.symlinks)
+        below = self.size - 2 * entries
+        return size in (
+            self.size,
+            entries + below,
+            len(self.files) + len(self.symlinks) + 2 * len(self.directories) + below,
+        )
 
     def nodes(self) -> Iterator[Node]:
         """Every entry, directories, files and symlinks merged in name order."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -11,8 +11,8 @@ from tvix.castore.directoryservice.graph import DirectoryGraph, Order
 
 __all__ = ["BufferedDirectoryPutter", "ClosureValidator"]
 
-# Looks up the sizes of already-stored Directories: digest -> size, absent ones left out.
-SizeLookup = Callable[[list[B3Digest]], Awaitable[dict[B3Digest, int]]]
+# Looks up already-stored Directories (absent ones left out), which a closure may refer to.
+StoredLookup = Callable[[list[B3Digest]], Awaitable[Mapping[B3Digest, Directory]]]
 
 
 class ClosureValidator:
@@ -20,7 +20,7 @@ class ClosureValidator:
 
     A :class:`~tvix.castore.directoryservice.graph.DirectoryGraph` in
     leaves-to-root order; references to Directories not sent earlier are
-    resolved against the store (through a :data:`SizeLookup`) at
+    resolved against the store (through a :data:`StoredLookup`) at
     :meth:`finalize`.
     """
 
@@ -31,7 +31,7 @@ class ClosureValidator:
         """Accept ``directory``; raises :class:`ValidationError` on a size mismatch."""
         self._graph.add(directory)
 
-    async def finalize(self, lookup: SizeLookup | None) -> tuple[B3Digest, list[Directory]]:
+    async def finalize(self, lookup: StoredLookup | None) -> tuple[B3Digest, list[Directory]]:
         """The root's digest and the new Directories leaves-first, each once.
 
         Raises :class:`ValidationError` if the closure is empty, refers to
@@ -39,7 +39,7 @@ class ClosureValidator:
         means nothing is stored), or holds Directories unreachable from the root.
         """
         graph = self._graph
-        stored: dict[B3Digest, int] = {}
+        stored: Mapping[B3Digest, Directory] = {}
         dangling = graph.dangling()
         if dangling and lookup is not None and graph.root is not None:
             stored = await lookup(list(dangling))
@@ -57,7 +57,7 @@ class BufferedDirectoryPutter(DirectoryPutter):
     transaction); ``lookup`` resolves references to already-stored ones.
     """
 
-    def __init__(self, commit: Commit, lookup: SizeLookup | None) -> None:
+    def __init__(self, commit: Commit, lookup: StoredLookup | None) -> None:
         self._validator = ClosureValidator()
         self._commit = commit
         self._lookup = lookup

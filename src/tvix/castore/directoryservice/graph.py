@@ -131,6 +131,8 @@ class DirectoryGraph:
         self._nodes: dict[B3Digest, Directory] = {}
         # Referred to, not added (yet): the latest reference to each.
         self._dangling: dict[B3Digest, Reference] = {}
+        # Dangling Directories referred to with more than one size: a reference per size.
+        self._claims: dict[B3Digest, list[Reference]] = {}
         self._last: Directory | None = None
 
     def __len__(self) -> int:
@@ -188,27 +190,26 @@ class DirectoryGraph:
                     digest,
                 )
         if ref is not None:
-            if ref.size != directory.size:
-                raise _wrong_size("size-of-added", digest, ref, directory.size)
+            for claimed in self._claims.pop(digest, [ref]):
+                if not directory.accepts_size(claimed.size):
+                    raise _wrong_size("size-of-added", digest, claimed, directory.size)
             del self._dangling[digest]
         for child in directory.directories:
+            reference = Reference(child.name, child.size, digest)
             known = self._nodes.get(child.digest)
             if known is not None:
-                known_size = known.size
-            else:
-                other = self._dangling.get(child.digest)
-                # The latest reference is the one errors name.
-                self._dangling[child.digest] = Reference(child.name, child.size, digest)
-                if other is None:
-                    continue
-                known_size = other.size
-            if known_size != child.size:
-                raise _wrong_size(
-                    "size-in-reference",
-                    child.digest,
-                    Reference(child.name, child.size, digest),
-                    known_size,
-                )
+                if not known.accepts_size(child.size):
+                    raise _wrong_size("size-in-reference", child.digest, reference, known.size)
+                continue
+            other = self._dangling.get(child.digest)
+            # The latest reference is the one errors name; references that give
+            # other sizes (a closure may mix Directories written under different
+            # size rules, see Directory.accepts_size) are each checked later.
+            self._dangling[child.digest] = reference
+            if other is not None and other.size != child.size:
+                claims = self._claims.setdefault(child.digest, [other])
+                if all(c.size != child.size for c in claims):
+                    claims.append(reference)
         self._nodes[digest] = directory
         return True
 
@@ -216,10 +217,10 @@ class DirectoryGraph:
         """Directories referred to but not added: digest -> the latest reference to it."""
         return dict(self._dangling)
 
-    def validate(self, stored: Mapping[B3Digest, int] | None = None) -> B3Digest:
+    def validate(self, stored: Mapping[B3Digest, Directory] | None = None) -> B3Digest:
         """Check the graph is one complete closure; returns its root.
 
-        ``stored`` gives the sizes of Directories stored already, which
+        ``stored`` gives Directories stored already, which
         dangling references may refer to (LEAVES_TO_ROOT only: the other
         orders must be complete). Raises :class:`ClosureError` when nothing was
         added, a reference dangles (or names another size than the stored
@@ -234,8 +235,8 @@ class DirectoryGraph:
             )
         have = stored if stored is not None and self.order is Order.LEAVES_TO_ROOT else {}
         for digest, ref in self._dangling.items():
-            size = have.get(digest)
-            if size is None:
+            known = have.get(digest)
+            if known is None:
                 raise ClosureError(
                     "missing",
                     f"invalid closure: {ref.name!r} refers to Directory {digest.hex()}, "
@@ -244,8 +245,9 @@ class DirectoryGraph:
                     reference=ref,
                     count=len(self._dangling),
                 )
-            if size != ref.size:
-                raise _wrong_size("size-in-reference", digest, ref, size)
+            for claimed in self._claims.get(digest, [ref]):
+                if not known.accepts_size(claimed.size):
+                    raise _wrong_size("size-in-reference", digest, claimed, known.size)
         seen = {d.digest for d in self._reach(root)}
         if len(seen) != len(self._nodes):
             orphans = [d for d in self._nodes if d not in seen]

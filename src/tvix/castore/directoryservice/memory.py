@@ -28,14 +28,11 @@ class MemoryDirectoryService(DirectoryService):
         have = self._directories
         return {d: have[d] for d in digests if d in have}
 
-    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
-        return {d: v.size for d, v in (await self._get_many(digests)).items()}
-
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
     def put_multiple_start(self) -> DirectoryPutter:
-        return BufferedDirectoryPutter(self._commit, self._sizes)
+        return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         for directory in directories:

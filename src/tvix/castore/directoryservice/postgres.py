@@ -119,22 +119,11 @@ class PostgresDirectoryService(DirectoryService):
             return await asyncio.to_thread(_decode_rows, rows)
         return _decode_rows(rows)
 
-    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
-        out: dict[B3Digest, int] = {}
-        async with self._db.connection() as conn:
-            for i in range(0, len(digests), BATCH):
-                for digest, size in await conn.fetch(
-                    "SELECT digest, size FROM directories WHERE digest = ANY($1::bytea[])",
-                    digests[i : i + BATCH],
-                ):
-                    out[B3Digest(digest)] = size
-        return out
-
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
     def put_multiple_start(self) -> DirectoryPutter:
-        return BufferedDirectoryPutter(self._commit, self._sizes)
+        return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         digests = [d.digest for d in directories]

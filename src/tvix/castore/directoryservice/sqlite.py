@@ -99,18 +99,11 @@ class SQLiteDirectoryService(DirectoryService):
 
         return await self._db.run(get_many)
 
-    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
-        def sizes(conn: sqlite3.Connection) -> dict[B3Digest, int]:
-            query = "SELECT digest, size FROM directories WHERE digest IN ({marks})"
-            return {B3Digest(digest): size for digest, size in select_in(conn, query, digests)}
-
-        return await self._db.run(sizes)
-
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
     def put_multiple_start(self) -> DirectoryPutter:
-        return BufferedDirectoryPutter(self._commit, self._sizes)
+        return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         rows = [(d.digest, d.encode(), d.size) for d in directories]
