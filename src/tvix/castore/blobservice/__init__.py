@@ -58,7 +58,9 @@ registry.register(
     ("objectstore+file", "objectstore+memory", "objectstore+s3"),
 )
 registry.register(
-    "grpc", "tvix.castore.blobservice.grpc:GRPCBlobServiceConfig", ("grpc+http", "grpc+unix")
+    "grpc",
+    "tvix.castore.blobservice.grpc:GRPCBlobServiceConfig",
+    ("grpc+http", "grpc+https", "grpc+unix"),
 )
 registry.register("cache", "tvix.castore.blobservice.cache:CacheBlobServiceConfig")
 registry.register("race", "tvix.castore.blobservice.race:RaceBlobServiceConfig")

@@ -71,9 +71,7 @@ VERIFY_WINDOW = 4 << 20
 # grpc-stubs lacks aio.EOF, what a stream's read() returns at its end.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
-_STAT = "/tvix.castore.v1.BlobService/Stat"
-_READ = "/tvix.castore.v1.BlobService/Read"
-_PUT = "/tvix.castore.v1.BlobService/Put"
+_SERVICE = "castore.v1.BlobService"
 
 
 @dataclass
@@ -98,17 +96,17 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
         return _Stubs(
             channel,
             channel.unary_unary(
-                _STAT,
+                self.method(_SERVICE, "Stat"),
                 request_serializer=pb.StatBlobRequest.SerializeToString,
                 response_deserializer=pb.StatBlobResponse.FromString,
             ),
             channel.unary_stream(
-                _READ,
+                self.method(_SERVICE, "Read"),
                 request_serializer=pb.ReadBlobRequest.SerializeToString,
                 response_deserializer=decode_blob_chunk,
             ),
             channel.stream_unary(
-                _PUT,
+                self.method(_SERVICE, "Put"),
                 request_serializer=encode_blob_chunk,
                 response_deserializer=pb.PutBlobResponse.FromString,
             ),
@@ -390,4 +388,4 @@ class GRPCBlobServiceConfig(GRPCConfig):
 
     def build(self, ctx: BuildContext) -> GRPCBlobService:
         """A client; it connects on first use."""
-        return GRPCBlobService(self.target, self.address)
+        return GRPCBlobService(self.target, self.address, protocol=self.protocol, tls=self.tls)

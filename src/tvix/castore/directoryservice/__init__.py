@@ -56,7 +56,7 @@ registry.register(
 registry.register(
     "grpc",
     "tvix.castore.directoryservice.grpc:GRPCDirectoryServiceConfig",
-    ("grpc+http", "grpc+unix"),
+    ("grpc+http", "grpc+https", "grpc+unix"),
 )
 registry.register("cache", "tvix.castore.directoryservice.cache:CacheDirectoryServiceConfig")
 registry.register("race", "tvix.castore.directoryservice.race:RaceDirectoryServiceConfig")

@@ -35,8 +35,7 @@ from tvix.castore.proto import directory_from_bytes, pb
 
 __all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
 
-_GET = "/tvix.castore.v1.DirectoryService/Get"
-_PUT = "/tvix.castore.v1.DirectoryService/Put"
+_SERVICE = "castore.v1.DirectoryService"
 
 
 @dataclass
@@ -60,12 +59,12 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
         return _Stubs(
             channel,
             channel.unary_stream(
-                _GET,
+                self.method(_SERVICE, "Get"),
                 request_serializer=pb.GetDirectoryRequest.SerializeToString,
                 response_deserializer=identity,
             ),
             channel.stream_unary(
-                _PUT,
+                self.method(_SERVICE, "Put"),
                 request_serializer=identity,
                 response_deserializer=pb.PutDirectoryResponse.FromString,
             ),
@@ -204,4 +203,4 @@ class GRPCDirectoryServiceConfig(GRPCConfig):
 
     def build(self, ctx: BuildContext) -> GRPCDirectoryService:
         """A client; it connects on first use."""
-        return GRPCDirectoryService(self.target, self.address)
+        return GRPCDirectoryService(self.target, self.address, protocol=self.protocol, tls=self.tls)

@@ -19,7 +19,7 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar
 import grpc
 
 from tvix.castore.errors import StorageError
-from tvix.castore.grpc.channel import LazyChannel
+from tvix.castore.grpc.channel import ChannelTLS, LazyChannel
 from tvix.castore.grpc.errors import error_from_rpc
 
 __all__ = ["GRPCClient", "StreamingPut", "Stubs"]
@@ -40,13 +40,27 @@ class GRPCClient(abc.ABC, Generic[S]):
     """Base of the gRPC client backends.
 
     ``address`` is what ``from_url`` was given (for error messages);
-    ``target`` the grpc channel target.
+    ``target`` the grpc channel target; ``protocol`` the package the
+    services are named in (``tvix`` or ``snix``); ``tls`` the channel's TLS
+    settings (``None``: in clear).
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
+    def __init__(
+        self,
+        target: str,
+        address: str | None = None,
+        *,
+        protocol: str = "tvix",
+        tls: ChannelTLS | None = None,
+    ) -> None:
+        self._channel = LazyChannel(target, tls=tls)
         self.address = address or target
+        self.protocol = protocol
         self._stubs_cache: S | None = None
+
+    def method(self, service: str, name: str) -> str:
+        """The full method path, by this client's protocol (``/tvix.<service>/<name>``)."""
+        return f"/{self.protocol}.{service}/{name}"
 
     @abc.abstractmethod
     def _make_stubs(self, channel: grpc.aio.Channel) -> S:

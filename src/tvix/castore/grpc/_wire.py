@@ -19,6 +19,7 @@ from tvix.castore._protowire import encode_varint
 from tvix.castore.proto import pb
 
 __all__ = [
+    "MAX_MESSAGE_SIZE",
     "MESSAGE_SIZE",
     "decode_blob_chunk",
     "encode_blob_chunk",
@@ -31,6 +32,11 @@ __all__ = [
 # and stay far below any peer's default 4 MiB receive limit (measurements:
 # bench/NOTES.md).
 MESSAGE_SIZE = 512 << 10
+
+# The largest message either side accepts, clients and servers alike: far
+# above grpc's default of 4 MiB, because one Directory is one message and a
+# directory of 100,000 entries encodes to about 6 MiB.
+MAX_MESSAGE_SIZE = 64 << 20
 
 _TAG_DATA = b"\x0a"  # field 1, wire type 2 (length-delimited)
 

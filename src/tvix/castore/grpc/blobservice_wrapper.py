@@ -54,29 +54,26 @@ class GRPCBlobServiceWrapper:
     def __init__(self, blob_service: BlobService) -> None:
         self._blobs = blob_service
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
-        return grpc.method_handlers_generic_handler(
-            self.service_name,
-            {
-                "Stat": unary_unary(
-                    self.Stat,
-                    pb.StatBlobRequest,
-                    pb.StatBlobResponse.SerializeToString,
-                ),
-                "Read": unary_stream(
-                    self.Read,
-                    pb.ReadBlobRequest,
-                    # Read yields encoded messages, built in one join.
-                    identity,
-                ),
-                "Put": grpc.stream_unary_rpc_method_handler(
-                    self.Put,
-                    request_deserializer=decode_blob_chunk,
-                    response_serializer=pb.PutBlobResponse.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The handlers by method name (see :func:`tvix.castore.grpc.build_server`)."""
+        return {
+            "Stat": unary_unary(
+                self.Stat,
+                pb.StatBlobRequest,
+                pb.StatBlobResponse.SerializeToString,
+            ),
+            "Read": unary_stream(
+                self.Read,
+                pb.ReadBlobRequest,
+                # Read yields encoded messages, built in one join.
+                identity,
+            ),
+            "Put": grpc.stream_unary_rpc_method_handler(
+                self.Put,
+                request_deserializer=decode_blob_chunk,
+                response_serializer=pb.PutBlobResponse.SerializeToString,
+            ),
+        }
 
     async def Stat(self, request: pb.StatBlobRequest, context: _Context) -> pb.StatBlobResponse:
         async with translate_errors(context):

@@ -38,23 +38,20 @@ class GRPCDirectoryServiceWrapper:
     def __init__(self, directory_service: DirectoryService) -> None:
         self._directories = directory_service
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
-        return grpc.method_handlers_generic_handler(
-            self.service_name,
-            {
-                "Get": unary_stream(
-                    self.Get,
-                    pb.GetDirectoryRequest,
-                    identity,
-                ),
-                "Put": grpc.stream_unary_rpc_method_handler(
-                    self.Put,
-                    request_deserializer=identity,
-                    response_serializer=pb.PutDirectoryResponse.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The handlers by method name (see :func:`tvix.castore.grpc.build_server`)."""
+        return {
+            "Get": unary_stream(
+                self.Get,
+                pb.GetDirectoryRequest,
+                identity,
+            ),
+            "Put": grpc.stream_unary_rpc_method_handler(
+                self.Put,
+                request_deserializer=identity,
+                response_serializer=pb.PutDirectoryResponse.SerializeToString,
+            ),
+        }
 
     async def Get(self, request: pb.GetDirectoryRequest, context: _Context) -> AsyncIterator[bytes]:
         async with translate_errors(context):

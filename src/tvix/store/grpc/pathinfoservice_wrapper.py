@@ -56,33 +56,30 @@ class GRPCPathInfoServiceWrapper:
         self._dirs = directory_service
         self._calc = nar_calculator or NarCalculator(blob_service, directory_service)
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
-        return grpc.method_handlers_generic_handler(
-            self.service_name,
-            {
-                "Get": unary_unary(
-                    self.Get,
-                    store_pb2.GetPathInfoRequest,
-                    store_pb2.PathInfo.SerializeToString,
-                ),
-                "Put": unary_unary(
-                    self.Put,
-                    store_pb2.PathInfo,
-                    store_pb2.PathInfo.SerializeToString,
-                ),
-                "CalculateNAR": unary_unary(
-                    self.CalculateNAR,
-                    castore_pb2.Node,
-                    store_pb2.CalculateNARResponse.SerializeToString,
-                ),
-                "List": unary_stream(
-                    self.List,
-                    store_pb2.ListPathInfoRequest,
-                    store_pb2.PathInfo.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The handlers by method name (see :func:`tvix.castore.grpc.build_server`)."""
+        return {
+            "Get": unary_unary(
+                self.Get,
+                store_pb2.GetPathInfoRequest,
+                store_pb2.PathInfo.SerializeToString,
+            ),
+            "Put": unary_unary(
+                self.Put,
+                store_pb2.PathInfo,
+                store_pb2.PathInfo.SerializeToString,
+            ),
+            "CalculateNAR": unary_unary(
+                self.CalculateNAR,
+                castore_pb2.Node,
+                store_pb2.CalculateNARResponse.SerializeToString,
+            ),
+            "List": unary_stream(
+                self.List,
+                store_pb2.ListPathInfoRequest,
+                store_pb2.PathInfo.SerializeToString,
+            ),
+        }
 
     async def Get(
         self, request: store_pb2.GetPathInfoRequest, context: _Context

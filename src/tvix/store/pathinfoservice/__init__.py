@@ -40,7 +40,9 @@ registry.register(
     ("postgresql", "postgres"),
 )
 registry.register(
-    "grpc", "tvix.store.pathinfoservice.grpc:GRPCPathInfoServiceConfig", ("grpc+http", "grpc+unix")
+    "grpc",
+    "tvix.store.pathinfoservice.grpc:GRPCPathInfoServiceConfig",
+    ("grpc+http", "grpc+https", "grpc+unix"),
 )
 registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoServiceConfig", ("lru",))
 registry.register(

@@ -30,7 +30,7 @@ from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
 
 __all__ = ["GRPCPathInfoService", "GRPCPathInfoServiceConfig"]
 
-_SERVICE = "/tvix.store.v1.PathInfoService/"
+_SERVICE = "store.v1.PathInfoService"
 
 
 @dataclass
@@ -59,7 +59,7 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
         def unary(method: str, response: Any) -> Any:
             return channel.unary_unary(
-                _SERVICE + method,
+                self.method(_SERVICE, method),
                 request_serializer=_serialize,
                 response_deserializer=response.FromString,
             )
@@ -69,7 +69,7 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
             unary("Get", store_pb2.PathInfo),
             unary("Put", store_pb2.PathInfo),
             channel.unary_stream(
-                _SERVICE + "List",
+                self.method(_SERVICE, "List"),
                 request_serializer=_serialize,
                 response_deserializer=store_pb2.PathInfo.FromString,
             ),
@@ -137,4 +137,4 @@ class GRPCPathInfoServiceConfig(GRPCConfig):
 
     def build(self, ctx: BuildContext) -> GRPCPathInfoService:
         """A client; it connects on first use."""
-        return GRPCPathInfoService(self.target, self.address)
+        return GRPCPathInfoService(self.target, self.address, protocol=self.protocol, tls=self.tls)
