@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_grpc_support import ChunkedMemoryBlobService, running_server, unix_listen
 
+from tests.support.grpc import ChunkedMemoryBlobService, running_server, unix_listen
 from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import GRPCBlobService

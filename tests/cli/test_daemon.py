@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Run
-from support.trees import make_tree
+
+from tests.support.daemons import daemon
+from tests.support.nix import Nix
+from tests.support.services import Run
+from tests.support.trees import make_tree
 
 pytestmark = pytest.mark.nix
-
-
-@contextmanager
-def daemon(data_dir: Path, listen: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A running daemon and the URL it serves; stopped (SIGKILL if need be) on exit."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
-    env["TVIX_STORE_DATA_DIR"] = str(data_dir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvix.cli.store", "daemon", "--listen-address", listen],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        m = re.search(r"listening on (\S+)", line)
-        assert m, f"daemon did not start: {line!r}"
-        yield proc, m.group(1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _client_env(url: str) -> dict[str, str]:
@@ -55,7 +32,7 @@ def test_clients_through_daemon(tvix_store: Run, nix: Nix, tmp_path: Path, trans
     listen = "127.0.0.1:0" if transport == "tcp" else f"unix://{tmp_path}/daemon.sock"
     data = tmp_path / "daemon-data"
     tree = make_tree(tmp_path / "tree", big_size=5 << 20)
-    with daemon(data, listen) as (proc, url):
+    with daemon(listen, data_dir=data) as (proc, url):
         env = _client_env(url)
         store_path = tvix_store("import", tree, env=env).stdout.decode().strip()
         assert store_path == nix.add(tree)
@@ -65,7 +42,7 @@ def test_clients_through_daemon(tvix_store: Run, nix: Nix, tmp_path: Path, trans
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     # What the daemon stored persists in its data directory.
-    with daemon(data, listen) as (_proc, url):
+    with daemon(listen, data_dir=data) as (_proc, url):
         assert tvix_store("dump-path", store_path, env=_client_env(url)).stdout == nix.dump(tree)
 
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import blake3
-from support.services import Run
-from support.trees import make_tree
+
+from tests.support.services import Run
+from tests.support.trees import make_tree
 
 
 def _chunk_file(data_dir: Path, content: bytes) -> Path:

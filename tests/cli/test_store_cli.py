@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Run
-from support.trees import make_tree
+
+from tests.support.nix import Nix
+from tests.support.services import Run
+from tests.support.trees import make_tree
 
 pytestmark = pytest.mark.nix
 

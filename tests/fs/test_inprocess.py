@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from mounting import InProcessMount
-from support.trees import make_tree
 
+from tests.fs.mounting import InProcessMount
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import BlobReader, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory

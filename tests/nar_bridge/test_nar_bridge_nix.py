@@ -7,9 +7,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from nar_bridge_support import Closure, Run, StartBridge
-from support.nix import Nix
-from support.trees import make_tree
+
+from tests.nar_bridge.nar_bridge_support import Closure, Run, StartBridge
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 
 pytestmark = pytest.mark.nix
 

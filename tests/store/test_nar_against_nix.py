@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Services
 
+from tests.support.nix import Nix
+from tests.support.services import Services
 from tvix.castore import DirectoryNode
 from tvix.castore.ingest import ingest_path
 from tvix.nixcompat import nixbase32

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from scale_support import Closure, tvix_store
 
+from tests.support.fixtures import Closure, tvix_store
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError

@@ -9,19 +9,19 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from stores_helpers import (
+
+from tests.support.daemons import (
+    EXTRACT,
     Memory,
     cli_env,
     daemon,
     diff,
-    extract_argv,
     fake_store_path,
     relocated,
     serve,
     tvix_store,
 )
-from support.trees import make_tree
-
+from tests.support.trees import make_tree
 from tvix.nixcompat.signing import SigningKey
 from tvix.nixcompat.storepath import StorePath
 from tvix.store import pathinfoservice
@@ -51,7 +51,7 @@ async def _extract(*args: str | Path) -> tuple[int, str, str, float]:
     """Run the command without blocking this loop (it serves the slow source)."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        *extract_argv(),
+        *EXTRACT,
         *map(str, args),
         env=cli_env(),
         stdout=asyncio.subprocess.PIPE,
@@ -85,8 +85,12 @@ async def test_closure_from_two_daemons_and_a_slow_source(tmp_path: Path) -> Non
     top, dep = fake_store_path("top"), fake_store_path("dep")
     trusted = str(KEY.to_public())
     with ExitStack() as stack:
-        url1 = stack.enter_context(daemon(tmp_path / "d1", f"unix://{tmp_path}/d1.sock"))
-        url2 = stack.enter_context(daemon(tmp_path / "d2", f"unix://{tmp_path}/d2.sock"))
+        _, url1 = stack.enter_context(
+            daemon(f"unix://{tmp_path}/d1.sock", data_dir=tmp_path / "d1")
+        )
+        _, url2 = stack.enter_context(
+            daemon(f"unix://{tmp_path}/d2.sock", data_dir=tmp_path / "d2")
+        )
         # Each daemon holds half of the closure: top (tree a) refers to dep (tree b).
         info_a, info_b = await _imported(url1, tree_a), await _imported(url2, tree_b)
         info_top = relocated(info_a, top, (dep,)).with_signature(KEY)

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from support.servers import PostgreSQL
 
+from tests.support.servers import PostgreSQL
 from tvix.castore import directoryservice
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import DirectoryService

@@ -1,28 +1,31 @@
-"""Helpers for the stores-talking-to-stores tests (no tests here).
+"""Stores talking to stores (no tests here).
 
-Daemons in their own processes, in-process gRPC servers over memory services
-(optionally slow or tampered), the extract command, diffing trees.
+``tvix-store`` daemons and commands in their own processes, in-process gRPC
+servers over memory services (optionally slow), diffing trees, relocated
+PathInfos.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.grpc import running_server
 from tvix.castore.blobservice import BlobReader, BlobService, BlobWriter, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import DirectoryPutter, DirectoryService, MemoryDirectoryService
-from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
+from tvix.castore.grpc import castore_servicers
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.pathinfo import PathInfo
@@ -31,53 +34,10 @@ from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
 _SERVICE_VARS = ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
 
 
-def register_types() -> bool:
-    """Make sure ``type = "race"`` and ``type = "trusted"`` exist; whether they already did.
-
-    tvix.store.composition registers them itself; this only fills in while it
-    does not (registering the same builders again would change nothing).
-    """
-    from tvix.store.composition import KINDS, TYPES, ServiceType, Setting, register_type
-    from tvix.store.pathinfoservice.race import build_race
-    from tvix.store.pathinfoservice.trust import build_trusted
-
-    present = "trusted" in TYPES["pathinfoservices"] and all("race" in TYPES[k] for k in KINDS)
-    for kind in KINDS:
-        if "race" not in TYPES[kind]:
-            register_type(kind, "race", ServiceType({"sources": Setting("refs")}, build_race))
-    if "trusted" not in TYPES["pathinfoservices"]:
-        settings = {
-            "inner": Setting("ref"),
-            "trusted_public_keys": Setting("str"),
-            "verify_nar": Setting("bool", required=False),
-        }
-        register_type("pathinfoservices", "trusted", ServiceType(settings, build_trusted))
-    return present
-
-
-_SHIM = (
-    "import sys; sys.path.insert(0, {here!r}); import stores_helpers; "
-    "stores_helpers.register_types(); from tvix.cli.extract import main; "
-    "sys.exit(main(sys.argv[1:]))"
-)
-
-
-def extract_argv() -> list[str]:
-    """``tvix-store extract`` in a new process.
-
-    Until the command and the composition types are registered by the
-    package itself, the same command through ``tvix.cli.extract`` with them
-    registered first.
-    """
-    from tvix.cli.store import build_parser
-
-    registered = any(
-        isinstance(a, argparse._SubParsersAction) and "extract" in a.choices
-        for a in build_parser()._actions
-    )
-    if registered and register_types():
-        return [sys.executable, "-m", "tvix.cli.store", "extract"]
-    return [sys.executable, "-c", _SHIM.format(here=str(Path(__file__).parent))]
+#: ``tvix-store`` in a new process (the console script's module).
+TVIX_STORE = [sys.executable, "-m", "tvix.cli.store"]
+#: ``tvix-store extract`` in a new process.
+EXTRACT = [*TVIX_STORE, "extract"]
 
 
 def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
@@ -95,7 +55,7 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
 def tvix_store(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     """``tvix-store ARGS`` in its own process, checked."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
+        [*TVIX_STORE, *map(str, args)],
         env=env,
         capture_output=True,
         timeout=120,
@@ -106,22 +66,45 @@ def tvix_store(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedPr
 
 
 @contextmanager
-def daemon(data_dir: Path, listen: str) -> Iterator[str]:
-    """``tvix-store daemon`` on its own data directory; yields the URL it serves."""
-    env = cli_env(TVIX_STORE_DATA_DIR=str(data_dir))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvix.cli.store", "daemon", "--listen-address", listen],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
+def daemon(
+    listen: str = "127.0.0.1:0",
+    *,
+    data_dir: Path | None = None,
+    composition: Path | None = None,
+    timeout: float = 30,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``tvix-store daemon`` in its own process: the process and the URL it serves.
+
+    Its store is ``data_dir`` (the embedded store) or ``composition``; ready
+    once it says it listens; killed on exit if it still runs.
+    """
+    env = cli_env()
+    if data_dir is not None:
+        env["TVIX_STORE_DATA_DIR"] = str(data_dir)
+    args = ["daemon", "--listen-address", listen]
+    if composition is not None:
+        args += ["--store-composition", str(composition)]
+    proc = subprocess.Popen([*TVIX_STORE, *args], env=env, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        m = re.search(r"listening on (\S+)", line)
-        assert m, f"daemon did not start: {line!r}"
-        yield m.group(1)
+        deadline = time.monotonic() + timeout
+        seen = b""
+        while True:
+            ready, _, _ = select.select([proc.stderr], [], [], 1)
+            if ready:
+                line = proc.stderr.readline()
+                seen += line
+                m = re.search(rb"listening on (\S+)", line)
+                if m:
+                    break
+                if not line:
+                    raise AssertionError(f"daemon exited: {seen.decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon did not start: {seen.decode(errors='replace')}")
+        yield proc, m.group(1).decode()
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
 
 
@@ -250,12 +233,6 @@ async def serve(
         blobs = SlowBlobService(blobs, slow)
         dirs = SlowDirectoryService(dirs, slow)
         infos = SlowPathInfoService(infos, slow)
-    server: GRPCServer = build_server(
-        listen,
-        [*castore_servicers(blobs, dirs), GRPCPathInfoServiceWrapper(infos, blobs, dirs)],
-    )
-    await server.start()
-    try:
+    servicers = [*castore_servicers(blobs, dirs), GRPCPathInfoServiceWrapper(infos, blobs, dirs)]
+    async with running_server(listen, servicers) as server:
         yield server.url, calls
-    finally:
-        await server.stop(0)

@@ -8,8 +8,8 @@ import obstore
 import pytest
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
-from support.servers import SeaweedFS
 
+from tests.support.servers import SeaweedFS
 from tvix.castore import blobservice
 from tvix.castore.blobservice import BlobService, read_all, write_all
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from stores_helpers import fake_store_path, relocated
-from support.trees import make_tree
 
+from tests.support.daemons import fake_store_path, relocated
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError

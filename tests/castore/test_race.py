@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from stores_helpers import Memory, serve
 
+from tests.support.daemons import Memory, serve
 from tvix.castore import blobservice
 from tvix.castore.blobservice import (
     BlobReader,

@@ -1,4 +1,5 @@
-"""Fixtures for the scale tests: one SeaweedFS and one PostgreSQL per session, isolated per test.
+"""Session fixtures for tests against real servers: one SeaweedFS and one PostgreSQL per session,
+isolated per test, and a closure built by the real Nix in binary caches served over HTTP.
 
 The servers start on first use and stop at the end of the session (also
 when tests fail). Each test gets a fresh bucket prefix or database schema,
@@ -13,18 +14,17 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.nix import nix as nix  # the session fixture
-from support.servers import PostgreSQL, SeaweedFS, postgresql, seaweedfs
-from support.trees import make_tree
 
+from tests.support.daemons import TVIX_STORE
+from tests.support.nix import Nix
+from tests.support.servers import PostgreSQL, SeaweedFS, postgresql, seaweedfs
+from tests.support.trees import make_tree
 from tvix.nixcompat.signing import SigningKey
 
 _counter = itertools.count()
@@ -176,9 +176,6 @@ def closure(nix: Nix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clos
 
 
 # -- running tvix-store --------------------------------------------------------------------------
-
-# What the ``tvix-store`` console script runs.
-TVIX_STORE = [sys.executable, "-c", "import sys; from tvix.cli.store import main; sys.exit(main())"]
 
 
 def tvix_store(

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from scale_support import COMPRESSIONS, Closure
 
+from tests.support.fixtures import COMPRESSIONS, Closure
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
