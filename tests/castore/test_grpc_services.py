@@ -1,9 +1,10 @@
-"""The gRPC clients against a real grpc.aio server, through the conformance suites.
+"""The gRPC clients against a real grpc.aio server, beyond the conformance suites.
 
 Servers run in-process on real sockets (a unix socket under tmp_path, or TCP
-on 127.0.0.1 with a free port), backed by memory services, by a backend that
-lists chunks (so the client's chunk-by-chunk read path runs the suite), and
-by the chunking object store.
+on 127.0.0.1 with a free port). The suites themselves run against the clients
+in front of memory services, a backend that lists chunks (so the client's
+chunk-by-chunk read path runs the suite) and the chunking object store: see
+the *_conformance modules.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from tests.support.grpc import ChunkedMemoryBlobService, running_server, unix_li
 from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import GRPCBlobService
-from tvix.castore.directoryservice import DirectoryService, MemoryDirectoryService
-from tvix.castore.directoryservice.grpc import GRPCDirectoryService
+from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import InvalidURLError, StorageError, ValidationError
 from tvix.castore.grpc import (
     GRPCBlobServiceWrapper,
@@ -29,74 +29,8 @@ from tvix.castore.grpc import (
     parse_listen_address,
 )
 from tvix.castore.proto import pb
-from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import BLOB_B, BLOB_B_DIGEST, DIRECTORY_A, b3
 from tvix.castore.url import ServiceURL
-
-
-async def _blob_client(listen: str, backend: BlobService) -> AsyncIterator[BlobService]:
-    async with running_server(listen, castore_servicers(backend, MemoryDirectoryService())) as srv:
-        client = blobservice.from_url(srv.url)
-        assert isinstance(client, GRPCBlobService)
-        yield client
-        await client.close()
-
-
-async def _directory_client(listen: str) -> AsyncIterator[DirectoryService]:
-    servicers = castore_servicers(MemoryBlobService(), MemoryDirectoryService())
-    async with running_server(listen, servicers) as srv:
-        client = directoryservice.from_url(srv.url)
-        assert isinstance(client, GRPCDirectoryService)
-        yield client
-        await client.close()
-
-
-class TestGRPCBlobServiceUnix(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async for client in _blob_client(unix_listen(tmp_path), MemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceTCP(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        async for client in _blob_client("127.0.0.1:0", MemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceChunked(BlobServiceTests):
-    """The server lists chunks: the client reads and verifies chunk by chunk."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async for client in _blob_client(unix_listen(tmp_path), ChunkedMemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceObjectStore(BlobServiceTests):
-    """In front of the content-defined chunking backend, the daemon's default."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        backend = blobservice.from_url("objectstore+memory://")
-        async for client in _blob_client(unix_listen(tmp_path), backend):
-            yield client
-        await backend.close()
-
-
-class TestGRPCDirectoryServiceUnix(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
-        async for client in _directory_client(unix_listen(tmp_path)):
-            yield client
-
-
-class TestGRPCDirectoryServiceTCP(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        async for client in _directory_client("127.0.0.1:0"):
-            yield client
 
 
 class _CountingReads(GRPCBlobServiceWrapper):

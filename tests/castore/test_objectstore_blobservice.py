@@ -1,4 +1,5 @@
-"""ObjectStoreBlobService: the conformance suite on each flavour, and what chunking promises."""
+"""ObjectStoreBlobService: what chunking promises (its conformance runs are in
+test_blobservice_conformance.py)."""
 
 from __future__ import annotations
 
@@ -10,42 +11,14 @@ import pytest
 import zstandard
 from obstore.store import MemoryStore
 
-from tvix.castore.blobservice import BlobService, from_url, read_all, write_all
+from tvix.castore.blobservice import from_url, read_all, write_all
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService, _raw_zstd_frame
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
-from tvix.castore.testing import BlobServiceTests
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST, b3, big_blob
 from tvix.castore.url import ServiceURL
 
 MIB = 1 << 20
-
-
-class TestObjectStoreMemory(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        svc = from_url("objectstore+memory://")
-        yield svc
-        await svc.close()
-
-
-@pytest.mark.parametrize("zstd", ["true", "false"])
-class TestObjectStoreFile(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path, zstd: str) -> AsyncIterator[BlobService]:
-        svc = from_url(f"objectstore+file://{tmp_path}/store?zstd={zstd}")
-        yield svc
-        await svc.close()
-
-
-class TestObjectStoreSmallChunks(BlobServiceTests):
-    """Many chunks per blob, so every read and seek crosses chunk boundaries."""
-
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        svc = from_url("objectstore+memory://?avg_chunk_size=16384&zstd=false")
-        yield svc
-        await svc.close()
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
-"""objectstore+s3 against a real SeaweedFS: the conformance suite, layout, atomicity, URLs."""
+"""objectstore+s3 against a real SeaweedFS: layout, atomicity, URLs (its conformance run is in
+test_blobservice_conformance.py)."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import obstore
 import pytest
@@ -11,19 +10,10 @@ from obstore.store import S3Store
 
 from tests.support.servers import SeaweedFS
 from tvix.castore import blobservice
-from tvix.castore.blobservice import BlobService, read_all, write_all
+from tvix.castore.blobservice import read_all, write_all
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix.castore.errors import InvalidURLError, StorageError
-from tvix.castore.testing import BlobServiceTests
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST
-
-
-class TestS3BlobService(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, s3_url: str) -> AsyncIterator[BlobService]:
-        svc = blobservice.from_url(s3_url)
-        yield svc
-        await svc.close()
 
 
 def _raw_store(weed: SeaweedFS) -> S3Store:

@@ -1,5 +1,6 @@
-"""The race combinators: conformance, first verified answer wins, failures skipped, losers
-cancelled, composition."""
+"""The blob and directory race combinators: first verified answer wins, failures skipped,
+losers cancelled. (Their conformance runs are in the *_conformance modules; the PathInfo
+race and composition in tests/store/test_race_pathinfoservice.py.)"""
 
 from __future__ import annotations
 
@@ -27,12 +28,10 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import (
     DirectoryPutter,
-    DirectoryService,
     MemoryDirectoryService,
 )
 from tvix.castore.directoryservice.race import RaceDirectoryService
 from tvix.castore.errors import IntegrityError, StorageError
-from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import (
     BLOB_A,
     BLOB_A_DIGEST,
@@ -45,44 +44,6 @@ from tvix.castore.testing.fixtures import (
     DIRECTORY_WITH_KEEP,
     big_blob,
 )
-from tvix.store.composition import Composition, CompositionError
-from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
-from tvix.store.pathinfoservice.race import RacePathInfoService
-from tvix.store.testing import PathInfoServiceTests
-from tvix.store.testing.fixtures import path_info
-
-# -- conformance -----------------------------------------------------------------------------
-
-
-class TestRaceBlobServiceMemory(BlobServiceTests):
-    @pytest.fixture
-    def blob_service(self) -> BlobService:
-        return RaceBlobService([MemoryBlobService(), MemoryBlobService()])
-
-
-class TestRaceBlobServiceGRPC(BlobServiceTests):
-    """The primary is a remote daemon (verifying client), the mirror local."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async with serve(f"unix://{tmp_path}/s.sock", Memory()) as (url, _):
-            client = blobservice.from_url(url)
-            yield RaceBlobService([client, MemoryBlobService()])
-            await client.close()
-
-
-class TestRaceDirectoryService(DirectoryServiceTests):
-    @pytest.fixture
-    def directory_service(self) -> DirectoryService:
-        return RaceDirectoryService([MemoryDirectoryService(), MemoryDirectoryService()])
-
-
-class TestRacePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return RacePathInfoService([MemoryPathInfoService(), MemoryPathInfoService()])
-
 
 # -- test sources ----------------------------------------------------------------------------
 
@@ -350,71 +311,6 @@ async def test_directory_wrong_answers_skipped(caplog: pytest.LogCaptureFixture)
     # Only wrong answers: that is not absence.
     with pytest.raises(IntegrityError):
         await RaceDirectoryService([_WrongClosure()]).get(DIRECTORY_B.digest)
-
-
-# -- PathInfos -------------------------------------------------------------------------------
-
-
-class _Other(MemoryPathInfoService):
-    async def get(self, digest: bytes) -> PathInfo | None:
-        return path_info(999)
-
-
-async def test_path_info_wrong_answer_skipped_and_check() -> None:
-    info = path_info(1)
-    good = MemoryPathInfoService()
-    await good.put(info)
-    assert await RacePathInfoService([_Other(), good]).get(info.store_path.digest) == info
-
-    async def refuse(i: PathInfo) -> None:
-        raise IntegrityError(f"refused {i.store_path}")
-
-    with pytest.raises(IntegrityError, match="refused"):
-        await RacePathInfoService([good, MemoryPathInfoService()], refuse).get(
-            info.store_path.digest
-        )
-
-
-# -- composition -----------------------------------------------------------------------------
-
-
-async def test_composition(tmp_path: Path) -> None:
-    text = """
-    [blobservices.default]
-    type = "race"
-    sources = ["a", "b"]
-    [blobservices.a]
-    type = "memory"
-    [blobservices.b]
-    type = "memory"
-    [directoryservices.default]
-    type = "race"
-    sources = ["one"]
-    [directoryservices.one]
-    type = "memory"
-    [pathinfoservices.default]
-    type = "race"
-    sources = ["x", "y"]
-    [pathinfoservices.x]
-    type = "memory"
-    [pathinfoservices.y]
-    type = "sqlite"
-    path = "p.sqlite"
-    """
-    async with Composition.from_toml(text, base_dir=tmp_path) as comp:
-        blobs, dirs, infos = comp.build_all()
-        assert isinstance(blobs, RaceBlobService)
-        assert blobs.sources == [comp.blob_service("a"), comp.blob_service("b")]
-        assert isinstance(dirs, RaceDirectoryService)
-        assert isinstance(infos, RacePathInfoService)
-        await write_all(comp.blob_service("b"), BLOB_A)
-        assert await read_all(blobs, BLOB_A_DIGEST) == BLOB_A
-    with pytest.raises(CompositionError, match=r"blobservices.default: 'sources' must name"):
-        Composition.from_toml(
-            '[blobservices.default]\ntype = "race"\nsources = []\n'
-        ).blob_service()
-    with pytest.raises(CompositionError, match="refers to 'nope'"):
-        Composition.from_toml('[blobservices.default]\ntype = "race"\nsources = ["nope"]\n')
 
 
 def _b3(data: bytes) -> bytes:

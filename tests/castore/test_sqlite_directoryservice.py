@@ -1,9 +1,9 @@
-"""SQLiteDirectoryService: the conformance suite, persistence, schema versions, URLs."""
+"""SQLiteDirectoryService: persistence, schema versions, URLs (its conformance runs are in
+test_directoryservice_conformance.py)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,29 +17,12 @@ from tvix.castore.directoryservice import (
 )
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
 from tvix.castore.nodes import DirectoryNode
-from tvix.castore.testing import DirectoryServiceTests
 from tvix.castore.testing.fixtures import (
     DIRECTORY_A,
     DIRECTORY_C,
     DIRECTORY_COMPLICATED,
     DIRECTORY_WITH_KEEP,
 )
-
-
-class TestSQLiteDirectoryServiceFile(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
-        svc = from_url(f"sqlite://{tmp_path}/dirs.db")
-        yield svc
-        await svc.close()
-
-
-class TestSQLiteDirectoryServiceMemory(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = from_url("sqlite://")
-        yield svc
-        await svc.close()
 
 
 async def _put_closure(svc: DirectoryService, *directories: Directory) -> None:

@@ -1,4 +1,5 @@
-"""The PathInfo service over gRPC: conformance, status codes, CalculateNAR, reflection."""
+"""The PathInfo service over gRPC: status codes, CalculateNAR, reflection (its conformance run
+is in test_pathinfoservice_conformance.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.nar import calculate_nar
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService, from_url
+from tvix.store.pathinfoservice import MemoryPathInfoService, from_url
 from tvix.store.pathinfoservice.grpc import GRPCPathInfoService
 from tvix.store.proto import pathinfo_to_proto
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
 
 
@@ -58,16 +58,6 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[GRPCServer, Backends]]:
         yield srv, b
     finally:
         await srv.stop(0)
-
-
-class TestGRPCPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(
-        self, server: tuple[GRPCServer, Backends]
-    ) -> AsyncIterator[PathInfoService]:
-        svc = from_url(server[0].url)
-        yield svc
-        await svc.close()
 
 
 async def test_over_tcp(tmp_path: Path) -> None:

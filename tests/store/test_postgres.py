@@ -1,9 +1,9 @@
-"""The PostgreSQL directory and PathInfo services against a real server."""
+"""The PostgreSQL directory and PathInfo services against a real server, beyond the
+conformance suites (run in the *_conformance modules)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -11,34 +11,11 @@ import pytest
 from tests.support.servers import PostgreSQL
 from tvix.castore import directoryservice
 from tvix.castore.directory import Directory
-from tvix.castore.directoryservice import DirectoryService
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
 from tvix.castore.nodes import DirectoryNode, SymlinkNode
-from tvix.castore.testing import DirectoryServiceTests
 from tvix.castore.testing.fixtures import DIRECTORY_A
 from tvix.store import pathinfoservice
-from tvix.store.pathinfoservice import PathInfoService
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
-
-
-class TestPostgresDirectoryService(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, pg_url: str) -> AsyncIterator[DirectoryService]:
-        svc = directoryservice.from_url(pg_url)
-        yield svc
-        await svc.close()
-
-
-class TestPostgresPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self, pg_url: str) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url(pg_url)
-        yield svc
-        await svc.close()
-
-
-# -- beyond the suites ---------------------------------------------------------------------------
 
 
 def _tree(fanout: int, depth: int) -> list[Directory]:

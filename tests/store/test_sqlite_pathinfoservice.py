@@ -1,33 +1,15 @@
-"""The SQLite PathInfo service: the conformance suite, persistence, listing."""
+"""The SQLite PathInfo service: persistence, listing (its conformance runs are in
+test_pathinfoservice_conformance.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tvix.store import pathinfoservice
-from tvix.store.pathinfoservice import PathInfoService
 from tvix.store.pathinfoservice.sqlite import SQLitePathInfoService
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
-
-
-class TestSQLitePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url(f"sqlite://{tmp_path}/pathinfo.sqlite")
-        yield svc
-        await svc.close()
-
-
-class TestInMemorySQLitePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url("sqlite://")
-        yield svc
-        await svc.close()
 
 
 async def test_persists_across_instances(tmp_path: Path) -> None:

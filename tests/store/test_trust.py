@@ -17,23 +17,12 @@ from tvix.nixcompat.signing import SigningKey
 from tvix.store.composition import Composition, CompositionError
 from tvix.store.importer import import_path
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
+from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.race import RacePathInfoService
-from tvix.store.pathinfoservice.signing import SigningPathInfoService
 from tvix.store.pathinfoservice.trust import TrustedPathInfoService, UntrustedPathInfoError
-from tvix.store.testing import PathInfoServiceTests
 
 TRUSTED = SigningKey.generate("trusted.example.org-1")
 STRANGER = SigningKey.generate("stranger.example.org-1")
-
-
-class TestTrustedPathInfoService(PathInfoServiceTests):
-    """What is put through a signing service with a trusted key reads back."""
-
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        signed = SigningPathInfoService(MemoryPathInfoService(), TRUSTED)
-        return TrustedPathInfoService(signed, [TRUSTED.to_public()])
 
 
 class Store:
