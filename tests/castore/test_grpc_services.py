@@ -21,7 +21,7 @@ from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import GRPCBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
-from tvix.castore.errors import InvalidURLError, StorageError, ValidationError
+from tvix.castore.errors import StorageError, ValidationError
 from tvix.castore.grpc import (
     GRPCBlobServiceWrapper,
     GRPCDirectoryServiceWrapper,
@@ -67,47 +67,6 @@ async def test_chunked_read_fetches_only_touched_chunks(tmp_path: Path) -> None:
 
 
 # --- URLs -------------------------------------------------------------------
-
-VALID_URLS = [
-    ("grpc+http://localhost:8000", "localhost:8000"),
-    ("grpc+http://127.0.0.1:1", "127.0.0.1:1"),
-    ("grpc+http://[::1]:8000", "[::1]:8000"),
-    ("grpc+http://[::1]:8000/", "[::1]:8000"),
-    ("grpc+unix:///run/tvix/store.sock", "unix:/run/tvix/store.sock"),
-]
-
-INVALID_URLS = [
-    ("grpc+http://localhost", "port is required"),
-    ("grpc+http://localhost:", "port is required"),
-    ("grpc+http://localhost:99999", "out of range"),
-    ("grpc+http://localhost:0", "out of range"),
-    ("grpc+http://localhost:x", "port is required"),
-    ("grpc+http://::1:8000", "port is required"),
-    ("grpc+http://user@localhost:8000", "port is required"),
-    ("grpc+http://", "host:port is required"),
-    ("grpc+http://localhost:8000/some/path", "no path expected"),
-    ("grpc+http://localhost:8000?wait-connect=1", "unknown option"),
-    ("grpc+unix:///run/s.sock?foo=bar", r"unknown option\(s\) foo"),
-    ("grpc+unix://", "a path is required"),
-    ("grpc+unix://host/run/s.sock", "no host expected"),
-    ("grpc+https://localhost:443", "unknown scheme"),
-]
-
-
-@pytest.mark.parametrize(("url", "target"), VALID_URLS)
-@pytest.mark.parametrize("kind", [blobservice, directoryservice])
-def test_valid_urls(url: str, target: str, kind: object) -> None:
-    # Built outside any event loop: the channel is made at first use.
-    svc = kind.from_url(url)  # type: ignore[attr-defined]
-    assert svc.address == url
-    assert svc._channel.target == target
-
-
-@pytest.mark.parametrize(("url", "message"), INVALID_URLS)
-@pytest.mark.parametrize("kind", [blobservice, directoryservice])
-def test_invalid_urls(url: str, message: str, kind: object) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        kind.from_url(url)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

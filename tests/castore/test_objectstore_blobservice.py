@@ -278,46 +278,6 @@ def test_memory_store_direct() -> None:
     assert svc._chunk_key(BLOB_A_DIGEST).startswith("some/prefix/chunks/b3/")
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "objectstore+memory://",
-        "objectstore+memory:///",
-        "objectstore+memory://?zstd=false",
-        "objectstore+memory://?zstd=true&avg_chunk_size=65536",
-        "objectstore+file://{tmp}/a",
-        "objectstore+file://{tmp}/a?zstd=0",
-    ],
-)
-async def test_valid_urls(url: str, tmp_path: Path) -> None:
-    svc = from_url(url.format(tmp=tmp_path))
-    assert isinstance(svc, ObjectStoreBlobService)
-    assert await write_all(svc, BLOB_A) == BLOB_A_DIGEST
-    await svc.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("objectstore+memory://?colour=red", "unknown option.*colour"),
-        ("objectstore+file://{tmp}/a?compression=zstd", "unknown option.*compression"),
-        ("objectstore+memory://host", "no host"),
-        ("objectstore+memory:///some/path", "no path"),
-        ("objectstore+file://relative/dir", "no host"),
-        ("objectstore+file://", "path is required"),
-        ("objectstore+file:///", "path is required"),
-        ("objectstore+memory://?zstd=maybe", "zstd must be true or false"),
-        ("objectstore+memory://?avg_chunk_size=lots", "avg_chunk_size must be an integer"),
-        ("objectstore+memory://?avg_chunk_size=100", "avg_chunk_size must be within"),
-        ("objectstore+memory://?avg_chunk_size=1073741824", "avg_chunk_size must be within"),
-        ("objectstore+ftp://host/dir", "unknown scheme"),
-    ],
-)
-def test_invalid_urls(url: str, message: str, tmp_path: Path) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        from_url(url.format(tmp=tmp_path))
-
-
 def test_invalid_url_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidURLError):
         from_url(f"objectstore+file://{tmp_path}/new?bogus=1")

@@ -15,7 +15,7 @@ from tvix.castore.directoryservice import (
     SQLiteDirectoryService,
     from_url,
 )
-from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
+from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode
 from tvix.castore.testing.fixtures import (
     DIRECTORY_A,
@@ -183,25 +183,3 @@ async def test_wide_level_batched(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert runs == 3  # one call per level
     finally:
         await svc.close()
-
-
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite://{tmp}/d.db"])
-async def test_valid_urls(url: str, tmp_path: Path) -> None:
-    svc = from_url(url.format(tmp=tmp_path))
-    assert isinstance(svc, SQLiteDirectoryService)
-    await svc.put(DIRECTORY_A)
-    assert await svc.get(DIRECTORY_A.digest) == DIRECTORY_A
-    await svc.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("sqlite://{tmp}/d.db?cache=shared", "unknown option.*cache"),
-        ("sqlite://relative/d.db", "no host"),
-        ("sqlite://{tmp}/", "names a directory"),
-    ],
-)
-def test_invalid_urls(url: str, message: str, tmp_path: Path) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        from_url(url.format(tmp=tmp_path))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support.services import Unlistable
-from tvix.castore.errors import IntegrityError, InvalidURLError, ValidationError
+from tvix.castore.errors import IntegrityError, ValidationError
 from tvix.nixcompat.signing import SigningKey
-from tvix.store import pathinfoservice
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.cache import CachePathInfoService
@@ -110,30 +109,6 @@ async def test_lru_miss_does_not_refresh_or_grow() -> None:
 def test_lru_rejects_bad_capacity(capacity: object) -> None:
     with pytest.raises(ValidationError, match="capacity"):
         LRUPathInfoService(capacity)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(("url", "capacity"), [("lru://?capacity=5", 5), ("lru:///?capacity=1", 1)])
-def test_lru_url(url: str, capacity: int) -> None:
-    svc = pathinfoservice.from_url(url)
-    assert isinstance(svc, LRUPathInfoService)
-    assert svc.capacity == capacity
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("lru://", "capacity is required"),
-        ("lru://?capacity=0", "positive"),
-        ("lru://?capacity=-3", "positive"),
-        ("lru://?capacity=ten", "integer"),
-        ("lru://host?capacity=1", "no host"),
-        ("lru:///path?capacity=1", "no path"),
-        ("lru://?capacity=1&size=2", "size"),
-    ],
-)
-def test_lru_url_invalid(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        pathinfoservice.from_url(url)
 
 
 # -- signing ---------------------------------------------------------------------------------

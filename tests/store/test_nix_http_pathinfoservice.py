@@ -323,20 +323,3 @@ async def test_from_urls_and_url_options(closure: Closure) -> None:
         bad = "nix+" + closure.cache_url("zstd") + f"?trusted-public-keys={closure.public}"
         with pytest.raises(InvalidURLError, match="%2B"):
             pathinfoservice.from_url(bad)
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("nix+http://", "host is required"),
-        ("nix+https:///path", "host is required"),
-        ("nix+file://host/dir", "no host expected"),
-        ("nix+file://", "path is required"),
-        ("nix+http://h?foo=1", "unknown option"),
-        ("nix+http://h?require-sigs=maybe", "true or false"),
-        ("nix+http://h?trusted-public-keys=nonsense", "trusted public key"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        pathinfoservice.from_url(url)

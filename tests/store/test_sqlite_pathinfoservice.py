@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tvix.store import pathinfoservice
 from tvix.store.pathinfoservice.sqlite import SQLitePathInfoService
 from tvix.store.testing.fixtures import path_info
 
@@ -32,19 +31,6 @@ async def test_list_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     listed = [i async for i in svc.list()]
     assert sorted(i.store_path.digest for i in listed) == sorted(i.store_path.digest for i in infos)
     await svc.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("sqlite://host/x.db", "no host"),
-        ("sqlite:///x.db?foo=1", "foo"),
-        ("sqlite:///tmp/", "directory"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        pathinfoservice.from_url(url)
 
 
 async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
