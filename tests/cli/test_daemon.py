@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from tests.support.daemons import daemon
 from tests.support.nix import Nix
 from tests.support.services import Run
 from tests.support.trees import make_tree
+from tvix.cli import common
 
 pytestmark = pytest.mark.nix
 
@@ -46,23 +48,43 @@ def test_clients_through_daemon(tvix_store: Run, nix: Nix, tmp_path: Path, trans
         assert tvix_store("dump-path", store_path, env=_client_env(url)).stdout == nix.dump(tree)
 
 
-def test_client_default_is_the_daemon(tvix_store: Run, tmp_path: Path) -> None:
+def _free_loopback_port() -> tuple[str, int]:
+    """A TCP port nothing listens on right now, on [::1] (or 127.0.0.1 without IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            return "[::1]", s.getsockname()[1]
+    except OSError:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return "127.0.0.1", s.getsockname()[1]
+
+
+def test_client_default_is_the_daemon(tmp_path: Path) -> None:
+    # Without addresses or a data directory, client commands talk to upstream's default...
+    assert common.DAEMON_URL == "grpc+http://[::1]:8000"
+    # ...where a daemon may well be running (./dev run): so the command runs with the
+    # default pointed at a port nothing listens on, and must fail naming it.
+    host, port = _free_loopback_port()
+    url = f"grpc+http://{host}:{port}"
     env = dict(os.environ)
     env.pop("TVIX_STORE_DATA_DIR", None)
     for var in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR"):
         env.pop(var, None)
-    f = tmp_path / "f"
-    f.write_bytes(b"x")
+    code = (
+        "import sys; import tvix.cli.common as c; c.DAEMON_URL = sys.argv.pop(1); "
+        "from tvix.cli.store import main; sys.exit(main())"
+    )
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "tvix.cli.store", "path-info", "/nix/store/" + "0" * 32 + "-x"],
+        [sys.executable, "-c", code, url, "path-info", "/nix/store/" + "0" * 32 + "-x"],
         env=env,
         capture_output=True,
         timeout=60,
     )
     assert proc.returncode == 1
     err = proc.stderr.decode()
-    assert "grpc+http://[::1]:8000" in err, err
+    assert url in err, err
     assert "UNAVAILABLE" in err
     assert time.monotonic() - start < 30
 

@@ -117,11 +117,24 @@ def test_forget_releases_inodes_and_numbers_stay(tmp_path: Path) -> None:
         root = tmp_path / "mnt" / names["tree"]
         before = lstat_all(root)
         assert len(mount.fs.inodes) > len(before)  # every entry, plus the root
-        # Dentries and inodes dropped: the kernel forgets them and so must we.
-        deadline = time.monotonic() + 10
-        while len(mount.fs.inodes) > 1 and time.monotonic() < deadline:
+        # Dentries and inodes dropped: the kernel forgets them and so must we. Its
+        # FORGETs arrive asynchronously (and a parent only after its children), so
+        # wait for the table to shrink to the root: an event set by the table itself,
+        # in the serving thread, dropping caches again while it has not happened.
+        table = mount.fs.inodes
+        only_root = threading.Event()
+        forget = table.forget
+
+        def forget_and_tell(ino: int, nlookup: int) -> None:
+            forget(ino, nlookup)
+            if len(table) == 1:
+                only_root.set()
+
+        table.forget = forget_and_tell  # type: ignore[method-assign]
+        for _ in range(100):
             drop_caches.write_text("2")
-            time.sleep(0.1)
+            if only_root.wait(0.1):
+                break
         assert len(mount.fs.inodes) == 1  # only the root is left
         # Looked up afresh, every entry gets the number it had.
         assert lstat_all(root) == before
