@@ -340,6 +340,7 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
 """
 
 
+@pytest.mark.e2e
 async def test_client_process_dying_mid_put_stores_nothing(tmp_path: Path) -> None:
     backend = ChunkedMemoryBlobService()
     async with running_server(unix_listen(tmp_path), [GRPCBlobServiceWrapper(backend)]) as srv:

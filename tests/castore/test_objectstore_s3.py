@@ -15,6 +15,8 @@ from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix.castore.errors import StorageError
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST
 
+pytestmark = pytest.mark.e2e
+
 
 def _raw_store(weed: SeaweedFS) -> S3Store:
     return S3Store(

@@ -18,7 +18,7 @@ from tests.support.services import Run
 from tests.support.trees import make_tree
 from tvix.cli import common
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _client_env(url: str) -> dict[str, str]:

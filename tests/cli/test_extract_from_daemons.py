@@ -28,7 +28,7 @@ from tvix.store import pathinfoservice
 from tvix.store.importer import import_path
 from tvix.store.pathinfo import PathInfo
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 KEY = SigningKey.generate("cache.test-1")
 STRANGER = SigningKey.generate("stranger.test-1")

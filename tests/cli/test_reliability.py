@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 import blake3
+import pytest
 
 from tests.support.services import Run
 from tests.support.trees import make_tree
+
+pytestmark = pytest.mark.e2e
 
 
 def _chunk_file(data_dir: Path, content: bytes) -> Path:

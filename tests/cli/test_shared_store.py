@@ -21,7 +21,7 @@ from tests.support.fixtures import TVIX_STORE, Closure, tvix_store
 from tests.support.servers import SeaweedFS
 from tests.support.trees import make_tree
 
-pytestmark = [pytest.mark.nix, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.slow]
 
 
 def _composition(path: Path, s3_url: str, pg_url: str) -> Path:

@@ -13,7 +13,7 @@ from tests.support.nix import Nix
 from tests.support.services import Run
 from tests.support.trees import make_tree
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def test_help(tvix_store: Run) -> None:

@@ -104,6 +104,7 @@ def test_inode_table_counts_lookups() -> None:
     assert table.get(ROOT_INODE) is table.root
 
 
+@pytest.mark.e2e
 def test_forget_releases_inodes_and_numbers_stay(tmp_path: Path) -> None:
     drop_caches = Path("/proc/sys/vm/drop_caches")
     if not os.access(drop_caches, os.W_OK):
@@ -140,6 +141,7 @@ def test_forget_releases_inodes_and_numbers_stay(tmp_path: Path) -> None:
         assert lstat_all(root) == before
 
 
+@pytest.mark.e2e
 def test_a_hanging_service_fails_the_request_not_the_mount(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", big_size=1000)
     mount, names = serve_tree(tree, tmp_path / "mnt", FsOptions(request_timeout=1.0))
@@ -159,6 +161,7 @@ def test_a_hanging_service_fails_the_request_not_the_mount(tmp_path: Path) -> No
         assert (store_root / "regular.txt").read_bytes() == b"hello\n"
 
 
+@pytest.mark.e2e
 def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()

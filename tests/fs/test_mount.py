@@ -32,6 +32,8 @@ from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
 
+pytestmark = pytest.mark.e2e
+
 BLOB_XATTR = "user.tvix.castore.blob.digest"
 DIRECTORY_XATTR = "user.tvix.castore.directory.digest"
 

@@ -12,7 +12,7 @@ from tests.nar_bridge.nar_bridge_support import Closure, Run, StartBridge
 from tests.support.nix import Nix
 from tests.support.trees import make_tree
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _copy_from(nix: Nix, url: str, dest: Path, path: str, *options: str) -> None:

@@ -281,6 +281,7 @@ def test_listen_address(text: str, expected: object) -> None:
         assert ListenAddress.parse(text) == expected
 
 
+@pytest.mark.e2e
 def test_cli_help_and_unix_socket(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
     out = subprocess.run(

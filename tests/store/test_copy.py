@@ -32,7 +32,7 @@ from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.nix_http import UntrustedPathError
 from tvix.store.resolve import NotFoundError
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _sp(path: str) -> StorePath:

@@ -215,6 +215,7 @@ _EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 # -- the command, on the embedded store ------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.nix
 def test_command(tmp_path: Path, nix: Nix) -> None:
     tree = make_tree(tmp_path / "tree", big_size=(1 << 20) + 1)

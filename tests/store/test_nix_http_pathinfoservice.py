@@ -34,7 +34,7 @@ from tvix.store.pathinfoservice.nix_http import (
 )
 from tvix.store.testing.fixtures import path_info
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _digest(path: str) -> bytes:

@@ -17,6 +17,8 @@ from tvix.castore.testing.fixtures import DIRECTORY_A
 from tvix.store import pathinfoservice
 from tvix.store.testing.fixtures import path_info
 
+pytestmark = pytest.mark.e2e
+
 
 def _tree(fanout: int, depth: int) -> list[Directory]:
     """A tree of distinct Directories, leaves first: fanout**depth leaves, ``depth`` + 1 levels."""
