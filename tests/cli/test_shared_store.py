@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import daemon
-from tests.support.fixtures import TVIX_STORE, Closure, tvix_store
+from tests.support.daemons import TVIX_STORE, daemon, tvix_store
+from tests.support.fixtures import Closure
 from tests.support.servers import SeaweedFS
 from tests.support.trees import make_tree
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fixtures import Closure, tvix_store
+from tests.support.daemons import tvix_store
+from tests.support.fixtures import Closure
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError

@@ -14,10 +14,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tests.support.grpc import running_server
 from tvix._proto import store_pb2
 from tvix.castore.blobservice import MemoryBlobService, write_all
 from tvix.castore.directoryservice import MemoryDirectoryService
-from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
+from tvix.castore.grpc import GRPCServer, castore_servicers
 from tvix.castore.ingest import ingest_path
 from tvix.castore.testing.fixtures import BLOB_A, DIRECTORY_WITH_KEEP
 from tvix.castore.url import ServiceURL
@@ -46,33 +47,24 @@ class Backends:
 async def server(tmp_path: Path) -> AsyncIterator[tuple[GRPCServer, Backends]]:
     b = Backends()
     await b.seed()
-    srv = build_server(
-        f"unix://{tmp_path}/store.sock",
-        [
-            *castore_servicers(b.blobs, b.dirs),
-            GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs),
-        ],
-    )
-    await srv.start()
-    try:
+    servicers = [
+        *castore_servicers(b.blobs, b.dirs),
+        GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs),
+    ]
+    async with running_server(f"unix://{tmp_path}/store.sock", servicers) as srv:
         yield srv, b
-    finally:
-        await srv.stop(0)
 
 
 async def test_over_tcp(tmp_path: Path) -> None:
     b = Backends()
     await b.seed()
-    srv = build_server("127.0.0.1:0", [GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs)])
-    await srv.start()
-    try:
+    servicers = [GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs)]
+    async with running_server("127.0.0.1:0", servicers) as srv:
         client = from_url(srv.url)
         info = path_info(1, "directory")
         assert await client.put(info) == info
         assert await client.get(info.store_path.digest) == info
         await client.close()
-    finally:
-        await srv.stop(0)
 
 
 async def test_dangling_root_refused(server: tuple[GRPCServer, Backends]) -> None:

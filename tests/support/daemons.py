@@ -52,16 +52,23 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def tvix_store(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
-    """``tvix-store ARGS`` in its own process, checked."""
+def tvix_store(
+    *args: str | Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """``tvix-store ARGS`` in its own process, in :func:`cli_env` updated with ``env``.
+
+    Checked (its exit status must be 0) unless ``check`` is false.
+    """
+    full_env = cli_env()
+    full_env.update(env or {})
     proc = subprocess.run(
-        [*TVIX_STORE, *map(str, args)],
-        env=env,
-        capture_output=True,
-        timeout=120,
+        [*TVIX_STORE, *map(str, args)], capture_output=True, env=full_env, timeout=120
     )
-    if proc.returncode != 0:
-        raise AssertionError(f"tvix-store {args} failed: {proc.stderr.decode(errors='replace')}")
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"tvix-store {' '.join(map(str, args))} exited {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 

@@ -13,7 +13,6 @@ import http.server
 import itertools
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import TVIX_STORE
 from tests.support.nix import Nix
 from tests.support.servers import PostgreSQL, SeaweedFS, postgresql, seaweedfs
 from tests.support.trees import make_tree
@@ -173,24 +171,3 @@ def closure(nix: Nix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clos
     finally:
         server.shutdown()
         server.server_close()
-
-
-# -- running tvix-store --------------------------------------------------------------------------
-
-
-def tvix_store(
-    *args: str | Path, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``tvix-store ARGS``; the service address variables are cleared first."""
-    full_env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
-    full_env.pop("TVIX_STORE_DATA_DIR", None)
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [*TVIX_STORE, *map(str, args)], capture_output=True, env=full_env, timeout=120
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"tvix-store {' '.join(map(str, args))} exited {proc.returncode}: "
-            f"{proc.stderr.decode(errors='replace')}"
-        )
-    return proc
