@@ -28,13 +28,27 @@ from tvix.store.pathinfoservice import from_url as path_info_service
 
 
 class SlowBlobs(MemoryBlobService):
-    """Takes ``delay`` seconds to open a blob (a far-away store)."""
+    """While ``together`` > 0, opens a blob only once ``together`` opens wait at the same
+    time (a far-away store that answers nobody before everybody asked): requests served
+    one after another never get there. Then every open is answered at once again."""
 
-    delay = 0.0
+    together: ClassVar[int] = 0
+    _waiting: ClassVar[int] = 0
+    _all_there: ClassVar[asyncio.Event | None] = None
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        await asyncio.sleep(self.delay)
+        if SlowBlobs.together:
+            if SlowBlobs._all_there is None:
+                SlowBlobs._all_there = asyncio.Event()  # in the serving loop
+            SlowBlobs._waiting += 1
+            if SlowBlobs._waiting >= SlowBlobs.together:
+                SlowBlobs._all_there.set()
+            await SlowBlobs._all_there.wait()
         return await super().open_read(digest)
+
+    @classmethod
+    def reset(cls, together: int = 0) -> None:
+        cls.together, cls._waiting, cls._all_there = together, 0, None
 
 
 class HangingDirectories(MemoryDirectoryService):
@@ -172,7 +186,7 @@ def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
         store_root = tmp_path / "mnt" / names["tree"]
         for i in range(8):
             os.stat(store_root / f"f{i}")  # names resolved; only the opens are slow
-        SlowBlobs.delay = 1.0
+        SlowBlobs.reset(together=8)
         try:
             results: dict[int, bytes] = {}
 
@@ -187,7 +201,8 @@ def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
                 t.join(30)
             elapsed = time.monotonic() - start
         finally:
-            SlowBlobs.delay = 0.0
+            SlowBlobs.reset()
+        # Eight opens were waiting at once (or none would have been answered)...
         assert results == {i: f"file {i}".encode() for i in range(8)}
-        # Eight one-second waits, overlapped rather than one after another.
+        # ...and nothing waited for a timeout.
         assert elapsed < 4, elapsed

@@ -118,7 +118,8 @@ async def test_race_with_trust_prefers_the_signed_answer(
     """A fast source's unsigned answer disqualifies that source only."""
     _, a, _ = content
     sp = fake_store_path("raced")
-    fast, slow = MemoryPathInfoService(), _Late(0.2)
+    fast_answered = asyncio.Event()
+    fast, slow = _Signalling(fast_answered), _Gated(fast_answered)
     await fast.put(relocated(a, sp))
     signed = relocated(a, sp).with_signature(TRUSTED)
     await slow.put(signed)
@@ -148,13 +149,32 @@ async def test_wrong_store_path_refused(content: tuple[Store, PathInfo, PathInfo
         )
 
 
-class _Late(MemoryPathInfoService):
-    def __init__(self, delay: float) -> None:
+class _Signalling(MemoryPathInfoService):
+    """Sets ``answered`` each time it has answered a get."""
+
+    def __init__(self, answered: asyncio.Event) -> None:
         super().__init__()
-        self.delay = delay
+        self.answered = answered
 
     async def get(self, digest: bytes) -> PathInfo | None:
-        await asyncio.sleep(self.delay)
+        try:
+            return await super().get(digest)
+        finally:
+            self.answered.set()
+
+
+class _Gated(MemoryPathInfoService):
+    """Answers a get only once ``gate`` is set, and clears it: each get waits for a new
+    answer of the source that sets it (so which source answers first is not left to
+    timing)."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        await self.gate.wait()
+        self.gate.clear()
         return await super().get(digest)
 
 
