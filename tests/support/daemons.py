@@ -152,14 +152,16 @@ class Calls:
 
 
 class _Slow:
-    def __init__(self, delay: float, calls: Calls) -> None:
-        self.delay = delay
+    """Holds every read until ``gate`` is set, counting them in ``calls``."""
+
+    def __init__(self, gate: asyncio.Event, calls: Calls) -> None:
+        self.gate = gate
         self.calls = calls
 
     async def wait(self, what: str) -> None:
         self.calls.started += 1
         try:
-            await asyncio.sleep(self.delay)
+            await self.gate.wait()
         except asyncio.CancelledError:
             self.calls.cancelled += 1
             self.calls.events.append(what)
@@ -168,7 +170,7 @@ class _Slow:
 
 
 class SlowBlobService(BlobService):
-    """``inner``, each read answered after ``delay`` seconds."""
+    """``inner``, each read answered once the gate of ``slow`` is set."""
 
     def __init__(self, inner: BlobService, slow: _Slow) -> None:
         self.inner = inner
@@ -228,15 +230,16 @@ class Memory:
 
 @asynccontextmanager
 async def serve(
-    listen: str, memory: Memory, delay: float = 0.0
+    listen: str, memory: Memory, gate: asyncio.Event | None = None
 ) -> AsyncIterator[tuple[str, Calls]]:
-    """A gRPC server in this process over ``memory``, each read ``delay`` seconds late."""
+    """A gRPC server in this process over ``memory``; with a ``gate``, each read is
+    answered only once it is set (never, if nobody sets it), and counted."""
     calls = Calls()
     blobs: BlobService = memory.blobs
     dirs: DirectoryService = memory.dirs
     infos: PathInfoService = memory.infos
-    if delay:
-        slow = _Slow(delay, calls)
+    if gate is not None:
+        slow = _Slow(gate, calls)
         blobs = SlowBlobService(blobs, slow)
         dirs = SlowDirectoryService(dirs, slow)
         infos = SlowPathInfoService(infos, slow)
