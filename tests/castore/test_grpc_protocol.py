@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from test_grpc_support import ChunkedMemoryBlobService, running_server, unix_listen
 
+from tests.support.grpc import ChunkedMemoryBlobService, running_server, unix_listen
 from tvix._proto import castore_pb2_grpc
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import MESSAGE_SIZE, VERIFY_WINDOW, GRPCBlobService
@@ -348,6 +348,7 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
 """
 
 
+@pytest.mark.e2e
 async def test_client_process_dying_mid_put_stores_nothing(tmp_path: Path) -> None:
     backend = ChunkedMemoryBlobService()
     async with running_server(unix_listen(tmp_path), [GRPCBlobServiceWrapper(backend)]) as srv:

@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Run
-from support.trees import make_tree
 
-pytestmark = pytest.mark.nix
+from tests.support.nix import Nix
+from tests.support.services import Run
+from tests.support.trees import make_tree
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def test_help(tvix_store: Run) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from support.nix import Nix
-from support.trees import make_tree
 
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -39,7 +39,7 @@ from tvix.store.nar.seekable import NarLayout
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The PathInfo service over gRPC: conformance, status codes, CalculateNAR, reflection."""
+"""The PathInfo service over gRPC: status codes, CalculateNAR, reflection (its conformance run
+is in test_pathinfoservice_conformance.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tests.support.grpc import running_server
 from tvix._proto import castore_pb2, store_pb2
 from tvix.castore.blobservice import MemoryBlobService, write_all
 from tvix.castore.directoryservice import MemoryDirectoryService
-from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
+from tvix.castore.grpc import GRPCServer, castore_servicers
 from tvix.castore.ingest import ingest_path
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.castore.proto import node_to_proto
@@ -25,10 +27,9 @@ from tvix.castore.testing.fixtures import BLOB_A, DIRECTORY_WITH_KEEP, b3
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.nar import calculate_nar
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService, from_url
+from tvix.store.pathinfoservice import MemoryPathInfoService, from_url
 from tvix.store.pathinfoservice.grpc import GRPCPathInfoService
 from tvix.store.proto import pathinfo_to_proto
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
 
 
@@ -48,43 +49,24 @@ class Backends:
 async def server(tmp_path: Path) -> AsyncIterator[tuple[GRPCServer, Backends]]:
     b = Backends()
     await b.seed()
-    srv = build_server(
-        f"unix://{tmp_path}/store.sock",
-        [
-            *castore_servicers(b.blobs, b.dirs),
-            GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs),
-        ],
-    )
-    await srv.start()
-    try:
+    servicers = [
+        *castore_servicers(b.blobs, b.dirs),
+        GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs),
+    ]
+    async with running_server(f"unix://{tmp_path}/store.sock", servicers) as srv:
         yield srv, b
-    finally:
-        await srv.stop(0)
-
-
-class TestGRPCPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(
-        self, server: tuple[GRPCServer, Backends]
-    ) -> AsyncIterator[PathInfoService]:
-        svc = from_url(server[0].url)
-        yield svc
-        await svc.close()
 
 
 async def test_over_tcp(tmp_path: Path) -> None:
     b = Backends()
     await b.seed()
-    srv = build_server("127.0.0.1:0", [GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs)])
-    await srv.start()
-    try:
+    servicers = [GRPCPathInfoServiceWrapper(b.infos, b.blobs, b.dirs)]
+    async with running_server("127.0.0.1:0", servicers) as srv:
         client = from_url(srv.url)
         info = path_info(1, "directory")
         assert await client.put(info) == info
         assert await client.get(info.store_path.digest) == info
         await client.close()
-    finally:
-        await srv.stop(0)
 
 
 async def test_dangling_root_refused(server: tuple[GRPCServer, Backends]) -> None:

@@ -1,44 +1,23 @@
-"""The PostgreSQL directory and PathInfo services against a real server."""
+"""The PostgreSQL directory and PathInfo services against a real server, beyond the
+conformance suites (run in the *_conformance modules)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from support.servers import PostgreSQL
 
+from tests.support.servers import PostgreSQL
 from tvix.castore import directoryservice
 from tvix.castore.directory import Directory
-from tvix.castore.directoryservice import DirectoryService
-from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
+from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, SymlinkNode
-from tvix.castore.testing import DirectoryServiceTests
 from tvix.castore.testing.fixtures import DIRECTORY_A
 from tvix.store import pathinfoservice
-from tvix.store.pathinfoservice import PathInfoService
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
 
-
-class TestPostgresDirectoryService(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, pg_url: str) -> AsyncIterator[DirectoryService]:
-        svc = directoryservice.from_url(pg_url)
-        yield svc
-        await svc.close()
-
-
-class TestPostgresPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self, pg_url: str) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url(pg_url)
-        yield svc
-        await svc.close()
-
-
-# -- beyond the suites ---------------------------------------------------------------------------
+pytestmark = pytest.mark.e2e
 
 
 def _tree(fanout: int, depth: int) -> list[Directory]:
@@ -164,34 +143,3 @@ async def test_unreachable_server_is_a_storage_error() -> None:
         assert "s3cret" not in str(info.value)
     finally:
         await svc.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("postgresql://h/db?foo=1", "unknown option"),
-        ("postgresql://h/db?options=-csearch_path%3Dx", "unknown option"),
-        ("postgresql://h/db?pool_size=0", "pool_size must be positive"),
-        ("postgresql://h/db?pool_size=x", "integer"),
-        ("postgresql://h/db?schema=", "empty schema"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        directoryservice.from_url(url)
-    with pytest.raises(InvalidURLError, match=message):
-        pathinfoservice.from_url(url)
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "postgresql://user@localhost/db",
-        "postgres://user:pw@db.example.org:6543/tvix?sslmode=require&application_name=tvix",
-        "postgresql:///tvix?host=/var/run/postgresql&schema=store&pool_size=3",
-    ],
-)
-async def test_valid_urls(url: str) -> None:
-    # Parsed and checked without connecting.
-    await directoryservice.from_url(url).close()
-    await pathinfoservice.from_url(url).close()

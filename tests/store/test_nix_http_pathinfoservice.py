@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from scale_support import COMPRESSIONS, Closure
 
+from tests.support.fixtures import COMPRESSIONS, Closure
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
@@ -33,7 +33,7 @@ from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 from tvix.store.testing.fixtures import path_info
 from tvix.store.testing.pathinfoservice import PathInfoServiceTests
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _digest(path: str) -> bytes:
@@ -322,23 +322,6 @@ async def test_from_urls_and_url_options(closure: Closure) -> None:
         bad = "nix+" + closure.cache_url("zstd") + f"?trusted-public-keys={closure.public}"
         with pytest.raises(InvalidURLError, match="%2B"):
             pathinfoservice.from_url(bad)
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("nix+http://", "host is required"),
-        ("nix+https:///path", "host is required"),
-        ("nix+file://host/dir", "no host expected"),
-        ("nix+file://", "path is required"),
-        ("nix+http://h?foo=1", "unknown option"),
-        ("nix+http://h?require-sigs=maybe", "true or false"),
-        ("nix+http://h?trusted-public-keys=nonsense", "trusted public key"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        pathinfoservice.from_url(url)
 
 
 class TestConformance(PathInfoServiceTests):

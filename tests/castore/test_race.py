@@ -1,5 +1,6 @@
-"""The race combinators: conformance, first verified answer wins, failures skipped, losers
-cancelled, composition."""
+"""The blob and directory race combinators: first verified answer wins, failures skipped,
+losers cancelled. (Their conformance runs are in the *_conformance modules; the PathInfo
+race and composition in tests/store/test_race_pathinfoservice.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from stores_helpers import Memory, serve
 
+from tests.support.daemons import Memory, serve
 from tvix.castore import blobservice
 from tvix.castore.blobservice import (
     BlobReader,
@@ -27,12 +28,10 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import (
     DirectoryPutter,
-    DirectoryService,
     MemoryDirectoryService,
 )
 from tvix.castore.directoryservice.race import RaceDirectoryService
 from tvix.castore.errors import IntegrityError, StorageError
-from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import (
     BLOB_A,
     BLOB_A_DIGEST,
@@ -45,50 +44,25 @@ from tvix.castore.testing.fixtures import (
     DIRECTORY_WITH_KEEP,
     big_blob,
 )
-from tvix.store.composition import Composition, CompositionError
-from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
-from tvix.store.pathinfoservice.race import RacePathInfoService
-from tvix.store.testing import PathInfoServiceTests
-from tvix.store.testing.fixtures import path_info
-
-# -- conformance -----------------------------------------------------------------------------
-
-
-class TestRaceBlobServiceMemory(BlobServiceTests):
-    @pytest.fixture
-    def blob_service(self) -> BlobService:
-        return RaceBlobService([MemoryBlobService(), MemoryBlobService()])
-
-
-class TestRaceBlobServiceGRPC(BlobServiceTests):
-    """The primary is a remote daemon (verifying client), the mirror local."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async with serve(f"unix://{tmp_path}/s.sock", Memory()) as (url, _):
-            client = blobservice.from_url(url)
-            yield RaceBlobService([client, MemoryBlobService()])
-            await client.close()
-
-
-class TestRaceDirectoryService(DirectoryServiceTests):
-    @pytest.fixture
-    def directory_service(self) -> DirectoryService:
-        return RaceDirectoryService([MemoryDirectoryService(), MemoryDirectoryService()])
-
-
-class TestRacePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return RacePathInfoService([MemoryPathInfoService(), MemoryPathInfoService()])
-
 
 # -- test sources ----------------------------------------------------------------------------
 
 
+# Who answers first is decided by gates, not by sleeping: a late source waits for an
+# asyncio.Event that the source meant to answer first sets once it has answered (or
+# failed), or for one that is never set when it must never answer.
+
+
 class _Tampered(MemoryBlobService):
-    """Serves every blob with one byte flipped (a source that does not verify)."""
+    """Serves every blob with one byte flipped (a source that does not verify).
+
+    ``answered`` (if given) is set when a reader of it is closed: the race
+    closes the reader of a small blob once it has found the bytes wrong.
+    """
+
+    def __init__(self, answered: asyncio.Event | None = None) -> None:
+        super().__init__()
+        self.answered = answered
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         data = self._blobs.get(digest)
@@ -96,20 +70,21 @@ class _Tampered(MemoryBlobService):
             return None
         bad = bytearray(data)
         bad[len(bad) // 2] ^= 1
-        return BytesBlobReader(bytes(bad))
+        return _SignallingReader(BytesBlobReader(bytes(bad)), self.answered)
 
 
-class _Late(BlobService):
-    """``inner``, answering after ``delay``; counts reads cancelled while waiting."""
+class _Gated(BlobService):
+    """``inner``, answering reads only once ``gate`` is set (never, by default); counts
+    reads cancelled while waiting."""
 
-    def __init__(self, inner: BlobService, delay: float) -> None:
+    def __init__(self, inner: BlobService, gate: asyncio.Event | None = None) -> None:
         self.inner = inner
-        self.delay = delay
+        self.gate = gate or asyncio.Event()
         self.cancelled = 0
 
     async def _wait(self) -> None:
         try:
-            await asyncio.sleep(self.delay)
+            await self.gate.wait()
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -124,6 +99,57 @@ class _Late(BlobService):
 
     def open_write(self) -> BlobWriter:
         return self.inner.open_write()
+
+
+class _Signalling(BlobService):
+    """``inner``; sets ``answered`` when a read of it fails or a reader of it is closed."""
+
+    def __init__(self, inner: BlobService, answered: asyncio.Event) -> None:
+        self.inner = inner
+        self.answered = answered
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self.inner.has(digest)
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        try:
+            reader = await self.inner.open_read(digest)
+        except Exception:
+            self.answered.set()
+            raise
+        return None if reader is None else _SignallingReader(reader, self.answered)
+
+    def open_write(self) -> BlobWriter:
+        return self.inner.open_write()
+
+
+class _SignallingReader(BlobReader):
+    """``inner``; sets ``answered`` (if given) when a read fails or the reader is closed."""
+
+    def __init__(self, inner: BlobReader, answered: asyncio.Event | None) -> None:
+        self.inner = inner
+        self.answered = answered
+
+    def _signal(self) -> None:
+        if self.answered is not None:
+            self.answered.set()
+
+    async def read(self, n: int = -1) -> bytes:
+        try:
+            return await self.inner.read(n)
+        except Exception:
+            self._signal()
+            raise
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return await self.inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    async def close(self) -> None:
+        await self.inner.close()
+        self._signal()
 
 
 class _Broken(BlobService):
@@ -142,16 +168,19 @@ class _Broken(BlobService):
 
 
 class _FailsMidway(MemoryBlobService):
-    """Readers return ``good`` bytes up to ``at``, then raise ``IntegrityError``."""
+    """Readers return ``good`` bytes up to ``at``, then raise ``IntegrityError`` (and set
+    ``failed``, if given)."""
 
-    def __init__(self, data: bytes, at: int, good: bool = True) -> None:
+    def __init__(
+        self, data: bytes, at: int, good: bool = True, failed: asyncio.Event | None = None
+    ) -> None:
         super().__init__()
-        self._blobs[B3Digest(bytes(32))] = b""  # not used; keeps the dict non-trivial
         self.data = data if good else bytes(len(data))
         self.at = at
+        self.failed = failed
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        return _MidwayReader(self.data, self.at)
+        return _SignallingReader(_MidwayReader(self.data, self.at), self.failed)
 
 
 class _MidwayReader(BytesBlobReader):
@@ -177,8 +206,9 @@ async def _memory_with(*blobs: bytes) -> MemoryBlobService:
 
 async def test_blob_tampered_source_skipped(caplog: pytest.LogCaptureFixture) -> None:
     """The tampered source answers first; its bytes do not verify, the good one wins."""
-    good = _Late(await _memory_with(BLOB_A), 0.2)
-    tampered = _Tampered()
+    tampered_answered = asyncio.Event()
+    good = _Gated(await _memory_with(BLOB_A), tampered_answered)
+    tampered = _Tampered(tampered_answered)
     await write_all(tampered, BLOB_A)
     race = RaceBlobService([tampered, good])
     with caplog.at_level(logging.WARNING):
@@ -192,7 +222,7 @@ async def test_large_blob_from_unverifying_source_fails_at_the_end() -> None:
     caught once the whole blob is read, too late to fall back: the read fails."""
     tampered = _Tampered()
     await write_all(tampered, BLOB_B)
-    race = RaceBlobService([tampered, _Late(await _memory_with(BLOB_B), 0.2)])
+    race = RaceBlobService([tampered, _Gated(await _memory_with(BLOB_B))])
     reader = await race.open_read(BLOB_B_DIGEST)
     assert reader is not None
     with pytest.raises(IntegrityError, match=r"the bytes read hash to .* source 0 \(_Tampered\)"):
@@ -212,12 +242,15 @@ async def test_blob_tampered_remote_skipped(tmp_path: Path) -> None:
         bad.blobs._blobs[digest] = bytes(flipped)
     async with (
         serve(f"unix://{tmp_path}/bad.sock", bad) as (bad_url, _),
-        serve(f"unix://{tmp_path}/good.sock", good, delay=0.2) as (good_url, _),
+        serve(f"unix://{tmp_path}/good.sock", good) as (good_url, _),
     ):
         clients = [blobservice.from_url(u) for u in (bad_url, good_url)]
-        race = RaceBlobService(clients)
-        assert await read_all(race, BLOB_A_DIGEST) == BLOB_A
-        assert await read_all(race, BLOB_B_DIGEST) == BLOB_B
+        for digest, data in ((BLOB_A_DIGEST, BLOB_A), (BLOB_B_DIGEST, BLOB_B)):
+            # The good server is only heard once the client has refused the bad one's bytes.
+            refused = asyncio.Event()
+            race = RaceBlobService([_Signalling(clients[0], refused), _Gated(clients[1], refused)])
+            assert await read_all(race, digest) == data
+            assert refused.is_set()
         for c in clients:
             await c.close()
 
@@ -225,8 +258,9 @@ async def test_blob_tampered_remote_skipped(tmp_path: Path) -> None:
 async def test_large_blob_falls_back_midway(caplog: pytest.LogCaptureFixture) -> None:
     data = big_blob((3 << 20) + 11, seed=5)
     digest = B3Digest(_b3(data))
-    first = _FailsMidway(data, at=(2 << 20) + 7)
-    second = _Late(await _memory_with(data), 0.1)
+    failed = asyncio.Event()
+    first = _FailsMidway(data, at=(2 << 20) + 7, failed=failed)
+    second = _Gated(await _memory_with(data), failed)
     race = RaceBlobService([first, second])
     reader = await race.open_read(digest)
     assert reader is not None
@@ -245,7 +279,8 @@ async def test_large_blob_fallback_must_agree() -> None:
     digest = B3Digest(_b3(data))
     liar = MemoryBlobService()
     liar._blobs[digest] = bytes(len(data))  # a different blob under the same digest
-    race = RaceBlobService([_FailsMidway(data, at=(2 << 20)), _Late(liar, 0.1)])
+    failed = asyncio.Event()
+    race = RaceBlobService([_FailsMidway(data, at=(2 << 20), failed=failed), _Gated(liar, failed)])
     reader = await race.open_read(digest)
     assert reader is not None
     with pytest.raises(IntegrityError, match="already returned differ"):
@@ -293,7 +328,7 @@ async def test_blob_absence_and_failures(caplog: pytest.LogCaptureFixture) -> No
 
 
 async def test_blob_slow_source_cancelled() -> None:
-    slow = _Late(await _memory_with(BLOB_A), 30)
+    slow = _Gated(await _memory_with(BLOB_A))  # never answers
     race = RaceBlobService([slow, await _memory_with(BLOB_A)])
     async with asyncio.timeout(5):
         assert await read_all(race, BLOB_A_DIGEST) == BLOB_A
@@ -311,24 +346,44 @@ async def test_blob_writes_go_to_the_primary() -> None:
 # -- directories -----------------------------------------------------------------------------
 
 
+class _Answered:
+    """One event per kind of read: set once the source meant to answer first has answered."""
+
+    def __init__(self) -> None:
+        self.get = asyncio.Event()
+        self.get_recursive = asyncio.Event()
+
+
 class _WrongClosure(MemoryDirectoryService):
     """Answers every recursive get with an incomplete closure, and gets with another Directory."""
 
+    def __init__(self, answered: _Answered | None = None) -> None:
+        super().__init__()
+        self.answered = answered or _Answered()
+
     async def get(self, digest: B3Digest) -> Directory | None:
+        self.answered.get.set()
         return DIRECTORY_A
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         yield DIRECTORY_COMPLICATED  # without the Directories below it
+        self.answered.get_recursive.set()
 
 
 class _LateDirs(MemoryDirectoryService):
+    """Answers each kind of read only once ``first`` has answered it."""
+
+    def __init__(self, first: _Answered) -> None:
+        super().__init__()
+        self.first = first
+
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
-        await asyncio.sleep(0.1)
+        await self.first.get_recursive.wait()
         async for d in super().get_recursive(root):
             yield d
 
     async def get(self, digest: B3Digest) -> Directory | None:
-        await asyncio.sleep(0.1)
+        await self.first.get.wait()
         return await super().get(digest)
 
     def put_multiple_start(self) -> DirectoryPutter:
@@ -336,11 +391,12 @@ class _LateDirs(MemoryDirectoryService):
 
 
 async def test_directory_wrong_answers_skipped(caplog: pytest.LogCaptureFixture) -> None:
-    good = _LateDirs()
+    answered = _Answered()
+    good = _LateDirs(answered)
     async with good.put_multiple_start() as putter:
         for d in (DIRECTORY_WITH_KEEP, DIRECTORY_C, DIRECTORY_COMPLICATED):
             await putter.put(d)
-    race = RaceDirectoryService([_WrongClosure(), good])
+    race = RaceDirectoryService([_WrongClosure(answered), good])
     with caplog.at_level(logging.WARNING):
         got = [d async for d in race.get_recursive(DIRECTORY_COMPLICATED.digest)]
         assert await race.get(DIRECTORY_C.digest) == DIRECTORY_C
@@ -350,71 +406,6 @@ async def test_directory_wrong_answers_skipped(caplog: pytest.LogCaptureFixture)
     # Only wrong answers: that is not absence.
     with pytest.raises(IntegrityError):
         await RaceDirectoryService([_WrongClosure()]).get(DIRECTORY_B.digest)
-
-
-# -- PathInfos -------------------------------------------------------------------------------
-
-
-class _Other(MemoryPathInfoService):
-    async def get(self, digest: bytes) -> PathInfo | None:
-        return path_info(999)
-
-
-async def test_path_info_wrong_answer_skipped_and_check() -> None:
-    info = path_info(1)
-    good = MemoryPathInfoService()
-    await good.put(info)
-    assert await RacePathInfoService([_Other(), good]).get(info.store_path.digest) == info
-
-    async def refuse(i: PathInfo) -> None:
-        raise IntegrityError(f"refused {i.store_path}")
-
-    with pytest.raises(IntegrityError, match="refused"):
-        await RacePathInfoService([good, MemoryPathInfoService()], refuse).get(
-            info.store_path.digest
-        )
-
-
-# -- composition -----------------------------------------------------------------------------
-
-
-async def test_composition(tmp_path: Path) -> None:
-    text = """
-    [blobservices.default]
-    type = "race"
-    sources = ["a", "b"]
-    [blobservices.a]
-    type = "memory"
-    [blobservices.b]
-    type = "memory"
-    [directoryservices.default]
-    type = "race"
-    sources = ["one"]
-    [directoryservices.one]
-    type = "memory"
-    [pathinfoservices.default]
-    type = "race"
-    sources = ["x", "y"]
-    [pathinfoservices.x]
-    type = "memory"
-    [pathinfoservices.y]
-    type = "sqlite"
-    path = "p.sqlite"
-    """
-    async with Composition.from_toml(text, base_dir=tmp_path) as comp:
-        blobs, dirs, infos = comp.build_all()
-        assert isinstance(blobs, RaceBlobService)
-        assert blobs.sources == [comp.blob_service("a"), comp.blob_service("b")]
-        assert isinstance(dirs, RaceDirectoryService)
-        assert isinstance(infos, RacePathInfoService)
-        await write_all(comp.blob_service("b"), BLOB_A)
-        assert await read_all(blobs, BLOB_A_DIGEST) == BLOB_A
-    with pytest.raises(CompositionError, match=r"blobservices.default: 'sources' must name"):
-        Composition.from_toml(
-            '[blobservices.default]\ntype = "race"\nsources = []\n'
-        ).blob_service()
-    with pytest.raises(CompositionError, match="refers to 'nope'"):
-        Composition.from_toml('[blobservices.default]\ntype = "race"\nsources = ["nope"]\n')
 
 
 def _b3(data: bytes) -> bytes:

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from stores_helpers import cli_env, diff, extract_argv, fake_store_path, relocated, tvix_store
-from support.nix import Nix
-from support.trees import make_tree
 
+from tests.support.daemons import EXTRACT, cli_env, diff, fake_store_path, relocated, tvix_store
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import BlobReader, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directoryservice import MemoryDirectoryService
@@ -215,31 +215,30 @@ _EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 # -- the command, on the embedded store ------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.nix
 def test_command(tmp_path: Path, nix: Nix) -> None:
     tree = make_tree(tmp_path / "tree", big_size=(1 << 20) + 1)
     env = cli_env(TVIX_STORE_DATA_DIR=str(tmp_path / "data"))
     store_path = tvix_store("import", tree, env=env).stdout.decode().strip()
     dest = tmp_path / "out"
-    proc = subprocess.run([*extract_argv(), store_path, dest], env=env, capture_output=True)
+    proc = subprocess.run([*EXTRACT, store_path, dest], env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()
     diff(tree, dest)
     assert nix.dump(dest) == nix.dump(tree)
 
-    again = subprocess.run([*extract_argv(), store_path, dest], env=env, capture_output=True)
+    again = subprocess.run([*EXTRACT, store_path, dest], env=env, capture_output=True)
     assert again.returncode == 1
     assert f"{dest} already exists" in again.stderr.decode()
 
     sub = subprocess.run(
-        [*extract_argv(), store_path + "/nested", tmp_path / "nested"], env=env, capture_output=True
+        [*EXTRACT, store_path + "/nested", tmp_path / "nested"], env=env, capture_output=True
     )
     assert sub.returncode == 0, sub.stderr.decode()
     diff(tree / "nested", tmp_path / "nested")
 
     absent = "/nix/store/" + "0" * 32 + "-absent"
-    missing = subprocess.run(
-        [*extract_argv(), absent, tmp_path / "x"], env=env, capture_output=True
-    )
+    missing = subprocess.run([*EXTRACT, absent, tmp_path / "x"], env=env, capture_output=True)
     assert missing.returncode == 1
     assert "is not in the store" in missing.stderr.decode()
     assert _leftovers(tmp_path, "x") == []

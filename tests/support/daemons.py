@@ -1,7 +1,8 @@
-"""Helpers for the stores-talking-to-stores tests (no tests here).
+"""Stores talking to stores (no tests here).
 
-Daemons in their own processes, in-process gRPC servers over memory services
-(optionally slow or tampered), the extract command, diffing trees.
+``tvix-store`` daemons and commands in their own processes, in-process gRPC
+servers over memory services (optionally slow), diffing trees, relocated
+PathInfos.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ import asyncio
 import hashlib
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.grpc import running_server
 from tvix.castore.blobservice import BlobReader, BlobService, BlobWriter, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import DirectoryPutter, DirectoryService, MemoryDirectoryService
-from tvix.castore.grpc import GRPCServer, build_server, castore_servicers
+from tvix.castore.grpc import castore_servicers
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 from tvix.store.pathinfo import PathInfo
@@ -30,9 +34,10 @@ from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
 _SERVICE_VARS = ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
 
 
-def extract_argv() -> list[str]:
-    """``tvix-store extract`` in a new process."""
-    return [sys.executable, "-m", "tvix.cli.store", "extract"]
+#: ``tvix-store`` in a new process (the console script's module).
+TVIX_STORE = [sys.executable, "-m", "tvix.cli.store"]
+#: ``tvix-store extract`` in a new process.
+EXTRACT = [*TVIX_STORE, "extract"]
 
 
 def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
@@ -47,36 +52,66 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def tvix_store(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
-    """``tvix-store ARGS`` in its own process, checked."""
+def tvix_store(
+    *args: str | Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """``tvix-store ARGS`` in its own process, in :func:`cli_env` updated with ``env``.
+
+    Checked (its exit status must be 0) unless ``check`` is false.
+    """
+    full_env = cli_env()
+    full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
-        env=env,
-        capture_output=True,
-        timeout=120,
+        [*TVIX_STORE, *map(str, args)], capture_output=True, env=full_env, timeout=120
     )
-    if proc.returncode != 0:
-        raise AssertionError(f"tvix-store {args} failed: {proc.stderr.decode(errors='replace')}")
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"tvix-store {' '.join(map(str, args))} exited {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
 @contextmanager
-def daemon(data_dir: Path, listen: str) -> Iterator[str]:
-    """``tvix-store daemon`` on its own data directory; yields the URL it serves."""
-    env = cli_env(TVIX_STORE_DATA_DIR=str(data_dir))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvix.cli.store", "daemon", "--listen-address", listen],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
+def daemon(
+    listen: str = "127.0.0.1:0",
+    *,
+    data_dir: Path | None = None,
+    composition: Path | None = None,
+    timeout: float = 30,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``tvix-store daemon`` in its own process: the process and the URL it serves.
+
+    Its store is ``data_dir`` (the embedded store) or ``composition``; ready
+    once it says it listens; killed on exit if it still runs.
+    """
+    env = cli_env()
+    if data_dir is not None:
+        env["TVIX_STORE_DATA_DIR"] = str(data_dir)
+    args = ["daemon", "--listen-address", listen]
+    if composition is not None:
+        args += ["--store-composition", str(composition)]
+    proc = subprocess.Popen([*TVIX_STORE, *args], env=env, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        m = re.search(r"listening on (\S+)", line)
-        assert m, f"daemon did not start: {line!r}"
-        yield m.group(1)
+        deadline = time.monotonic() + timeout
+        seen = b""
+        while True:
+            ready, _, _ = select.select([proc.stderr], [], [], 1)
+            if ready:
+                line = proc.stderr.readline()
+                seen += line
+                m = re.search(rb"listening on (\S+)", line)
+                if m:
+                    break
+                if not line:
+                    raise AssertionError(f"daemon exited: {seen.decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon did not start: {seen.decode(errors='replace')}")
+        yield proc, m.group(1).decode()
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
 
 
@@ -117,14 +152,16 @@ class Calls:
 
 
 class _Slow:
-    def __init__(self, delay: float, calls: Calls) -> None:
-        self.delay = delay
+    """Holds every read until ``gate`` is set, counting them in ``calls``."""
+
+    def __init__(self, gate: asyncio.Event, calls: Calls) -> None:
+        self.gate = gate
         self.calls = calls
 
     async def wait(self, what: str) -> None:
         self.calls.started += 1
         try:
-            await asyncio.sleep(self.delay)
+            await self.gate.wait()
         except asyncio.CancelledError:
             self.calls.cancelled += 1
             self.calls.events.append(what)
@@ -133,7 +170,7 @@ class _Slow:
 
 
 class SlowBlobService(BlobService):
-    """``inner``, each read answered after ``delay`` seconds."""
+    """``inner``, each read answered once the gate of ``slow`` is set."""
 
     def __init__(self, inner: BlobService, slow: _Slow) -> None:
         self.inner = inner
@@ -193,24 +230,19 @@ class Memory:
 
 @asynccontextmanager
 async def serve(
-    listen: str, memory: Memory, delay: float = 0.0
+    listen: str, memory: Memory, gate: asyncio.Event | None = None
 ) -> AsyncIterator[tuple[str, Calls]]:
-    """A gRPC server in this process over ``memory``, each read ``delay`` seconds late."""
+    """A gRPC server in this process over ``memory``; with a ``gate``, each read is
+    answered only once it is set (never, if nobody sets it), and counted."""
     calls = Calls()
     blobs: BlobService = memory.blobs
     dirs: DirectoryService = memory.dirs
     infos: PathInfoService = memory.infos
-    if delay:
-        slow = _Slow(delay, calls)
+    if gate is not None:
+        slow = _Slow(gate, calls)
         blobs = SlowBlobService(blobs, slow)
         dirs = SlowDirectoryService(dirs, slow)
         infos = SlowPathInfoService(infos, slow)
-    server: GRPCServer = build_server(
-        listen,
-        [*castore_servicers(blobs, dirs), GRPCPathInfoServiceWrapper(infos, blobs, dirs)],
-    )
-    await server.start()
-    try:
+    servicers = [*castore_servicers(blobs, dirs), GRPCPathInfoServiceWrapper(infos, blobs, dirs)]
+    async with running_server(listen, servicers) as server:
         yield server.url, calls
-    finally:
-        await server.stop(0)

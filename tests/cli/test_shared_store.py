@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from scale_support import TVIX_STORE, Closure, tvix_store
-from support.servers import SeaweedFS
-from support.trees import make_tree
 
-pytestmark = [pytest.mark.nix, pytest.mark.slow]
+from tests.support.daemons import TVIX_STORE, daemon, tvix_store
+from tests.support.fixtures import Closure
+from tests.support.servers import SeaweedFS
+from tests.support.trees import make_tree
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.slow]
 
 
 def _composition(path: Path, s3_url: str, pg_url: str) -> Path:
@@ -45,38 +43,6 @@ url = "{pg_url}"
     return path
 
 
-@contextmanager
-def _daemon(composition: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A daemon on a free loopback port and its URL; killed on exit if still running."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
-    proc = subprocess.Popen(
-        [*TVIX_STORE, "daemon", "--store-composition", composition, "-l", "127.0.0.1:0"],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        seen = b""
-        while True:
-            ready, _, _ = select.select([proc.stderr], [], [], 1)
-            if ready:
-                line = proc.stderr.readline()
-                seen += line
-                m = re.search(rb"listening on (\S+)", line)
-                if m:
-                    break
-                if not line:
-                    raise AssertionError(f"daemon exited: {seen.decode(errors='replace')}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon did not start: {seen.decode(errors='replace')}")
-        yield proc, m.group(1).decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 def _via(url: str) -> dict[str, str]:
     return {"BLOB_SERVICE_ADDR": url, "DIRECTORY_SERVICE_ADDR": url, "PATH_INFO_SERVICE_ADDR": url}
 
@@ -87,7 +53,10 @@ def test_two_daemons_one_store(
     nix = closure.nix
     composition = _composition(tmp_path / "store.toml", s3_url, pg_url)
     tree = make_tree(tmp_path / "tree", big_size=3 << 20)
-    with _daemon(composition) as (first, first_url), _daemon(composition) as (_, second_url):
+    with (
+        daemon(composition=composition) as (first, first_url),
+        daemon(composition=composition) as (_, second_url),
+    ):
         # Written through the first daemon ...
         store_path = tvix_store("import", tree, env=_via(first_url)).stdout.decode().strip()
         assert store_path == nix.add(tree)
@@ -136,7 +105,7 @@ def test_nix_downloads_from_nar_bridge_on_shared_store(
 ) -> None:
     assert "--listen-address" in _nar_bridge_usage()
     composition = _composition(tmp_path / "store.toml", s3_url, pg_url)
-    with _daemon(composition) as (_, daemon_url):
+    with daemon(composition=composition) as (_, daemon_url):
         tvix_store(
             "copy", "--from", closure.cache_url("xz"),
             "--trusted-public-keys", closure.public, closure.built,

@@ -1,29 +1,21 @@
-"""objectstore+s3 against a real SeaweedFS: the conformance suite, layout, atomicity, URLs."""
+"""objectstore+s3 against a real SeaweedFS: layout, atomicity, URLs (its conformance run is in
+test_blobservice_conformance.py)."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import obstore
 import pytest
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
-from support.servers import SeaweedFS
 
+from tests.support.servers import SeaweedFS
 from tvix.castore import blobservice
-from tvix.castore.blobservice import BlobService, read_all, write_all
+from tvix.castore.blobservice import read_all, write_all
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix.castore.errors import InvalidURLError, StorageError
-from tvix.castore.testing import BlobServiceTests
+from tvix.castore.errors import StorageError
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST
 
-
-class TestS3BlobService(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, s3_url: str) -> AsyncIterator[BlobService]:
-        svc = blobservice.from_url(s3_url)
-        yield svc
-        await svc.close()
+pytestmark = pytest.mark.e2e
 
 
 def _raw_store(weed: SeaweedFS) -> S3Store:
@@ -79,36 +71,3 @@ async def test_wrong_credentials_are_a_storage_error(
             await write_all(svc, BLOB_A)
     finally:
         await svc.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("objectstore+s3://", "BUCKET"),
-        ("objectstore+s3:///prefix", "BUCKET"),
-        ("objectstore+s3://user@bucket/p", "BUCKET"),
-        ("objectstore+s3://bucket/p?endpoint=ftp://x", "http:// or https://"),
-        ("objectstore+s3://bucket/p?allow_http=maybe", "true or false"),
-        ("objectstore+s3://bucket/p?foo=1", "unknown option"),
-        ("objectstore+s3://bucket/a//b", "empty segment"),
-        ("objectstore+file:///x?endpoint=http://x", "unknown option"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        blobservice.from_url(url)
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "objectstore+s3://bucket",
-        "objectstore+s3://bucket/",
-        "objectstore+s3://bucket/some/prefix?region=eu-west-1",
-        "objectstore+s3://bucket/p?endpoint=https://s3.example.org&zstd=false",
-        "objectstore+s3://bucket/p?endpoint=http%3A%2F%2F127.0.0.1%3A9000&allow_http=true",
-    ],
-)
-async def test_valid_urls(url: str) -> None:
-    svc = blobservice.from_url(url)
-    await svc.close()

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from scale_support import Closure, tvix_store
 
+from tests.support.daemons import tvix_store
+from tests.support.fixtures import Closure
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError
@@ -31,7 +32,7 @@ from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.reference_graph import parse_reference_graph
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _sp(path: str) -> StorePath:

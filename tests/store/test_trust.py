@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from stores_helpers import fake_store_path, relocated
-from support.trees import make_tree
 
+from tests.support.daemons import fake_store_path, relocated
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError
@@ -17,23 +17,12 @@ from tvix.nixcompat.signing import SigningKey
 from tvix.store.composition import Composition, CompositionError
 from tvix.store.importer import import_path
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
+from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.race import RacePathInfoService
-from tvix.store.pathinfoservice.signing import SigningPathInfoService
 from tvix.store.pathinfoservice.trust import TrustedPathInfoService, UntrustedPathInfoError
-from tvix.store.testing import PathInfoServiceTests
 
 TRUSTED = SigningKey.generate("trusted.example.org-1")
 STRANGER = SigningKey.generate("stranger.example.org-1")
-
-
-class TestTrustedPathInfoService(PathInfoServiceTests):
-    """What is put through a signing service with a trusted key reads back."""
-
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        signed = SigningPathInfoService(MemoryPathInfoService(), TRUSTED)
-        return TrustedPathInfoService(signed, [TRUSTED.to_public()])
 
 
 class Store:
@@ -129,7 +118,8 @@ async def test_race_with_trust_prefers_the_signed_answer(
     """A fast source's unsigned answer disqualifies that source only."""
     _, a, _ = content
     sp = fake_store_path("raced")
-    fast, slow = MemoryPathInfoService(), _Late(0.2)
+    fast_answered = asyncio.Event()
+    fast, slow = _Signalling(fast_answered), _Gated(fast_answered)
     await fast.put(relocated(a, sp))
     signed = relocated(a, sp).with_signature(TRUSTED)
     await slow.put(signed)
@@ -159,13 +149,32 @@ async def test_wrong_store_path_refused(content: tuple[Store, PathInfo, PathInfo
         )
 
 
-class _Late(MemoryPathInfoService):
-    def __init__(self, delay: float) -> None:
+class _Signalling(MemoryPathInfoService):
+    """Sets ``answered`` each time it has answered a get."""
+
+    def __init__(self, answered: asyncio.Event) -> None:
         super().__init__()
-        self.delay = delay
+        self.answered = answered
 
     async def get(self, digest: bytes) -> PathInfo | None:
-        await asyncio.sleep(self.delay)
+        try:
+            return await super().get(digest)
+        finally:
+            self.answered.set()
+
+
+class _Gated(MemoryPathInfoService):
+    """Answers a get only once ``gate`` is set, and clears it: each get waits for a new
+    answer of the source that sets it (so which source answers first is not left to
+    timing)."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        await self.gate.wait()
+        self.gate.clear()
         return await super().get(digest)
 
 

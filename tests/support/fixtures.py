@@ -1,4 +1,5 @@
-"""Fixtures for the scale tests: one SeaweedFS and one PostgreSQL per session, isolated per test.
+"""Session fixtures for tests against real servers: one SeaweedFS and one PostgreSQL per session,
+isolated per test, and a closure built by the real Nix in binary caches served over HTTP.
 
 The servers start on first use and stop at the end of the session (also
 when tests fail). Each test gets a fresh bucket prefix or database schema,
@@ -12,19 +13,16 @@ import http.server
 import itertools
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.nix import nix as nix  # the session fixture
-from support.servers import PostgreSQL, SeaweedFS, postgresql, seaweedfs
-from support.trees import make_tree
 
+from tests.support.nix import Nix
+from tests.support.servers import PostgreSQL, SeaweedFS, postgresql, seaweedfs
+from tests.support.trees import make_tree
 from tvix.nixcompat.signing import SigningKey
 
 _counter = itertools.count()
@@ -173,27 +171,3 @@ def closure(nix: Nix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clos
     finally:
         server.shutdown()
         server.server_close()
-
-
-# -- running tvix-store --------------------------------------------------------------------------
-
-# What the ``tvix-store`` console script runs.
-TVIX_STORE = [sys.executable, "-c", "import sys; from tvix.cli.store import main; sys.exit(main())"]
-
-
-def tvix_store(
-    *args: str | Path, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``tvix-store ARGS``; the service address variables are cleared first."""
-    full_env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
-    full_env.pop("TVIX_STORE_DATA_DIR", None)
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [*TVIX_STORE, *map(str, args)], capture_output=True, env=full_env, timeout=120
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"tvix-store {' '.join(map(str, args))} exited {proc.returncode}: "
-            f"{proc.stderr.decode(errors='replace')}"
-        )
-    return proc
