@@ -162,7 +162,6 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
 
     async def _fetch_chunk(self, blob: B3Digest, chunk: ChunkMeta) -> bytes:
         """Chunk ``chunk`` of ``blob``, verified."""
-
         what = f"chunk {chunk.digest.hex()} of blob {blob.hex()}"
         hasher = blake3.blake3()
         parts: list[memoryview] = []
