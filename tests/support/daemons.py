@@ -78,6 +78,7 @@ def daemon(
     *,
     data_dir: Path | None = None,
     composition: Path | None = None,
+    extra_args: tuple[str, ...] = (),
     timeout: float = 30,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``tvix-store daemon`` in its own process: the process and the URL it serves.
@@ -91,6 +92,7 @@ def daemon(
     args = ["daemon", "--listen-address", listen]
     if composition is not None:
         args += ["--store-composition", str(composition)]
+    args += extra_args
     proc = subprocess.Popen([*TVIX_STORE, *args], env=env, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
