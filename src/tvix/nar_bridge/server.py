@@ -4,7 +4,8 @@
 ``GET|HEAD /nix-cache-info``              ``StoreDir``, ``WantMassQuery``, ``Priority``
 ``GET|HEAD /<hash>.narinfo``              the PathInfo as Nix renders a narinfo
                                           (``Compression: none``, signed when a key is set)
-``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`), with
+``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
+                                          ``/nar/snix-castore/<node>`` too), with
                                           ``Range`` support (206/416)
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
@@ -51,6 +52,7 @@ from tvix.nar_bridge.errors import (
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
+    SNIX_CASTORE_NAR_PREFIX,
     NarFileName,
     decode_castore_nar,
     encode_castore_nar,
@@ -168,7 +170,8 @@ class NarBridge:
         r.add_put("/nix-cache-info", self._put_cache_info, expect_handler=self._expect)
         r.add_get("/{hash}.narinfo", self._get_narinfo)
         r.add_put("/{hash}.narinfo", self._put_narinfo, expect_handler=self._expect)
-        r.add_get("/" + CASTORE_NAR_PREFIX + "{node}", self._get_castore_nar)
+        for prefix in (CASTORE_NAR_PREFIX, SNIX_CASTORE_NAR_PREFIX):
+            r.add_get("/" + prefix + "{node}", self._get_castore_nar)
         r.add_get("/nar/{file}", self._get_nar_file)
         r.add_put("/nar/{file}", self._put_nar, expect_handler=self._expect)
         app.on_cleanup.append(self._cleanup)
