@@ -231,34 +231,56 @@ def trusted_services(args: argparse.Namespace, services: Services) -> Services:
     return Services(services.blobs, services.directories, checked)
 
 
-class Progress:
-    """A one-line progress report on stderr, only when stderr is a terminal."""
+class StatusLine:
+    """One line of status on stderr, redrawn at most every 0.1 s, only on a terminal."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(self) -> None:
         self.enabled = sys.stderr.isatty()
-        self.files = 0
-        self.nbytes = 0
         self._last = 0.0
         self._start = time.monotonic()
 
-    def advance(self, files: int, nbytes: int) -> None:
-        self.files += files
-        self.nbytes += nbytes
+    def rate(self, nbytes: int) -> float:
+        """MB/s since the line was made."""
+        return nbytes / max(time.monotonic() - self._start, 1e-6) / 1e6
+
+    def show(self, render: Callable[[], str]) -> None:
+        """Redraw the line with what ``render`` says, unless it was drawn just now."""
         now = time.monotonic()
         if self.enabled and now - self._last > 0.1:
             self._last = now
-            rate = self.nbytes / max(now - self._start, 1e-6) / 1e6
-            sys.stderr.write(
-                f"\r\x1b[K{self.what}: {self.files:,} files, {self.nbytes / 1e6:,.1f} MB "
-                f"({rate:,.0f} MB/s)"
-            )
+            sys.stderr.write(f"\r\x1b[K{render()}")
             sys.stderr.flush()
 
-    def done(self) -> None:
+    def clear(self) -> None:
+        """Erase the line, if it was drawn."""
         if self.enabled and self._last:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+class Progress:
+    """Files and bytes written so far, on a :class:`StatusLine`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.files = 0
+        self.nbytes = 0
+        self._line = StatusLine()
+
+    def advance(self, files: int, nbytes: int) -> None:
+        """``files`` more files with ``nbytes`` more bytes were written."""
+        self.files += files
+        self.nbytes += nbytes
+        self._line.show(
+            lambda: (
+                f"{self.what}: {self.files:,} files, {self.nbytes / 1e6:,.1f} MB "
+                f"({self._line.rate(self.nbytes):,.0f} MB/s)"
+            )
+        )
+
+    def done(self) -> None:
+        """The work is over: erase the line."""
+        self._line.clear()
 
 
 def setup_logging(verbosity: int) -> None:

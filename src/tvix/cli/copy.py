@@ -29,12 +29,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tvix.castore.errors import InvalidURLError
-from tvix.cli.common import CLIError, Services, add_trust_args, open_services, trusted_keys
+from tvix.cli.common import (
+    CLIError,
+    Services,
+    StatusLine,
+    add_trust_args,
+    open_services,
+    trusted_keys,
+)
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
 from tvix.store.copy import (
@@ -103,16 +109,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One line on stderr while copying, only when stderr is a terminal."""
+    """Paths copied of those known so far, and bytes, on a :class:`StatusLine`."""
 
     def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
         self.known = 0
         self.copied = 0
         self.present = 0
         self.nbytes = 0
-        self._last = 0.0
-        self._start = time.monotonic()
+        self._line = StatusLine()
 
     def discovered(self, path: StorePath) -> None:
         self.known += 1
@@ -127,20 +131,15 @@ class _Progress:
         self._show()
 
     def _show(self) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self._last > 0.1:
-            self._last = now
-            rate = self.nbytes / max(now - self._start, 1e-6) / 1e6
-            sys.stderr.write(
-                f"\r\x1b[Kcopying: {self.copied + self.present}/{self.known} paths, "
-                f"{self.nbytes / 1e6:,.1f} MB ({rate:,.1f} MB/s)"
+        self._line.show(
+            lambda: (
+                f"copying: {self.copied + self.present}/{self.known} paths, "
+                f"{self.nbytes / 1e6:,.1f} MB ({self._line.rate(self.nbytes):,.1f} MB/s)"
             )
-            sys.stderr.flush()
+        )
 
     def finish(self) -> None:
-        if self.enabled and self._last:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        self._line.clear()
 
 
 def _store_paths(texts: list[str]) -> list[StorePath]:
