@@ -68,10 +68,18 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     """The options naming the three services (each also an environment variable)."""
     g = parser.add_argument_group(
         "store",
-        "Where the store is. Client commands talk to the daemon at grpc+http://[::1]:8000 "
-        "unless a data directory is given (then they open the embedded store there "
-        "themselves); the daemon serves the embedded store in the data directory. Any "
-        "service given by address replaces its part.",
+        "Where the store is. By default every command opens the embedded store in the data "
+        "directory itself, as nix does with /nix/store; several processes (a daemon, a "
+        "mount, commands) may share one data directory. --store points all three services "
+        "at a daemon instead. Any service given by address replaces its part.",
+    )
+    g.add_argument(
+        "--store",
+        default=os.environ.get("TVIX_STORE_ADDR") or None,
+        metavar="URL",
+        help="the whole store at one place: a daemon (grpc+unix:///path.sock, "
+        "grpc+http://host:port, grpc+https://host:port?ca=...) or a data directory (a path) "
+        "(env TVIX_STORE_ADDR)",
     )
     g.add_argument(
         "--data-dir",
@@ -166,39 +174,82 @@ class Services:
     path_infos: PathInfoService
 
 
+#: Where upstream's client commands look for a daemon; ours open the local store
+#: unless told (``--store``), and use this only as the example in messages.
 DAEMON_URL = "grpc+http://[::1]:8000"
+
+# Service URL schemes whose data lives only as long as the process.
+_EPHEMERAL = ("memory://", "objectstore+memory://")
+
+
+def _store_urls(store: str) -> tuple[tuple[str, str, str], Path | None]:
+    """The three URLs ``--store`` names, and the data directory when it names one."""
+    if store.startswith("grpc+"):
+        return (store, store, store), None
+    if "://" in store and not store.startswith("file://"):
+        raise CLIError(
+            f"--store {store}: expected a daemon (grpc+unix:///path.sock, grpc+http://host:port, "
+            "grpc+https://host:port) or a data directory"
+        )
+    data_dir = Path(store.removeprefix("file://")).expanduser()
+    return local_store_urls(data_dir), data_dir
+
+
+def _refuse_vanishing_paths(urls: tuple[str, str, str]) -> None:
+    """Refuse to record store paths whose contents are gone when the command ends."""
+    blob, directory, path_info = urls
+    if path_info.startswith(_EPHEMERAL):
+        return
+    for kind, url in (("blob", blob), ("directory", directory)):
+        if url.startswith(_EPHEMERAL):
+            raise CLIError(
+                f"the {kind} service {url} forgets everything when this command ends, but the "
+                f"PathInfo service {path_info} keeps what is put: its store paths would refer "
+                "to contents that are gone (use persistent services, or memory:// for all three)"
+            )
 
 
 @contextlib.asynccontextmanager
-async def open_services(
-    args: argparse.Namespace, *, local: bool = False
-) -> AsyncIterator[Services]:
+async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
     """Build the services the options name; close them afterwards.
 
     A composition file gives all three (its ``default`` of each kind);
-    otherwise each address given replaces its default. The default is the
-    embedded store in the data directory when ``local`` (the daemon) or when
-    a data directory is asked for (``--data-dir``, ``TVIX_STORE_DATA_DIR``);
-    otherwise it is the daemon at ``grpc+http://[::1]:8000``, as upstream's
-    client commands do.
+    ``--store`` names a daemon or a data directory for all three; otherwise
+    the embedded store in the data directory (``--data-dir``, else
+    :func:`default_data_dir`). Each ``--*-service-addr`` given replaces its
+    part. Raises :class:`CLIError` for contradicting options, and for a mix
+    that would record store paths whose contents vanish.
     """
+    explicit_addrs = (
+        args.blob_service_addr,
+        args.directory_service_addr,
+        args.path_info_service_addr,
+    )
     if args.store_composition is not None:
-        if any((args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)):
-            raise CLIError("--store-composition excludes the --*-service-addr options")
+        if any(explicit_addrs) or args.store is not None:
+            raise CLIError("--store-composition excludes --store and the --*-service-addr options")
+        if args.data_dir is not None:
+            raise CLIError(
+                "--data-dir and --store-composition name two different stores: give one "
+                "(a composition can name sqlite and objectstore files in any directory)"
+            )
         composition = Composition.from_file(args.store_composition)
     else:
-        asked = args.data_dir is not None or bool(os.environ.get("TVIX_STORE_DATA_DIR"))
-        data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-        if local or asked:
-            defaults = local_store_urls(data_dir)
+        data_dir: Path | None = args.data_dir if args.data_dir is not None else default_data_dir()
+        if args.store is not None:
+            if args.data_dir is not None:
+                raise CLIError("--store and --data-dir name two stores: give one")
+            defaults, data_dir = _store_urls(args.store)
         else:
-            defaults = (DAEMON_URL, DAEMON_URL, DAEMON_URL)
+            assert data_dir is not None
+            defaults = local_store_urls(data_dir)
         urls = (
             args.blob_service_addr or defaults[0],
             args.directory_service_addr or defaults[1],
             args.path_info_service_addr or defaults[2],
         )
-        if any(u in local_store_urls(data_dir) for u in urls):
+        _refuse_vanishing_paths(urls)
+        if data_dir is not None and any(u in local_store_urls(data_dir) for u in urls):
             data_dir.mkdir(parents=True, exist_ok=True)
         log.debug("services: blob=%s directory=%s path-info=%s", *urls)
         composition = Composition.from_urls(*urls)

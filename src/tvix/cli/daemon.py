@@ -73,7 +73,7 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
 
 async def cmd_daemon(args: argparse.Namespace) -> int:
     tls = server_tls(args)
-    async with open_services(args, local=True) as s:
+    async with open_services(args) as s:
         servicers = [
             *castore_servicers(s.blobs, s.directories),
             GRPCPathInfoServiceWrapper(s.path_infos, s.blobs, s.directories),
