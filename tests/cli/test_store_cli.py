@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,24 @@ path = "meta/pathinfo.sqlite"
     proc = tvix_store("import", "--store-composition", comp, tree, check=False)
     assert proc.returncode == 1
     assert "blobservices.default: unknown key 'foo'" in proc.stderr.decode()
+
+
+def test_no_command_prints_the_commands_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tvix.cli.store"], capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    for command in ("daemon", "import", "copy", "path-info", "dump-path", "mount"):
+        assert command in err
+
+
+def test_verbose_after_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tvix.cli.store", "path-info", "-vv",
+            "--data-dir", str(tmp_path), "/nix/store/" + "0" * 32 + "-x",
+        ],
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert b" DEBUG " in proc.stderr

@@ -28,6 +28,7 @@ __all__ = [
     "CLIError",
     "Progress",
     "Services",
+    "UsageError",
     "add_service_args",
     "add_trust_args",
     "default_data_dir",
@@ -42,6 +43,10 @@ log = logging.getLogger("tvix")
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
+
+
+class UsageError(CLIError):
+    """Options that do not go together: printed as one line, exit code 2 (as argparse's)."""
 
 
 def default_data_dir() -> Path:
@@ -187,7 +192,7 @@ def _store_urls(store: str) -> tuple[tuple[str, str, str], Path | None]:
     if store.startswith("grpc+"):
         return (store, store, store), None
     if "://" in store and not store.startswith("file://"):
-        raise CLIError(
+        raise UsageError(
             f"--store {store}: expected a daemon (grpc+unix:///path.sock, grpc+http://host:port, "
             "grpc+https://host:port) or a data directory"
         )
@@ -227,9 +232,11 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
     )
     if args.store_composition is not None:
         if any(explicit_addrs) or args.store is not None:
-            raise CLIError("--store-composition excludes --store and the --*-service-addr options")
+            raise UsageError(
+                "--store-composition excludes --store and the --*-service-addr options"
+            )
         if args.data_dir is not None:
-            raise CLIError(
+            raise UsageError(
                 "--data-dir and --store-composition name two different stores: give one "
                 "(a composition can name sqlite and objectstore files in any directory)"
             )
@@ -238,7 +245,7 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
         data_dir: Path | None = args.data_dir if args.data_dir is not None else default_data_dir()
         if args.store is not None:
             if args.data_dir is not None:
-                raise CLIError("--store and --data-dir name two stores: give one")
+                raise UsageError("--store and --data-dir name two stores: give one")
             defaults, data_dir = _store_urls(args.store)
         else:
             assert data_dir is not None
@@ -362,6 +369,9 @@ def run(prog: str, main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except UsageError as e:
+        print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
+        return 2
     except (CLIError, CastoreError, StoreError, NixCompatError, OSError) as e:
         log.debug("failure", exc_info=True)
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ import sys
 
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.server import ServerTLS, build_server, castore_servicers
-from tvix.cli.common import CLIError, open_services
+from tvix.cli.common import CLIError, UsageError, open_services
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 
 __all__ = ["add_arguments", "cmd_daemon"]
@@ -61,10 +61,10 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
     """The TLS settings the options give; :class:`CLIError` for an incomplete set."""
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_client_ca is not None:
-            raise CLIError("--tls-client-ca needs --tls-cert and --tls-key")
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if args.tls_cert is None or args.tls_key is None:
-        raise CLIError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     try:
         return ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     except ValidationError as e:

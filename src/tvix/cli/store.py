@@ -204,9 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="log more (-vv: debug; env TVIX_LOG)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # -v after the command too (tvix-store import -v X); counts add up with the global one.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
+    )
 
     def command(name: str, fn: Command, help: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description)
+        p = sub.add_parser(name, help=help, description=description, parents=[verbose])
         add_service_args(p)
         p.set_defaults(func=fn)
         return p
@@ -307,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # No command: what there is to do, as `git` and `nix` answer.
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     return run(PROG, lambda: args.func(args))
 
