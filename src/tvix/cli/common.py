@@ -172,11 +172,12 @@ def trusted_keys(args: argparse.Namespace) -> dict[str, VerifyingKey] | None:
 
 @dataclass
 class Services:
-    """The three services a command works with."""
+    """The three services a command works with, and where they are (for messages)."""
 
     blobs: BlobService
     directories: DirectoryService
     path_infos: PathInfoService
+    where: str = ""
 
 
 #: Where upstream's client commands look for a daemon; ours open the local store
@@ -241,6 +242,7 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
                 "(a composition can name sqlite and objectstore files in any directory)"
             )
         composition = Composition.from_file(args.store_composition)
+        where = f"the composition {args.store_composition}"
     else:
         data_dir: Path | None = args.data_dir if args.data_dir is not None else default_data_dir()
         if args.store is not None:
@@ -260,8 +262,14 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
             data_dir.mkdir(parents=True, exist_ok=True)
         log.debug("services: blob=%s directory=%s path-info=%s", *urls)
         composition = Composition.from_urls(*urls)
+        if data_dir is not None and urls == local_store_urls(data_dir):
+            where = f"the data directory {data_dir}"
+        elif len(set(urls)) == 1:
+            where = urls[0]
+        else:
+            where = f"blobs {urls[0]}, directories {urls[1]}, path infos {urls[2]}"
     async with composition:
-        yield Services(*composition.build_all())
+        yield Services(*composition.build_all(), where=where)
 
 
 def trusted_services(args: argparse.Namespace, services: Services) -> Services:
@@ -342,7 +350,12 @@ class Progress:
 
 
 def setup_logging(verbosity: int) -> None:
-    """Log to stderr: warnings by default, info with -v, debug with -vv (or env TVIX_LOG)."""
+    """Log to stderr: warnings by default, info with -v, debug with -vv (or env TVIX_LOG).
+
+    grpc's own logging (its C core) is shown only at the most verbose level.
+    """
+    if verbosity < 3:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     level = os.environ.get("TVIX_LOG", "").upper() or (
         "DEBUG" if verbosity > 1 else "INFO" if verbosity == 1 else "WARNING"
     )

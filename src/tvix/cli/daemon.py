@@ -84,9 +84,15 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"tvix-store: listening on {server.url}", file=sys.stderr, flush=True)
-        log.info("serving %s on %s", ", ".join(server.service_names), server.address)
+        print(
+            f"tvix-store: listening on {server.url}, serving {s.where}"
+            + (" (client certificates required)" if args.tls_client_ca else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        log.info("services: %s", ", ".join(server.service_names))
         await stop.wait()
         log.info("shutting down; calls in flight get %.0f s", GRACE)
         await server.stop(GRACE)
+    print("tvix-store: stopped", file=sys.stderr, flush=True)
     return 0
