@@ -85,8 +85,9 @@ class _Stubs:
 
 
 class GRPCBlobService(GRPCClient[_Stubs], BlobService):
-    """A client of a remote ``tvix.castore.v1.BlobService``; see the module docstring
-    for how what it reads is verified.
+    """A client of a remote ``tvix.castore.v1.BlobService``.
+
+    See the module docstring for how what it reads is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.

@@ -48,8 +48,9 @@ class _Stubs:
 
 
 class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
-    """A client of a remote ``tvix.castore.v1.DirectoryService``; see the module
-    docstring for how what it receives is verified.
+    """A client of a remote ``tvix.castore.v1.DirectoryService``.
+
+    See the module docstring for how what it receives is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.
