@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from typing_extensions import override
 
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
@@ -77,6 +78,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
         except ValidationError as e:
             raise IntegrityError(f"{what}: {self.address} sent an invalid Directory: {e}") from None
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         what = f"Get of Directory {digest.hex()}"
         received: list[bytes] = []
@@ -101,6 +103,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
             )
         return directory
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         what = f"recursive Get of Directory {root.hex()}"
         graph = DirectoryGraph(Order.ROOT_TO_LEAVES, root)
@@ -130,6 +133,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
                 f"Directories below the root, e.g. {e.digest.hex() if e.digest else '?'}"
             ) from None
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return _GRPCDirectoryPutter(self)
 
