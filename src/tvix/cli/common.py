@@ -246,6 +246,7 @@ class Progress:
         self._start = time.monotonic()
 
     def advance(self, files: int, nbytes: int) -> None:
+        """Count ``files`` more files of ``nbytes`` more bytes; redraw at most every 0.1 s."""
         self.files += files
         self.nbytes += nbytes
         now = time.monotonic()
@@ -259,6 +260,7 @@ class Progress:
             sys.stderr.flush()
 
     def done(self) -> None:
+        """Clear the progress line, if one was drawn."""
         if self.enabled and self._last:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
