@@ -50,8 +50,11 @@ class UsageError(CLIError):
 
 
 def default_data_dir() -> Path:
-    """``$TVIX_STORE_DATA_DIR``, else ``$XDG_DATA_HOME/tvix-store``, else
-    ``~/.local/share/tvix-store``."""
+    """The data directory.
+
+    ``$TVIX_STORE_DATA_DIR``, else ``$XDG_DATA_HOME/tvix-store``, else
+    ``~/.local/share/tvix-store``.
+    """
     env = os.environ.get("TVIX_STORE_DATA_DIR")
     if env:
         return Path(env)

@@ -209,6 +209,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 async def cmd_copy(args: argparse.Namespace) -> int:
+    """``tvix-store copy``: copy closures from --from, or ingest a --reference-graph."""
     _check_args(args)
     progress = _Progress()
     try:

@@ -72,6 +72,7 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
 
 
 async def cmd_daemon(args: argparse.Namespace) -> int:
+    """``tvix-store daemon``: serve the store over gRPC until SIGINT or SIGTERM."""
     tls = server_tls(args)
     async with open_services(args) as s:
         servicers = [

@@ -49,6 +49,7 @@ def _write_out(data: bytes) -> None:
 
 
 async def cmd_import(args: argparse.Namespace) -> int:
+    """``tvix-store import``: add local paths to the store, as ``nix-store --add``."""
     async with open_services(args) as s:
         for path in args.paths:
             progress = Progress(f"importing {path}")
@@ -85,6 +86,7 @@ def _path_info_json(info: PathInfo) -> dict[str, object]:
 
 
 async def cmd_path_info(args: argparse.Namespace) -> int:
+    """``tvix-store path-info``: print the metadata of store paths."""
     async with open_services(args) as s:
         infos = [(await resolve(s.path_infos, s.directories, p))[0] for p in args.paths]
     if args.json:
@@ -107,6 +109,7 @@ async def cmd_path_info(args: argparse.Namespace) -> int:
 
 
 async def cmd_dump_path(args: argparse.Namespace) -> int:
+    """``tvix-store dump-path``: write the NAR of a store path to stdout."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         async for piece in render_nar(s.blobs, s.directories, node):
@@ -124,6 +127,7 @@ async def _cat_blob(blobs: BlobService, node: FileNode, shown: str) -> None:
 
 
 async def cmd_cat(args: argparse.Namespace) -> int:
+    """``tvix-store cat``: write a regular file in the store to stdout."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         if not isinstance(node, FileNode):
@@ -148,6 +152,7 @@ def _ls_line(node: Node, long: bool) -> str:
 
 
 async def cmd_ls(args: argparse.Namespace) -> int:
+    """``tvix-store ls``: list a directory in the store."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         if not isinstance(node, DirectoryNode):
@@ -164,6 +169,7 @@ async def cmd_ls(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
+    """``tvix-store verify``: print every problem found in store paths; 1 if any."""
     problems = 0
     checked = 0
     async with open_services(args) as s:
@@ -192,6 +198,7 @@ async def _resolve_all(s: Services, paths: list[str]) -> AsyncIterator[PathInfo]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tvix-store`` command line parser, with a subcommand per command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="A content-addressed store for Nix: files stored once by their blake3 "
@@ -312,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``tvix-store`` command: parse ``argv``, run the command, return the exit code."""
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):
         # No command: what there is to do, as `git` and `nix` answer.

@@ -46,6 +46,7 @@ import stat
 from collections.abc import Callable, Sequence
 
 import pyfuse3
+from typing_extensions import override
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -114,6 +115,7 @@ class TvixStoreFs(pyfuse3.Operations):
         """
         self._after_init.append(callback)
 
+    @override
     def init(self) -> None:
         # Called by pyfuse3 while the INIT request is being answered, inside the
         # loop; the answer is written before the loop runs anything else.
@@ -192,6 +194,7 @@ class TvixStoreFs(pyfuse3.Operations):
             raise fuse_error(errno.ENOTDIR)
         return (await self.listings.get(node.digest)).entries
 
+    @override
     @request_handler
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -217,15 +220,18 @@ class TvixStoreFs(pyfuse3.Operations):
         self.inodes.remember(found)
         return self._attrs(found)
 
+    @override
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Must not raise (it answers no request): there is nothing here that could.
         for ino, nlookup in inode_list:
             self.inodes.forget(ino, nlookup)
 
+    @override
     @request_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._inode(inode))
 
+    @override
     @request_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._inode(inode).node
@@ -235,6 +241,7 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- directories ---------------------------------------------------------------------
 
+    @override
     @request_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entry = self._inode(inode)
@@ -254,6 +261,7 @@ class TvixStoreFs(pyfuse3.Operations):
         nodes.sort(key=lambda n: n.name)
         return tuple(nodes)
 
+    @override
     @request_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs.get(fh)
@@ -288,12 +296,14 @@ class TvixStoreFs(pyfuse3.Operations):
                 return
             child.nlookup += 1  # readdirplus: each entry sent is a lookup
 
+    @override
     @request_handler
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     # -- files ---------------------------------------------------------------------------
 
+    @override
     @request_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -306,6 +316,7 @@ class TvixStoreFs(pyfuse3.Operations):
         # The contents of an inode never change: cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    @override
     @request_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files.get(fh)
@@ -354,6 +365,7 @@ class TvixStoreFs(pyfuse3.Operations):
             got += len(data)
         return b"".join(parts)
 
+    @override
     @request_handler
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
@@ -362,6 +374,7 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- extended attributes -------------------------------------------------------------
 
+    @override
     @request_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.options.show_xattr:
@@ -373,6 +386,7 @@ class TvixStoreFs(pyfuse3.Operations):
             return str(node.digest).encode()
         raise fuse_error(pyfuse3.ENOATTR)
 
+    @override
     @request_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.options.show_xattr:
@@ -386,6 +400,7 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- the filesystem as a whole -------------------------------------------------------
 
+    @override
     @request_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -398,6 +413,7 @@ class TvixStoreFs(pyfuse3.Operations):
     # The mount is read-only, so the kernel refuses these itself; answering
     # EROFS here too keeps the filesystem read-only however it is mounted.
 
+    @override
     async def setattr(
         self,
         inode: int,
@@ -408,27 +424,33 @@ class TvixStoreFs(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def rename(
         self,
         parent_inode_old: int,
@@ -440,24 +462,29 @@ class TvixStoreFs(pyfuse3.Operations):
     ) -> None:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         raise fuse_error(errno.EROFS)
 
+    @override
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise fuse_error(errno.EROFS)
 

@@ -55,6 +55,7 @@ class FsOptions:
 
 
 def fuse_error(code: int) -> pyfuse3.FUSEError:
+    """The ``FUSEError`` that answers a request with errno ``code``."""
     return pyfuse3.FUSEError(code)
 
 
