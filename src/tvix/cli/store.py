@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import stat
 import sys
@@ -14,8 +12,8 @@ from typing import Any
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.cli import contents, daemon, extract
 from tvix.cli import copy as copy_cmd
-from tvix.cli import daemon, extract
 from tvix.cli.common import (
     CLIError,
     Progress,
@@ -25,11 +23,11 @@ from tvix.cli.common import (
     run,
     setup_logging,
 )
+from tvix.cli.contents import cmd_info, cmd_list, cmd_path_info
 from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
-from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
@@ -65,46 +63,6 @@ async def cmd_import(args: argparse.Namespace) -> int:
             finally:
                 progress.done()
             print(info.store_path.absolute_path, flush=True)
-    return 0
-
-
-def _path_info_json(info: PathInfo) -> dict[str, object]:
-    # Shaped like `nix path-info --json`: SRI NAR hash, full reference paths sorted.
-    out: dict[str, object] = {
-        "path": info.store_path.absolute_path,
-        "narHash": "sha256-" + base64.b64encode(info.nar_sha256).decode(),
-        "narSize": info.nar_size,
-        "references": sorted(r.absolute_path for r in info.references),
-    }
-    if info.deriver is not None:
-        out["deriver"] = info.deriver.absolute_path
-    if info.signatures:
-        out["signatures"] = sorted(str(s) for s in info.signatures)
-    if info.ca is not None:
-        out["ca"] = str(info.ca)
-    return out
-
-
-async def cmd_path_info(args: argparse.Namespace) -> int:
-    """``tvix-store path-info``: print the metadata of store paths."""
-    async with open_services(args) as s:
-        infos = [(await resolve(s.path_infos, s.directories, p))[0] for p in args.paths]
-    if args.json:
-        print(json.dumps([_path_info_json(i) for i in infos]))
-        return 0
-    for info in infos:
-        lines = [
-            f"StorePath: {info.store_path.absolute_path}",
-            f"NarHash: sha256:{nixbase32.encode(info.nar_sha256)}",
-            f"NarSize: {info.nar_size}",
-            "References: " + " ".join(sorted(r.base_name for r in info.references)),
-        ]
-        if info.deriver is not None:
-            lines.append(f"Deriver: {info.deriver.base_name}")
-        lines.extend(f"Sig: {s}" for s in sorted(str(s) for s in info.signatures))
-        if info.ca is not None:
-            lines.append(f"CA: {info.ca}")
-        print("\n".join(lines))
     return 0
 
 
@@ -217,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
     )
 
-    def command(name: str, fn: Command, help: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description, parents=[verbose])
+    def command(
+        name: str, fn: Command, help: str, description: str, **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, parents=[verbose], **kwargs)
         add_service_args(p)
         p.set_defaults(func=fn)
         return p
@@ -261,10 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_path_info,
         "show the metadata of store paths",
         "Show NAR hash and size, references, deriver, signatures and content address of "
-        "each STOREPATH.",
+        "each STOREPATH; with -s/-S their sizes in columns, with -r their closures, as "
+        "`nix path-info` does. Store paths that are present are shown even when others are "
+        "not (those are reported, and the exit code is 1).",
+        conflict_handler="resolve",
     )
-    p.add_argument("paths", nargs="+", metavar="STOREPATH")
-    p.add_argument("--json", action="store_true", help="JSON shaped like nix path-info --json")
+    contents.add_path_info_arguments(p)
+
+    p = command(
+        "list",
+        cmd_list,
+        "list the store paths in the store",
+        "List every store path in the store (or the STOREPATHs given; with -r their closures), "
+        "with -s its NAR size and -S its closure size.",
+        conflict_handler="resolve",
+    )
+    contents.add_list_arguments(p)
+
+    p = command(
+        "info",
+        cmd_info,
+        "show what the store holds and how much sharing saves",
+        "Show the services in use, the number of store paths, their NAR bytes, the distinct "
+        "blobs and directories they share, and for a data directory the bytes on disk: the "
+        "deduplication and compression a content-addressed store buys. Reads every Directory.",
+    )
 
     p = command(
         "dump-path",
