@@ -13,7 +13,7 @@ import pytest
 
 from tvix.castore.blobservice import BlobService, from_url, read_all, write_all
 from tvix.castore.blobservice.packs import PacksBlobService, PacksFileConfig, PacksS3Config
-from tvix.castore.blobservice.packs.format import HEADER_SIZE, MAGIC, coalesce
+from tvix.castore.blobservice.packs._format import HEADER_SIZE, MAGIC, coalesce
 from tvix.castore.errors import IntegrityError, InvalidURLError
 from tvix.castore.testing import BlobServiceTests
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST, b3, big_blob
@@ -291,7 +291,7 @@ async def test_neighbouring_chunks_read_at_once(tmp_path: Path) -> None:
 
 
 def test_coalesce_limits() -> None:
-    from tvix.castore.blobservice.packs.format import Location
+    from tvix.castore.blobservice.packs._format import Location
 
     locs = [
         Location("a", 100, 50, 50, 0),
@@ -371,56 +371,26 @@ def test_invalid_url_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
-def test_config_from_mapping() -> None:
-    assert PacksFileConfig.from_mapping({"path": "/d", "zstd": False}) == PacksFileConfig(
+def test_config_settings() -> None:
+    """The composition table of each type: every URL option, the required ones required."""
+    file_keys = PacksFileConfig.settings()
+    assert set(file_keys) == {"path", "zstd", "avg_chunk_size", "pack_size"}
+    assert [k for k, v in file_keys.items() if v.required] == ["path"]
+    s3_keys = PacksS3Config.settings()
+    assert set(s3_keys) == {
+        "bucket",
+        "index",
+        "prefix",
+        "endpoint",
+        "region",
+        "allow_http",
+        "zstd",
+        "avg_chunk_size",
+        "pack_size",
+    }
+    assert sorted(k for k, v in s3_keys.items() if v.required) == ["bucket", "index"]
+    assert PacksFileConfig.from_settings({"path": "/d", "zstd": False}) == PacksFileConfig(
         "/d", zstd=False
     )
-    with pytest.raises(InvalidURLError, match=r"unknown setting.*colour"):
-        PacksFileConfig.from_mapping({"path": "/d", "colour": "red"})
-    with pytest.raises(InvalidURLError, match="missing setting 'path'"):
-        PacksFileConfig.from_mapping({})
-    with pytest.raises(InvalidURLError, match="'pack_size' must be"):
-        PacksFileConfig.from_mapping({"path": "/d", "pack_size": "big"})
-    with pytest.raises(InvalidURLError, match="missing setting 'index'"):
-        PacksS3Config.from_mapping({"bucket": "b"})
-
-
-async def test_large_blob_across_packs_is_synced_before_each_pack_is_let_go(
-    tmp_path: Path,
-) -> None:
-    """The middle of a large blob is appended lazily; every pack it leaves behind
-    is durable and indexed up to its end, so nobody taking it over cuts anything."""
-    svc = _open(tmp_path, "?pack_size=1048576&zstd=false")
-    data = big_blob(5 * MIB + 123, seed=11)
-    try:
-        await write_all(svc, data)
-        for info in await svc.index.packs():
-            assert info.size == (tmp_path / "packs" / f"{info.name}.pack").stat().st_size
-            assert info.live == info.size - len(MAGIC)
-        assert len(await svc.index.packs()) >= 2  # a pack is let go at an append boundary
-    finally:
-        await svc.close()
-    other = _open(tmp_path)
-    try:
-        await write_all(other, BLOB_A)  # takes a pack over
-        assert await read_all(other, b3(data)) == data
-        assert await other.verify_storage() == []
-    finally:
-        await other.close()
-
-
-async def test_aborted_large_blob_leaves_nothing_visible(tmp_path: Path) -> None:
-    svc = _open(tmp_path, "?zstd=false")
-    data = big_blob(12 * MIB, seed=5)
-    writer = svc.open_write()
-    await writer.write(data[: 9 * MIB])
-    await writer.abort()
-    try:
-        chunks_seen = await svc.index.locate([b3(data)])
-        assert chunks_seen == {}
-        assert not await svc.has(b3(data))
-        # A later small write syncs and indexes what was appended (valid chunks).
-        await write_all(svc, BLOB_A)
-        assert await svc.verify_storage() == []
-    finally:
-        await svc.close()
+    with pytest.raises(InvalidURLError, match="pack_size must be at least"):
+        PacksFileConfig.from_settings({"path": "/d", "pack_size": 10})

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import blake3
 import pytest
-from mounting import (
+
+from tests.fs.mounting import (
     Imported,
     MountProcess,
     Store,
@@ -26,11 +27,12 @@ from mounting import (
     mount_options,
     mounted,
 )
-
 from tvix.castore.digest import B3Digest
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
+
+pytestmark = pytest.mark.e2e
 
 BLOB_XATTR = "user.tvix.castore.blob.digest"
 DIRECTORY_XATTR = "user.tvix.castore.directory.digest"

@@ -11,16 +11,12 @@ from tvix.nixcompat.cahash import CAHash, CAKind
 from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.hashes import HashAlgo
 from tvix.nixcompat.storepath import build_ca_path
-from tvix.store.errors import StoreError
+from tvix.store.errors import ImportPathError
 from tvix.store.nar.hasher import NarHasher
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = ["ImportPathError", "import_path"]
-
-
-class ImportPathError(StoreError):
-    """A path cannot become a store path (for example its name is not a valid store path name)."""
 
 
 async def import_path(

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import blake3
-
+from tvix.castore.blobservice import BlobMismatchError, open_verified
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import CastoreError
@@ -32,21 +31,18 @@ class Problem:
 
 async def _check_blob(blobs: BlobService, node: FileNode) -> str | None:
     try:
-        reader = await blobs.open_read(node.digest)
+        reader = await open_verified(blobs, node.digest, size=node.size)
         if reader is None:
             return f"blob {node.digest.hex()} is missing"
-        h = blake3.blake3()
-        size = 0
         async with reader:
-            while chunk := await reader.read(_BLOCK):
-                h.update(chunk)
-                size += len(chunk)
+            while await reader.read(_BLOCK):
+                pass
+    except BlobMismatchError as e:
+        if e.got != node.digest:
+            return f"blob {node.digest.hex()} hashes to {e.got.hex()}"
+        return f"blob {node.digest.hex()} has {e.size} bytes, expected {node.size}"
     except CastoreError as e:
         return f"blob {node.digest.hex()} cannot be read: {e}"
-    if h.digest() != node.digest:
-        return f"blob {node.digest.hex()} hashes to {h.hexdigest()}"
-    if size != node.size:
-        return f"blob {node.digest.hex()} has {size} bytes, expected {node.size}"
     return None
 
 
@@ -57,10 +53,11 @@ async def verify_path_info(
     *,
     checked_blobs: set[bytes] | None = None,
 ) -> AsyncIterator[Problem]:
-    """Yield every problem with the contents of ``info``: missing or damaged
-    Directories and blobs (each with the path it affects), wrong Directory
-    sizes, and, when the contents are complete, a NAR hash or size that
-    differs from the PathInfo's.
+    """Yield every problem with the contents of ``info``.
+
+    Missing or damaged Directories and blobs (each with the path it affects),
+    wrong Directory sizes, and, when the contents are complete, a NAR hash or
+    size that differs from the PathInfo's.
 
     ``checked_blobs`` remembers blobs found intact across calls, so content
     shared between store paths is read once.
@@ -96,7 +93,7 @@ async def verify_path_info(
             found = True
             yield Problem(path, f"Directory {node.digest.hex()} is missing")
             continue
-        if directory.size != node.size:
+        if not directory.accepts_size(node.size):
             found = True
             yield Problem(path, f"Directory size is {directory.size}, its parent says {node.size}")
         for child in directory.directories:
