@@ -18,6 +18,7 @@ from tvix.cli.common import (
     CLIError,
     Progress,
     Services,
+    StatusLine,
     add_service_args,
     open_services,
     run,
@@ -136,11 +137,33 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         else:
             infos = s.path_infos.list()
         seen: set[bytes] = set()
+        line = StatusLine()
+        nbytes = 0
+
+        def read(n: int) -> None:
+            nonlocal nbytes
+            nbytes += n
+            show()
+
+        def show() -> None:
+            line.show(
+                lambda: (
+                    f"verifying: {checked:,} store paths, {len(seen):,} blobs, "
+                    f"{nbytes / 1e6:,.1f} MB checked ({line.rate(nbytes):,.0f} MB/s), "
+                    f"{problems} problems"
+                )
+            )
+
         async for info in infos:
             checked += 1
-            async for problem in verify_path_info(s.blobs, s.directories, info, checked_blobs=seen):
+            show()
+            async for problem in verify_path_info(
+                s.blobs, s.directories, info, checked_blobs=seen, progress=read
+            ):
                 problems += 1
+                line.clear()
                 print(problem, flush=True)
+        line.clear()
     print(
         f"{PROG}: verified {checked} store paths: "
         + (f"{problems} problems" if problems else "all intact"),
