@@ -257,3 +257,20 @@ def test_verify_shows_progress_only_on_a_terminal(
     quiet = tvix_store("verify")
     assert b"verifying:" not in quiet.stderr
     assert b"verified 1 store paths: all intact" in quiet.stderr
+
+
+def test_import_flat_as_nix_store_add_file(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:
+    f = tmp_path / "tool.sh"
+    f.write_bytes(b"#!/bin/sh\necho hi\n" * 3000)
+    f.chmod(0o755)
+    want = (
+        nix.run("nix", "--extra-experimental-features", "nix-command", "store", "add-file", f)
+        .stdout.decode()
+        .strip()
+    )
+    got = tvix_store("import", "--flat", f).stdout.decode().strip()
+    assert got == want
+    assert tvix_store("dump-path", got).stdout == nix.dump(nix.store_file(want))
+    info = json.loads(tvix_store("path-info", "--json", got).stdout)[0]
+    assert info["ca"].startswith("fixed:sha256:")
+    assert tvix_store("import", "--flat", tmp_path, check=False).returncode == 1

@@ -29,7 +29,7 @@ from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
-from tvix.store.importer import import_path
+from tvix.store.importer import import_file_flat, import_path
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
@@ -51,6 +51,12 @@ async def cmd_import(args: argparse.Namespace) -> int:
     """``tvix-store import``: add local paths to the store, as ``nix-store --add``."""
     async with open_services(args) as s:
         for path in args.paths:
+            if args.flat:
+                info = await import_file_flat(
+                    s.blobs, s.directories, s.path_infos, path, name=args.name
+                )
+                print(info.store_path.absolute_path, flush=True)
+                continue
             progress = Progress(f"importing {path}")
             try:
                 info = await import_path(
@@ -226,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--name", help="store path name (default: the base name of PATH)")
+    p.add_argument(
+        "--flat",
+        action="store_true",
+        help="add regular files by the sha256 of their bytes, as `nix store add-file` does "
+        "(stored non-executable)",
+    )
 
     p = command(
         "copy",
