@@ -235,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flat",
         action="store_true",
-        help="add regular files by the sha256 of their bytes, as `nix store add-file` does "
-        "(stored non-executable)",
+        help="add regular files by the sha256 of their bytes, as `nix store add-file` does",
     )
 
     p = command(

@@ -67,15 +67,11 @@ async def import_path(
 
 
 class _FlatHasher(NarHasher):
-    """The NAR hash of a file stored non-executable, and the sha256 of its bytes, in one pass."""
+    """The NAR hash of a file and the sha256 of its bytes, in one pass."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flat = hashlib.sha256()
-
-    @override
-    def regular(self, name: bytes, executable: bool, size: int) -> None:
-        super().regular(name, False, size)
 
     @override
     def data(self, chunk: bytes) -> None:
@@ -94,7 +90,8 @@ async def import_file_flat(
     """Add the regular file ``path`` with flat hashing, as ``nix store add-file`` does.
 
     The store path is content-addressed by the sha256 of the file's bytes
-    (``fixed:sha256``); the file is stored non-executable, as Nix stores it.
+    (``fixed:sha256``); the file keeps its executable bit, as Nix 2.8 keeps
+    it (the flat hash does not cover it).
     Raises :class:`ImportPathError` for anything but a regular file or an
     invalid name.
     """
@@ -120,7 +117,7 @@ async def import_file_flat(
     nar_size, nar_sha256 = hasher.size, hasher.digest()
     ca = CAHash(CAKind.FLAT, HashAlgo.SHA256, hasher.flat.digest())
     store_path = build_ca_path(name, ca)
-    node = FileNode(store_path.base_name.encode(), ingested.digest, ingested.size, False)
+    node = ingested.renamed(store_path.base_name.encode())
     info = PathInfo(
         store_path=store_path, node=node, nar_size=nar_size, nar_sha256=nar_sha256, ca=ca
     )
