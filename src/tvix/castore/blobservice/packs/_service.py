@@ -83,6 +83,10 @@ SYNC_EVERY = 64 * MIB
 # After 4 chunks in a row of a blob that zstd did not shrink, this many more
 # are stored without trying (~16 MiB), then it tries again.
 SKIP_ZSTD = 64
+# Remote packs: a commit (one PUT) smaller than this waits LINGER seconds for
+# more to join, so that small files cost well under one request per MiB.
+PUT_TARGET = 4 * MIB
+LINGER = 0.02
 # Threads reading packs: the reads (or ranged GETs) in flight at most.
 IO_THREADS = 4
 # Chunks a reader fetches at once while reading front to back (~8 MiB), and
@@ -193,6 +197,7 @@ class PacksBlobService(BlobService):
         # The next commit: chunks and records waiting, and the future it resolves.
         self._pending: list[_Item] = []
         self._pending_records: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
         self._next: asyncio.Future[None] | None = None
         # Chunks handed to the committer and not yet committed: their commit's future.
         self._inflight: dict[bytes, asyncio.Future[None]] = {}
@@ -231,6 +236,7 @@ class PacksBlobService(BlobService):
             if fut is None:
                 fut = self._inflight[item.digest] = self._next_commit()
                 self._pending.append(item)
+                self._pending_bytes += len(item.data)
             waits.add(fut)
         if records:
             self._pending_records.extend(records)
@@ -249,7 +255,12 @@ class PacksBlobService(BlobService):
         loop = asyncio.get_running_loop()
         try:
             while self._next is not None:
+                if not self._local and self._pending_bytes < PUT_TARGET:
+                    # Each commit is one PUT: let the writers of this burst (a
+                    # batch of small files closing together) join it first.
+                    await asyncio.sleep(LINGER)
                 items, self._pending = self._pending, []
+                self._pending_bytes = 0
                 records, self._pending_records = self._pending_records, []
                 fut, self._next = self._next, None
                 lazy, self._next_lazy = self._next_lazy, True
