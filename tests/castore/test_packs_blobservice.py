@@ -394,3 +394,44 @@ def test_config_settings() -> None:
     )
     with pytest.raises(InvalidURLError, match="pack_size must be at least"):
         PacksFileConfig.from_settings({"path": "/d", "pack_size": 10})
+
+
+async def test_large_blob_across_packs_is_synced_before_each_pack_is_let_go(
+    tmp_path: Path,
+) -> None:
+    """The middle of a large blob is appended lazily; every pack it leaves behind
+    is durable and indexed up to its end, so nobody taking it over cuts anything."""
+    svc = _open(tmp_path, "?pack_size=1048576&zstd=false")
+    data = big_blob(5 * MIB + 123, seed=11)
+    try:
+        await write_all(svc, data)
+        for info in await svc.index.packs():
+            assert info.size == (tmp_path / "packs" / f"{info.name}.pack").stat().st_size
+            assert info.live == info.size - len(MAGIC)
+        assert len(await svc.index.packs()) >= 2  # a pack is let go at an append boundary
+    finally:
+        await svc.close()
+    other = _open(tmp_path)
+    try:
+        await write_all(other, BLOB_A)  # takes a pack over
+        assert await read_all(other, b3(data)) == data
+        assert await other.verify_storage() == []
+    finally:
+        await other.close()
+
+
+async def test_aborted_large_blob_leaves_nothing_visible(tmp_path: Path) -> None:
+    svc = _open(tmp_path, "?zstd=false")
+    data = big_blob(12 * MIB, seed=5)
+    writer = svc.open_write()
+    await writer.write(data[: 9 * MIB])
+    await writer.abort()
+    try:
+        chunks_seen = await svc.index.locate([b3(data)])
+        assert chunks_seen == {}
+        assert not await svc.has(b3(data))
+        # A later small write syncs and indexes what was appended (valid chunks).
+        await write_all(svc, BLOB_A)
+        assert await svc.verify_storage() == []
+    finally:
+        await svc.close()

@@ -94,6 +94,10 @@ class PackIndex(abc.ABC):
         """The locations of those of ``digests`` that are indexed chunks."""
 
     @abc.abstractmethod
+    async def present(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
+        """``True`` for each of ``digests`` that is an indexed chunk (cheaper than locate)."""
+
+    @abc.abstractmethod
     async def records(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
         """The encoded records of those of ``digests`` that are multi-chunk blobs."""
 
@@ -223,7 +227,28 @@ class SQLiteIndex(PackIndex):
     async def locate(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
         return self.locate_sync(digests)
 
+    def present_sync(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
+        """:meth:`present`, blocking."""
+        out: dict[bytes, bool] = {}
+        conn = self.conn()
+        try:
+            for i in range(0, len(digests), _SQLITE_BATCH):
+                part = digests[i : i + _SQLITE_BATCH]
+                marks = ",".join("?" * len(part))
+                sql = f"SELECT digest FROM chunks WHERE digest IN ({marks})"
+                out.update((d, True) for (d,) in conn.execute(sql, part))
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {e}") from e
+        return out
+
+    async def present(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
+        return self.present_sync(digests)
+
     async def records(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        return self.records_sync(digests)
+
+    def records_sync(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        """:meth:`records`, blocking."""
         out: dict[bytes, bytes] = {}
         conn = self.conn()
         try:

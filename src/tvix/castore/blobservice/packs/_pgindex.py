@@ -69,6 +69,17 @@ class PostgresIndex(PackIndex):
                     out[bytes(d)] = Location(name, off, length, size, codec)
         return out
 
+    async def present(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
+        out: dict[bytes, bool] = {}
+        async with self._db.connection() as conn:
+            for i in range(0, len(digests), _BATCH):
+                rows = await conn.fetch(
+                    "SELECT digest FROM chunks WHERE digest = ANY($1)",
+                    list(digests[i : i + _BATCH]),
+                )
+                out.update((bytes(r[0]), True) for r in rows)
+        return out
+
     async def records(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         async with self._db.connection() as conn:

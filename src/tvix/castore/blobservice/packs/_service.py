@@ -111,39 +111,73 @@ class _Item:
 
 
 class _Batcher(Generic[V]):
-    """Answers lookups of single keys made in one turn of the event loop with one query."""
+    """Answers lookups of single keys made in one turn of the event loop with one query.
 
-    def __init__(self, fetch: Callable[[list[bytes]], Awaitable[dict[bytes, V]]]) -> None:
+    ``fetch_sync``, when given (an SQLite index), answers in the loop's
+    callback itself: a query of a few hundred keys costs less than a task.
+    Every caller waits on a future of its own, so one being cancelled
+    cancels nothing for the others.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[list[bytes]], Awaitable[dict[bytes, V]]],
+        fetch_sync: Callable[[list[bytes]], dict[bytes, V]] | None = None,
+    ) -> None:
         self._fetch = fetch
-        self._waiting: dict[bytes, asyncio.Future[V | None]] = {}
+        self._fetch_sync = fetch_sync
+        self._waiting: dict[bytes, list[asyncio.Future[V | None]]] = {}
 
     async def get(self, key: bytes) -> V | None:
-        fut = self._waiting.get(key)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[V | None] = loop.create_future()
+        waiters = self._waiting.get(key)
+        if waiters is None:
             if not self._waiting:
                 loop.call_soon(self._start)
-            self._waiting[key] = fut
-        return await asyncio.shield(fut)
+            self._waiting[key] = [fut]
+        else:
+            waiters.append(fut)
+        return await fut
 
     def _start(self) -> None:
         waiting, self._waiting = self._waiting, {}
-        task = asyncio.ensure_future(self._run(waiting))
-        task.add_done_callback(_retrieve)
+        if self._fetch_sync is None:
+            task = asyncio.ensure_future(self._run(waiting))
+            task.add_done_callback(_retrieve)
+            return
+        try:
+            found = self._fetch_sync(list(waiting))
+        except Exception as e:
+            self._fail(waiting, e)
+        else:
+            self._resolve(waiting, found)
 
-    async def _run(self, waiting: dict[bytes, asyncio.Future[V | None]]) -> None:
+    async def _run(self, waiting: dict[bytes, list[asyncio.Future[V | None]]]) -> None:
         try:
             found = await self._fetch(list(waiting))
-        except BaseException as e:
-            for fut in waiting.values():
+        except Exception as e:
+            self._fail(waiting, e)
+        else:
+            self._resolve(waiting, found)
+
+    @staticmethod
+    def _resolve(
+        waiting: dict[bytes, list[asyncio.Future[V | None]]], found: dict[bytes, V]
+    ) -> None:
+        for key, futs in waiting.items():
+            value = found.get(key)
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(value)
+
+    @staticmethod
+    def _fail(waiting: dict[bytes, list[asyncio.Future[V | None]]], e: Exception) -> None:
+        for futs in waiting.values():
+            for fut in futs:
                 if not fut.done():
                     fut.set_exception(e)
                     fut.add_done_callback(_retrieve)
-            return
-        for key, fut in waiting.items():
-            if not fut.done():
-                fut.set_result(found.get(key))
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -192,8 +226,14 @@ class PacksBlobService(BlobService):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tvix-packs-write")
         # Whole-blob hashes of readers (in order per reader: one thread).
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="tvix-packs-hash")
-        self._locations: _Batcher[Location] = _Batcher(index.locate)
-        self._records: _Batcher[bytes] = _Batcher(index.records)
+        sync = index if isinstance(index, SQLiteIndex) else None
+        self._locations: _Batcher[Location] = _Batcher(
+            index.locate, sync.locate_sync if sync else None
+        )
+        self._present: _Batcher[bool] = _Batcher(index.present, sync.present_sync if sync else None)
+        self._records: _Batcher[bytes] = _Batcher(
+            index.records, sync.records_sync if sync else None
+        )
         # The next commit: chunks and records waiting, and the future it resolves.
         self._pending: list[_Item] = []
         self._pending_records: list[tuple[bytes, bytes]] = []
@@ -409,7 +449,7 @@ class PacksBlobService(BlobService):
 
     async def has(self, digest: B3Digest) -> bool:
         return (
-            await self._locations.get(digest) is not None
+            await self._present.get(digest) is not None
             or await self._records.get(digest) is not None
         )
 
@@ -844,7 +884,7 @@ class _PacksBlobWriter(BlobWriter):
                 fut = service._inflight.get(digest)
                 if fut is not None:
                     await asyncio.shield(fut)
-                elif await service._locations.get(digest) is None:
+                elif await service._present.get(digest) is None:
                     await service._wait(service._submit([_Item(digest, data)]))
                 self._digest = digest
                 return digest
