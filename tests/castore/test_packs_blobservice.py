@@ -435,3 +435,23 @@ async def test_aborted_large_blob_leaves_nothing_visible(tmp_path: Path) -> None
         assert await svc.verify_storage() == []
     finally:
         await svc.close()
+
+
+async def test_a_damaged_blob_fails_only_its_own_readers(tmp_path: Path) -> None:
+    """Blobs opened together are read together; damage in one fails only that one."""
+    import asyncio
+
+    svc = _open(tmp_path, "?zstd=false")
+    files = [big_blob(2000, seed=i) for i in range(20)]
+    for data in files:
+        await write_all(svc, data)
+    loc = (await svc.index.locate([b3(files[7])]))[b3(files[7])]
+    with (tmp_path / "packs" / f"{loc.pack}.pack").open("r+b") as f:
+        f.seek(loc.offset + 10)
+        f.write(b"!!!")
+    try:
+        got = await asyncio.gather(*(read_all(svc, b3(d)) for d in files), return_exceptions=True)
+        assert isinstance(got[7], IntegrityError)
+        assert [g for i, g in enumerate(got) if i != 7] == files[:7] + files[8:]
+    finally:
+        await svc.close()

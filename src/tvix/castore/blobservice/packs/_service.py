@@ -61,7 +61,7 @@ from tvix.castore.blobservice.packs._index import (
 )
 from tvix.castore.blobservice.packs._storage import PackStorage
 from tvix.castore.digest import B3Digest
-from tvix.castore.errors import IntegrityError, StorageError, ValidationError
+from tvix.castore.errors import CastoreError, IntegrityError, StorageError, ValidationError
 
 __all__ = ["PacksBlobService"]
 
@@ -234,6 +234,9 @@ class PacksBlobService(BlobService):
         self._records: _Batcher[bytes] = _Batcher(
             index.records, sync.records_sync if sync else None
         )
+        # Single-chunk blobs opened in one turn of the loop (extraction and
+        # mounts open many at once): read together, in one job.
+        self._small: _Batcher[bytes | CastoreError] = _Batcher(self._read_chunks)
         # The next commit: chunks and records waiting, and the future it resolves.
         self._pending: list[_Item] = []
         self._pending_records: list[tuple[bytes, bytes]] = []
@@ -453,11 +456,34 @@ class PacksBlobService(BlobService):
             or await self._records.get(digest) is not None
         )
 
+    async def _read_chunks(self, digests: list[bytes]) -> dict[bytes, bytes | CastoreError]:
+        """The chunks among ``digests``, read and verified together.
+
+        An absent one is left out; a damaged one maps to its error, for that
+        chunk's reader alone.
+        """
+        if self._closed:
+            raise StorageError("packs blob service is closed")
+        loop = asyncio.get_running_loop()
+        if self._local and isinstance(self.index, SQLiteIndex):
+            return await loop.run_in_executor(self._io, self._read_many_sync, digests)
+        found = await self.index.locate(digests)
+        wanted = [(d, found[d]) for d in digests if d in found]
+        if len(wanted) > 1:
+            try:
+                chunks = await self._read(wanted)
+            except CastoreError:
+                pass  # which one: below
+            else:
+                return {d: bytes(c) for (d, _), c in zip(wanted, chunks, strict=True)}
+        return await loop.run_in_executor(self._io, self._read_isolated, wanted)
+
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        loc = await self._locations.get(digest)
-        if loc is not None:
-            (data,) = await self._read([(digest, loc)])
-            return BytesBlobReader(bytes(data))
+        data = await self._small.get(digest)
+        if isinstance(data, CastoreError):
+            raise data
+        if data is not None:
+            return BytesBlobReader(data)
         chunks = await self._record(digest)
         if chunks is None:
             return None
@@ -469,26 +495,36 @@ class PacksBlobService(BlobService):
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         if not digests:
             return []
-        if self._local and isinstance(self.index, SQLiteIndex):
-            # Lookups, reads and verification in one job, off the event loop.
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(self._io, self._read_many_sync, digests)
-        else:
-            found = await self.index.locate(list(set(digests)))
-            wanted = [(d, found[d]) for d in dict.fromkeys(digests) if d in found]
-            chunks = await self._read(wanted)
-            data = {d: bytes(c) for (d, _), c in zip(wanted, chunks, strict=True)}
+        # Lookups, reads and verification in one job, off the event loop.
+        data = await self._read_chunks(list(dict.fromkeys(digests)))
         out: list[bytes | None] = []
         for d in digests:
             got = data.get(d)
+            if isinstance(got, CastoreError):
+                raise got
             out.append(got if got is not None else await self._read_whole(d))
         return out
 
-    def _read_many_sync(self, digests: Sequence[B3Digest]) -> dict[bytes, bytes]:
+    def _read_many_sync(self, digests: Sequence[bytes]) -> dict[bytes, bytes | CastoreError]:
         assert isinstance(self.index, SQLiteIndex)
         found = self.index.locate_sync(list(set(digests)))
         wanted = [(d, found[d]) for d in dict.fromkeys(digests) if d in found]
-        chunks = self._read_sync(wanted)
+        return self._read_isolated(wanted)
+
+    def _read_isolated(
+        self, wanted: list[tuple[bytes, Location]]
+    ) -> dict[bytes, bytes | CastoreError]:
+        """Like :meth:`_read_sync`, but a damaged chunk fails only its own reader."""
+        try:
+            chunks = self._read_sync(wanted)
+        except CastoreError:
+            out: dict[bytes, bytes | CastoreError] = {}
+            for d, loc in wanted:  # rare: find which, one by one
+                try:
+                    out[d] = bytes(self._read_sync([(d, loc)])[0])
+                except CastoreError as e:
+                    out[d] = e
+            return out
         return {d: bytes(c) for (d, _), c in zip(wanted, chunks, strict=True)}
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
