@@ -39,8 +39,11 @@ __all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path"]
 # Files up to this size are read whole by the producer; larger ones in blocks.
 SMALL_FILE = 1 << 20
 BLOCK = 1 << 20
-# A batch handed from the producer is cut at this many items or bytes.
-BATCH_ITEMS = 256
+# A batch handed from the producer is cut at this many items or bytes. The
+# items bound how many small files a backend may store together (packs+s3:
+# one PUT per batch at least; with 256 a source tree cost 1.2 PUTs per MiB
+# stored, with 1024 0.8; local imports were no slower).
+BATCH_ITEMS = 1024
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4
