@@ -219,6 +219,10 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             async for problem in verify_path_info(s.blobs, s.directories, info, checked_blobs=seen):
                 problems += 1
                 print(problem, flush=True)
+        # What the blob store removed on opening (staging files of dead writers).
+        swept: list[str] = getattr(s.blobs, "staging_swept", [])
+        for path in swept:
+            print(f"{PROG}: removed a stale staging file: {path}", file=sys.stderr)
     print(
         f"{PROG}: verified {checked} store paths: "
         + (f"{problems} problems" if problems else "all intact"),
