@@ -119,6 +119,7 @@ class LocalFiles:
             # The directory went away since it was made (someone cleaned up).
             os.makedirs(self.staging, exist_ok=True)
             fd = os.open(tmp, flags, 0o644)
+        linked = False
         try:
             try:
                 view = memoryview(payload)
@@ -134,9 +135,15 @@ class LocalFiles:
                 os.makedirs(parent, exist_ok=True)  # removed since it was made
                 with contextlib.suppress(FileExistsError):
                     os.link(tmp, path)
+            linked = True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if not linked:
+                # Nothing left behind: not even the object's directory, if empty.
+                self._dirs.discard(parent)
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
 
     def exists(self, key: str) -> bool:
         return os.path.exists(f"{self.root}/{key}")
