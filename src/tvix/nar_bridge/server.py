@@ -6,7 +6,9 @@
                                           (``Compression: none``, signed when a key is set)
 ``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
                                           ``/nar/snix-castore/<node>`` too), with
-                                          ``Range`` support (206/416)
+                                          ``Range`` support (206/416); the narinfo's
+                                          URL adds ``?narsize=&narhash=``, and a full
+                                          NAR not of that hash is cut before its end
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
 ``PUT /nix-cache-info``                   accepted and ignored (ours is generated)
