@@ -145,8 +145,16 @@ def test_read_back_through_a_mount_and_over_ssh_ng(
     # unix:// with the files under the mount.
     local = f"{daemon.store}?root={mounted}"
     dest = tmp_path / "dest"
-    nix.run("nix", "copy", "--no-check-sigs", "--from", local, "--to", f"local?root={dest}",
-            closure.built)  # fmt: skip
+    nix.run(
+        "nix",
+        "copy",
+        "--no-check-sigs",
+        "--from",
+        local,
+        "--to",
+        f"local?root={dest}",
+        closure.built,
+    )
     nix.run(
         "nix", "store", "verify", "--no-trust", "--store", f"local?root={dest}", "-r", closure.built
     )
@@ -174,8 +182,16 @@ def test_read_back_through_a_mount_and_over_ssh_ng(
     )
     run("nix", "store", "verify", "--no-trust", "--store", remote, "-r", closure.built)
     dest2 = tmp_path / "dest2"
-    run("nix", "copy", "--no-check-sigs", "--from", remote, "--to", f"local?root={dest2}",
-        closure.built)  # fmt: skip
+    run(
+        "nix",
+        "copy",
+        "--no-check-sigs",
+        "--from",
+        remote,
+        "--to",
+        f"local?root={dest2}",
+        closure.built,
+    )
     _same(
         _json(nix, f"local?root={dest2}", closure.built)[closure.built],
         _json(nix, nix.store, closure.built)[closure.built],
@@ -253,8 +269,9 @@ def test_signed_paths_are_accepted(
     secret, public = nix.generate_key("nd-key-1")
     key_file = tmp_path / "sk"
     key_file.write_text(secret)
-    nix.run("nix", "store", "sign", "--store", nix.store, "--key-file", key_file, "-r",
-            closure.built)  # fmt: skip
+    nix.run(
+        "nix", "store", "sign", "--store", nix.store, "--key-file", key_file, "-r", closure.built
+    )
     daemon = start_daemon("--trusted-public-keys", public)
     nix.run("nix", "copy", "--to", daemon.store, closure.built)
     sigs = nix.path_info_json(closure.built, store=daemon.store)["signatures"]
