@@ -295,3 +295,31 @@ async def test_old_protocol_pulls_the_nar(daemon: InProcess, tree: Path) -> None
     c.send(wire.enc_u64(0))
     with pytest.raises(DaemonError, match="does not build"):
         await c.result()
+
+
+async def test_old_add_to_store_sends_a_raw_nar(daemon: InProcess, tree: Path) -> None:
+    nar = nar_of(tree)
+    c = await daemon.client(1 << 8 | 24)
+    c.send(
+        wire.enc_u64(OP_ADD_TO_STORE),
+        wire.enc_string("tree"),
+        wire.enc_bool(True),  # "fixed"
+        wire.enc_u64(1),  # recursive
+        wire.enc_string("sha256"),
+        nar.data,
+    )
+    await c.result()
+    assert await c.string() == nar.path
+    # Flat: the NAR of the one file; the connection is in step afterwards.
+    file_nar = nar_of(tree / "a")
+    c.send(
+        wire.enc_u64(OP_ADD_TO_STORE),
+        wire.enc_string("regular.txt"),
+        wire.enc_bool(True),
+        wire.enc_u64(0),
+        wire.enc_string("sha256"),
+        file_nar.data,
+    )
+    await c.result()
+    assert await c.string() == "/nix/store/ms76lv6rp91bx3wb1jnmyng0sdr6vb70-regular.txt"
+    assert await c.is_valid(nar.path)
