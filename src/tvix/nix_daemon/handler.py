@@ -39,6 +39,7 @@ from tvix.nix_daemon.errors import (
 from tvix.nix_daemon.policy import TrustPolicy
 from tvix.nix_daemon.stream import (
     Connection,
+    Disconnected,
     FramedSource,
     PullSource,
     Source,
@@ -174,7 +175,6 @@ class Session:
     peer: str = "client"
     #: Settings the client sent with SetOptions (informational: nothing here builds).
     options: dict[str, str] = field(default_factory=dict)
-    _started: bool = False
 
     @property
     def minor(self) -> int:
@@ -190,6 +190,7 @@ class Session:
         """
         op = OPERATIONS.get(code)
         if op is None:
+            log.info("%s: unknown operation %d -> closing", self.peer, code)
             self.conn.write(
                 wire.error_message(f"tvix-store nix-daemon: unknown operation {code}", self.version)
             )
@@ -197,13 +198,12 @@ class Session:
             raise WireError(f"unknown operation {code}")
         start = time.monotonic()
         stats = _Stats()
-        self._started = False
         outcome = "ok"
         try:
             await op.handler(self, stats)
         except WireError as e:
             outcome = f"closing: {e}"
-            if not isinstance(e, _Unsendable):
+            if not isinstance(e, _Unsendable | Disconnected):
                 self.conn.write(wire.error_message(str(e), self.version))
                 await _flush_quietly(self.conn)
             raise
