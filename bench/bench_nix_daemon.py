@@ -8,8 +8,8 @@ files, ~820 MB), added once with ``nix-store --add`` to a chroot store
   (AddMultipleToStore), next to ``nix copy`` between two chroot stores;
 * download, each into a fresh chroot store, median of ``TVIX_BENCH_REPEATS``
   (default 3): from the chroot store (Nix alone), from nar-bridge over HTTP,
-  from the daemon over ``ssh-ng://`` (a stand-in ``ssh`` relays to the
-  socket; Nix asks for the NAR with NarFromPath), and from ``unix://S``
+  from the daemon over ``ssh-ng://`` (a stand-in ``ssh`` runs
+  ``tvix-store nix-daemon --stdio``; Nix asks for the NAR with NarFromPath), and from ``unix://S``
   with the files under a ``tvix-store mount`` (Nix's unix:// store reads
   files from the file system, only metadata from the daemon);
 * ``nix path-info`` wall time per call (process start included), median of 20.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -36,27 +37,6 @@ HERE = WORK / "nix_daemon"
 SRC = HERE / "src"
 DATA = HERE / "data"
 PATH_INFO_CALLS = 20
-
-RELAY = """#!{python}
-import os, socket, threading
-s = socket.socket(socket.AF_UNIX)
-s.connect(os.environ["TVIX_FAKE_SSH_SOCKET"])
-def pump(src, dst):
-    # splice(2) where one end is a pipe (Nix gives ssh pipes): no copies through Python.
-    try:
-        while os.splice(src, dst, 1 << 20):
-            pass
-    except OSError:
-        while data := os.read(src, 1 << 20):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
-def up():
-    pump(0, s.fileno())
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=up, daemon=True).start()
-pump(s.fileno(), 1)
-"""
 
 
 def _store_args() -> list[str]:
@@ -155,11 +135,13 @@ def main() -> None:
     dest = HERE / "dest"
     sock = HERE / "daemon.sock"
     mnt = HERE / "mnt"
+    # ssh-ng://HOST runs "ssh HOST nix-daemon --stdio"; this ssh runs our daemon so.
     bin_dir = HERE / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "ssh").write_text(RELAY.format(python=sys.executable))
+    argv = _tvix("nix-daemon", "--stdio", *_store_args())
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
     (bin_dir / "ssh").chmod(0o755)
-    ssh_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}", TVIX_FAKE_SSH_SOCKET=str(sock))
+    ssh_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
 
     rows: list[list[str]] = []
 
@@ -210,7 +192,7 @@ def main() -> None:
         sources = [
             ("nix copy --from chroot store", env, f"local?root={SRC}"),
             ("nix copy --from nar-bridge (HTTP)", env, http),
-            ("nix copy --from ssh-ng:// (NarFromPath)", ssh_env, "ssh-ng://tvix"),
+            ("nix copy --from ssh-ng:// (--stdio, NarFromPath)", ssh_env, "ssh-ng://tvix"),
             ("nix copy --from unix://S?root=MOUNT", env, f"unix://{sock}?root={mnt}"),
         ]
         medians: dict[str, float] = {}
@@ -257,7 +239,7 @@ def main() -> None:
         rows,
     )
     table(f"nix path-info, median of {PATH_INFO_CALLS} calls", ["store", "wall time"], latency)
-    worker = medians["nix copy --from ssh-ng:// (NarFromPath)"]
+    worker = medians["nix copy --from ssh-ng:// (--stdio, NarFromPath)"]
     http_t = medians["nix copy --from nar-bridge (HTTP)"]
     verdict = "OK" if worker <= http_t else "MISSED"
     print(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -396,44 +397,22 @@ def start_daemon(store_args: list[str], tmp_path: Path) -> Iterator[StartDaemon]
         daemon.stop()
 
 
-_FAKE_SSH = '''#!{python}
-"""Stands in for ssh: Nix's ssh-ng:// store talks to $TVIX_FAKE_SSH_SOCKET instead."""
-import os, socket, threading
-s = socket.socket(socket.AF_UNIX)
-s.connect(os.environ["TVIX_FAKE_SSH_SOCKET"])
-def pump(src, dst):
-    # splice(2) where one end is a pipe (Nix gives ssh pipes): no copies through Python.
-    try:
-        while os.splice(src, dst, 1 << 20):
-            pass
-    except OSError:
-        while data := os.read(src, 1 << 20):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
-def up():
-    pump(0, s.fileno())
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=up, daemon=True).start()
-pump(s.fileno(), 1)
-'''
-
-
-def ssh_ng(nix: Nix, daemon: Daemon, tmp_path: Path) -> dict[str, str]:
-    """An environment in which ``--store ssh-ng://tvix`` reaches ``daemon``.
+def ssh_ng(nix: Nix, store_args: list[str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment in which ``--store ssh-ng://tvix`` reaches the store, and its log file.
 
     Nix reads the files of a ``unix://`` store from the local file system
     (its daemon client is a LocalFSStore); only a remote store makes it ask
-    the daemon for NARs (NarFromPath). ``ssh-ng://`` runs ``ssh HOST
-    nix-daemon --stdio``; this ``ssh`` connects that to the daemon's socket.
+    the daemon for NARs (NarFromPath). ``ssh-ng://HOST`` runs ``ssh HOST
+    nix-daemon --stdio``; this ``ssh`` runs ``tvix-store nix-daemon --stdio``
+    on the store instead, as ``remote-program`` would on a real host.
     """
     bin_dir = tmp_path / "fake-ssh"
     bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "stdio-daemon.log"
     ssh = bin_dir / "ssh"
-    ssh.write_text(_FAKE_SSH.format(python=sys.executable))
+    argv = [sys.executable, "-m", "tvix.cli.store", "-v", "nix-daemon", "--stdio", *store_args]
+    ssh.write_text(f"#!/bin/sh\nexec {shlex.join(argv)} 2>>{shlex.quote(str(log))}\n")
     ssh.chmod(0o755)
-    return {
-        **nix.env,
-        "PATH": f"{bin_dir}:{nix.env.get('PATH', '/usr/bin:/bin')}",
-        "TVIX_FAKE_SSH_SOCKET": str(daemon.socket),
-    }
+    env = {k: v for k, v in nix.env.items() if k not in _ENV_VARS}
+    env["PATH"] = f"{bin_dir}:{nix.env.get('PATH', '/usr/bin:/bin')}"
+    return env, log

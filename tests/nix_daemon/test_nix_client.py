@@ -103,6 +103,12 @@ def test_add_and_import_agree_and_path_info(
     assert tvix_store("import", tree).stdout.decode().strip() == added
     got = nix.path_info_json(added, store=daemon.store)
     _same(got, nix.path_info_json(added))
+    # Several clients at once.
+    argv = ["nix", "path-info", "--store", daemon.store, "--json", added]
+    procs = [subprocess.Popen(argv, env=nix.env, stdout=subprocess.PIPE) for _ in range(6)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(json.loads(o)[0]["narHash"] == got["narHash"] for o in outs)
     assert "AddToStore " + added in daemon.logged()  # one log line per request at -v
 
 
@@ -137,7 +143,12 @@ def test_copy_closure_to_the_daemon_and_query(
 
 
 def test_read_back_through_a_mount_and_over_ssh_ng(
-    start_daemon: StartDaemon, mounted: Path, nix: Nix, closure: Closure, tmp_path: Path
+    start_daemon: StartDaemon,
+    mounted: Path,
+    store_args: list[str],
+    nix: Nix,
+    closure: Closure,
+    tmp_path: Path,
 ) -> None:
     daemon = start_daemon()
     nix.run("nix", "copy", "--no-check-sigs", "--to", daemon.store, closure.built)
@@ -164,8 +175,8 @@ def test_read_back_through_a_mount_and_over_ssh_ng(
     assert b"./nested/deeper/deepest/leaf" in listing
     nix.run("nix", "store", "verify", "--no-trust", "--store", local, "-r", closure.built)
 
-    # ssh-ng://: every byte comes from the daemon (NarFromPath).
-    env = ssh_ng(nix, daemon, tmp_path)
+    # ssh-ng://: every byte comes from the daemon (NarFromPath), here on stdin/stdout.
+    env, log = ssh_ng(nix, store_args, tmp_path)
 
     def run(*args: str) -> bytes:
         proc = subprocess.run(args, env=env, capture_output=True, timeout=120)
@@ -196,7 +207,7 @@ def test_read_back_through_a_mount_and_over_ssh_ng(
         _json(nix, f"local?root={dest2}", closure.built)[closure.built],
         _json(nix, nix.store, closure.built)[closure.built],
     )
-    assert "NarFromPath" in daemon.logged()
+    assert "NarFromPath " + closure.tree in log.read_text()
 
 
 def test_text_flat_and_derivation_queries(

@@ -40,6 +40,12 @@ def add_nix_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentPars
         help="the socket to listen on (env TVIX_NIX_DAEMON_LISTEN_ADDRESS; required)",
     )
     p.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one client on stdin/stdout instead of a socket, as nix-daemon --stdio "
+        "(what ssh-ng://HOST?remote-program=… runs on the remote host)",
+    )
+    p.add_argument(
         "--trusted",
         action="append",
         default=None,
@@ -92,8 +98,15 @@ def _socket_path(address: str | None) -> str:
 
 
 async def cmd_nix_daemon(args: argparse.Namespace) -> int:
-    path = _socket_path(args.listen_address)
     policy = _policy(args)
+    if args.stdio:
+        async with open_services(args) as s:
+            server = NixDaemonServer(
+                StoreServices(s.blobs, s.directories, s.path_infos), "", policy
+            )
+            await server.serve_stdio()
+        return 0
+    path = _socket_path(args.listen_address)
     try:
         mode = int(args.socket_mode, 8)
     except ValueError:

@@ -78,12 +78,36 @@ class NixDaemonServer:
         """Clients connected now."""
         return len(self._clients)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_stdio(self) -> None:
+        """Serve one client on standard input and output, as ``nix-daemon --stdio`` does.
+
+        That is how ``ssh-ng://HOST`` stores reach a daemon: ssh runs the
+        remote program with ``--stdio``. The client is whoever started this
+        process (its user decides the trust).
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+        )
+        transport, protocol = await loop.connect_write_pipe(
+            _FlowControl, os.fdopen(1, "wb", buffering=0)
+        )
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._serve(reader, writer, Peer(os.getpid(), os.getuid(), os.getgid()))
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer | None = None,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
         self._next_id += 1
-        peer = _peer_of(writer)
+        if peer is None:
+            peer = _peer_of(writer)
         trusted = self.policy.is_trusted(peer)
         name = f"#{self._next_id} ({peer.describe()}{', trusted' if trusted else ''})"
         conn = Connection(reader, writer)
@@ -116,6 +140,10 @@ class NixDaemonServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+class _FlowControl(asyncio.streams.FlowControlMixin, asyncio.Protocol):
+    """Back-pressure for a StreamWriter over a pipe (what start_unix_server gives sockets)."""
 
 
 def _peer_of(writer: asyncio.StreamWriter) -> Peer:
