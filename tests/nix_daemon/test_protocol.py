@@ -24,8 +24,7 @@ from daemon_support import (
 )
 
 from tvix.nix_daemon import wire
-from tvix.nixcompat import SigningKey, StorePath
-from tvix.nixcompat.narinfo import fingerprint
+from tvix.nixcompat import SigningKey, StorePath, fingerprint
 
 
 @pytest.fixture

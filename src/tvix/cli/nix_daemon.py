@@ -11,8 +11,7 @@ import sys
 
 from tvix.cli.common import CLIError, add_service_args, open_services
 from tvix.nix_daemon import OPERATIONS, NixDaemonServer, StoreServices, TrustPolicy
-from tvix.nixcompat.errors import InvalidKeyError
-from tvix.nixcompat.signing import parse_public_keys
+from tvix.nixcompat import InvalidKeyError, parse_public_keys
 
 __all__ = ["add_nix_daemon_command", "cmd_nix_daemon"]
 

@@ -17,9 +17,9 @@ are ours, and say so.
 
 from __future__ import annotations
 
-from tvix.castore.errors import CastoreError, ValidationError
-from tvix.nixcompat.errors import NixCompatError
-from tvix.store.errors import StoreError
+from tvix.castore import CastoreError, ValidationError
+from tvix.nixcompat import NixCompatError
+from tvix.store import StoreError
 
 __all__ = [
     "NixDaemonError",

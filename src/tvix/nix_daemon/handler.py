@@ -24,9 +24,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tvix.castore import FileNode, Node
 from tvix.castore.blobservice import BlobService
 from tvix.castore.directoryservice import DirectoryService
-from tvix.castore.nodes import FileNode, Node
 from tvix.nix_daemon import wire
 from tvix.nix_daemon.drv import parse_drv_outputs
 from tvix.nix_daemon.errors import (
@@ -45,14 +45,22 @@ from tvix.nix_daemon.stream import (
     Source,
     read_nar_exactly,
 )
-from tvix.nixcompat import nixbase32
-from tvix.nixcompat.cahash import CAHash, CAKind
-from tvix.nixcompat.errors import NixCompatError
-from tvix.nixcompat.hashes import HashAlgo, decode_digest, parse_hash
+from tvix.nixcompat import (
+    STORE_DIR,
+    CAHash,
+    CAKind,
+    HashAlgo,
+    NixCompatError,
+    Signature,
+    StorePath,
+    build_ca_path,
+    decode_digest,
+    fingerprint,
+    nixbase32,
+    parse_hash,
+    verify_any,
+)
 from tvix.nixcompat.nar import Contents, NarEvent, Regular
-from tvix.nixcompat.narinfo import fingerprint
-from tvix.nixcompat.signing import Signature, verify_any
-from tvix.nixcompat.storepath import STORE_DIR, StorePath, build_ca_path
 from tvix.store import NarMismatchError, PathInfo
 from tvix.store.nar import calculate_nar, ingest_nar, render_nar
 from tvix.store.pathinfoservice import PathInfoService

@@ -29,7 +29,7 @@ import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tvix.nixcompat.signing import VerifyingKey
+from tvix.nixcompat import VerifyingKey
 
 __all__ = ["Peer", "TrustPolicy"]
 
