@@ -7,7 +7,7 @@ files, ~820 MB), added once with ``nix-store --add`` to a chroot store
 * upload: ``nix copy --to unix://S`` into an empty embedded tvix store
   (AddMultipleToStore), next to ``nix copy`` between two chroot stores;
 * download, each into a fresh chroot store, median of ``TVIX_BENCH_REPEATS``
-  (default 3): from the chroot store (Nix alone), from nar-bridge over HTTP,
+  (default 3) taken round-robin: from the chroot store (Nix alone), from nar-bridge over HTTP,
   from the daemon over ``ssh-ng://`` (a stand-in ``ssh`` runs
   ``tvix-store nix-daemon --stdio``; Nix asks for the NAR with NarFromPath), and from ``unix://S``
   with the files under a ``tvix-store mount`` (Nix's unix:// store reads
@@ -147,11 +147,11 @@ def main() -> None:
 
     def row(name: str, seconds: float) -> float:
         rows.append([name, f"{seconds:.1f} s", f"{mb / seconds:,.0f} MB/s"])
-        print(f"  {name}: {seconds:.1f} s", flush=True)
         return seconds
 
     # -- upload --
     _rm(dest)
+    print("  upload: chroot -> chroot ...", flush=True)
     base_up = row(
         "upload: nix copy chroot -> chroot",
         _timed(
@@ -195,12 +195,12 @@ def main() -> None:
             ("nix copy --from ssh-ng:// (--stdio, NarFromPath)", ssh_env, "ssh-ng://tvix"),
             ("nix copy --from unix://S?root=MOUNT", env, f"unix://{sock}?root={mnt}"),
         ]
-        medians: dict[str, float] = {}
-        for name, e, url in sources:
-            times = []
-            for _ in range(repeats):
+        # Round-robin, so that the load of a shared machine falls on all alike.
+        times: dict[str, list[float]] = {name: [] for name, _, _ in sources}
+        for _ in range(repeats):
+            for name, e, url in sources:
                 _rm(dest)
-                times.append(
+                times[name].append(
                     _timed(
                         e,
                         "nix",
@@ -213,7 +213,10 @@ def main() -> None:
                         path,
                     )
                 )
-            medians[name] = row(name, statistics.median(times))
+                print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in medians.items():
+            row(name, t)
         _rm(dest)
 
         # -- latency --

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -23,6 +24,8 @@ log = logging.getLogger("tvix.nix_daemon")
 _PEERCRED = struct.Struct("3i")
 # Socket buffer for NARs on their way in and out.
 _STREAM_LIMIT = 1 << 20
+# Pipe capacity asked for in --stdio mode (Linux allows up to /proc/sys/fs/pipe-max-size).
+_PIPE_SIZE = 1 << 20
 
 
 class NixDaemonServer:
@@ -86,6 +89,11 @@ class NixDaemonServer:
         process (its user decides the trust).
         """
         loop = asyncio.get_running_loop()
+        for fd in (0, 1):
+            # A NAR on its way out can run ahead of the client by the pipe's
+            # capacity only; the default 64 KiB keeps both sides waiting in turn.
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         reader = asyncio.StreamReader(limit=_STREAM_LIMIT)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
