@@ -12,6 +12,8 @@ files, ~820 MB), added once with ``nix-store --add`` to a chroot store
   ``tvix-store nix-daemon --stdio``; Nix asks for the NAR with NarFromPath), and from ``unix://S``
   with the files under a ``tvix-store mount`` (Nix's unix:// store reads
   files from the file system, only metadata from the daemon);
+* the NAR alone (``nix store dump-path``, nothing written to disk) from
+  nar-bridge and over ssh-ng, to tell the protocol's cost from Nix's;
 * ``nix path-info`` wall time per call (process start included), median of 20.
 
 Target (issue 18): worker-protocol copy at least as fast as the HTTP path.
@@ -98,6 +100,15 @@ def _run(env: dict[str, str], *argv: str | Path) -> str:
 def _timed(env: dict[str, str], *argv: str | Path) -> float:
     start = time.perf_counter()
     _run(env, *argv)
+    return time.perf_counter() - start
+
+
+def _timed_to_null(env: dict[str, str], *argv: str | Path) -> float:
+    """Like :func:`_timed`, the output going to /dev/null (a NAR does not fit in a pipe buffer)."""
+    start = time.perf_counter()
+    proc = subprocess.run([str(a) for a in argv], env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode:
+        sys.exit(f"bench: {' '.join(map(str, argv))} failed")
     return time.perf_counter() - start
 
 
@@ -218,6 +229,21 @@ def main() -> None:
         for name, t in medians.items():
             row(name, t)
         _rm(dest)
+
+        # -- the NAR alone, no files written: what each protocol costs --
+        dumps = [
+            ("NAR only: nix store dump-path, nar-bridge (HTTP)", env, http),
+            ("NAR only: nix store dump-path, ssh-ng:// (--stdio)", ssh_env, "ssh-ng://tvix"),
+        ]
+        dump_times: dict[str, list[float]] = {name: [] for name, _, _ in dumps}
+        for _ in range(repeats):
+            for name, e, url in dumps:
+                dump_times[name].append(
+                    _timed_to_null(e, "nix", "store", "dump-path", "--store", url, path)
+                )
+                print(f"  {name}: {dump_times[name][-1]:.1f} s", flush=True)
+        for name, t in dump_times.items():
+            row(name, statistics.median(t))
 
         # -- latency --
         latency = []
