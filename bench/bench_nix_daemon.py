@@ -9,7 +9,9 @@ files, ~820 MB), added once with ``nix-store --add`` to a chroot store
 * download, each into a fresh chroot store, median of ``TVIX_BENCH_REPEATS``
   (default 3) taken round-robin: from the chroot store (Nix alone), from nar-bridge over HTTP,
   from the daemon over ``ssh-ng://`` (a stand-in ``ssh`` runs
-  ``tvix-store nix-daemon --stdio``; Nix asks for the NAR with NarFromPath), and from ``unix://S``
+  ``tvix-store nix-daemon --stdio``; Nix asks for the NAR with NarFromPath),
+  the same from Nix's own ``nix-daemon --stdio`` over the chroot store (the
+  reference for the worker protocol as Nix's client consumes it), and from ``unix://S``
   with the files under a ``tvix-store mount`` (Nix's unix:// store reads
   files from the file system, only metadata from the daemon);
 * the NAR alone (``nix store dump-path``, nothing written to disk) from
@@ -153,6 +155,13 @@ def main() -> None:
     (bin_dir / "ssh").write_text(f"#!/bin/sh\nexec {shlex.join(argv)}\n")
     (bin_dir / "ssh").chmod(0o755)
     ssh_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
+    # The reference: Nix's own daemon, serving the chroot store the same way.
+    nix_bin = HERE / "bin-nix"
+    nix_bin.mkdir(exist_ok=True)
+    nix_daemon = [need("nix-daemon"), "--stdio", "--option", "store", f"local?root={SRC}"]
+    (nix_bin / "ssh").write_text(f"#!/bin/sh\nexec {shlex.join(nix_daemon)}\n")
+    (nix_bin / "ssh").chmod(0o755)
+    nix_ssh_env = dict(env, PATH=f"{nix_bin}:{env['PATH']}")
 
     rows: list[list[str]] = []
 
@@ -204,6 +213,7 @@ def main() -> None:
             ("nix copy --from chroot store", env, f"local?root={SRC}"),
             ("nix copy --from nar-bridge (HTTP)", env, http),
             ("nix copy --from ssh-ng:// (--stdio, NarFromPath)", ssh_env, "ssh-ng://tvix"),
+            ("nix copy --from ssh-ng:// Nix's nix-daemon --stdio", nix_ssh_env, "ssh-ng://nix"),
             ("nix copy --from unix://S?root=MOUNT", env, f"unix://{sock}?root={mnt}"),
         ]
         # Round-robin, so that the load of a shared machine falls on all alike.
@@ -234,6 +244,11 @@ def main() -> None:
         dumps = [
             ("NAR only: nix store dump-path, nar-bridge (HTTP)", env, http),
             ("NAR only: nix store dump-path, ssh-ng:// (--stdio)", ssh_env, "ssh-ng://tvix"),
+            (
+                "NAR only: nix store dump-path, ssh-ng:// Nix's nix-daemon",
+                nix_ssh_env,
+                "ssh-ng://nix",
+            ),
         ]
         dump_times: dict[str, list[float]] = {name: [] for name, _, _ in dumps}
         for _ in range(repeats):
@@ -270,7 +285,9 @@ def main() -> None:
     table(f"nix path-info, median of {PATH_INFO_CALLS} calls", ["store", "wall time"], latency)
     worker = medians["nix copy --from ssh-ng:// (--stdio, NarFromPath)"]
     http_t = medians["nix copy --from nar-bridge (HTTP)"]
+    reference = medians["nix copy --from ssh-ng:// Nix's nix-daemon --stdio"]
     verdict = "OK" if worker <= http_t else "MISSED"
+    print(f"tvix-store nix-daemon vs Nix's own daemon, same client path: {reference / worker:.2f}x")
     print(
         f"\ntarget: worker-protocol copy at least as fast as HTTP: {http_t / worker:.2f}x {verdict}"
     )
