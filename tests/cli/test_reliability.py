@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 
 import blake3
-from support.services import Run
-from support.trees import make_tree
+import pytest
+
+from tests.support.services import Run
+from tests.support.trees import make_tree
+
+pytestmark = pytest.mark.e2e
 
 
 def _chunk_file(data_dir: Path, content: bytes) -> Path:
@@ -69,6 +73,16 @@ def _start_import(data_dir: Path, path: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _wait_for_objects(proc: subprocess.Popen[bytes], root: Path, n: int) -> None:
+    """Return once ``n`` files exist below ``root`` (or ``proc`` ended); fail after 60 s."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        if root.exists() and sum(1 for p in root.rglob("*") if p.is_file()) >= n:
+            return
+        assert time.monotonic() < deadline, f"the import wrote fewer than {n} objects in 60 s"
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
     tree = tmp_path / "big"
     tree.mkdir()
@@ -84,15 +98,12 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
     (small / "a").write_bytes(b"a")
     small_path = tvix_store("import", small).stdout.decode().strip()
 
-    for attempt, delay in enumerate((0.2, 1.0)):
+    # Killed at two points of the import, each decided by what it has written (not by
+    # how long it ran): as soon as its first blob object exists, and once it has
+    # written many (well into the small files or the large one).
+    for attempt, objects in enumerate((1, 1000)):
         proc = _start_import(data_dir, tree)
-        # Kill once the import is visibly under way (blobs are being written).
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            if any((data_dir / "blobs").rglob("*")):
-                break
-        time.sleep(delay)
+        _wait_for_objects(proc, data_dir / "blobs", objects)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()

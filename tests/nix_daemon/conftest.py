@@ -1,3 +1,3 @@
-"""Fixtures for tests/nix_daemon (defined in daemon_support, which the tests import by name)."""
+"""Fixtures for tests/nix_daemon (defined in daemon_support)."""
 
-from daemon_support import *  # noqa: F403
+from tests.nix_daemon.daemon_support import *  # noqa: F403

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from support.nix import Nix
-from support.nix import nix as nix  # the session fixture, re-exported for these tests
 
+from tests.support.nix import Nix
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.nix_daemon import NixDaemonServer, StoreServices, TrustPolicy, wire

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import (
+
+from tests.nix_daemon.daemon_support import (
     OP_QUERY_PATH_INFO,
     Daemon,
     RawClient,
@@ -31,9 +32,8 @@ from daemon_support import (
     clean_env,
     ssh_ng,
 )
-from support.nix import Nix
-from support.trees import make_tree
-
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 from tvix.nix_daemon import wire
 from tvix.nixcompat import nixbase32
 

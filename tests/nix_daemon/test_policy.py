@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from daemon_support import clean_env
 
+from tests.nix_daemon.daemon_support import clean_env
 from tvix.nix_daemon import Peer, TrustPolicy
 
 
@@ -27,6 +27,7 @@ def test_trusted_users_by_name_uid_group_and_star() -> None:
     assert me.pw_name in TrustPolicy.default_trusted() or "root" in TrustPolicy.default_trusted()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -7,7 +7,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from daemon_support import (
+
+from tests.nix_daemon.daemon_support import (
     OP_ADD_MULTIPLE_TO_STORE,
     OP_ADD_SIGNATURES,
     OP_ADD_TEXT_TO_STORE,
@@ -22,7 +23,6 @@ from daemon_support import (
     framed,
     nar_of,
 )
-
 from tvix.nix_daemon import wire
 from tvix.nixcompat import SigningKey, StorePath, fingerprint
 
@@ -227,8 +227,7 @@ async def test_untrusted_client(untrusting_daemon: InProcess, tree: Path) -> Non
 
 
 async def test_signed_input_addressed_path(tmp_path: Path, tree: Path) -> None:
-    from daemon_support import _start
-
+    from tests.nix_daemon.daemon_support import _start
     from tvix.nix_daemon import TrustPolicy
 
     key = SigningKey.generate("test-1")

@@ -97,6 +97,7 @@ def _socket_path(address: str | None) -> str:
 
 
 async def cmd_nix_daemon(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (or, with ``--stdio``, until the client hangs up)."""
     policy = _policy(args)
     if args.stdio:
         async with open_services(args) as s:

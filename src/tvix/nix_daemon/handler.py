@@ -186,6 +186,7 @@ class Session:
 
     @property
     def minor(self) -> int:
+        """The minor protocol version of the connection (34 for Nix 2.8)."""
         return wire.minor(self.version)
 
     # -- one operation --
@@ -236,9 +237,11 @@ class Session:
     # -- helpers --
 
     async def read(self, decoder: wire.Decoder[wire.T]) -> wire.T:
+        """Decode the next argument."""
         return await self.conn.decode(decoder)
 
     async def read_path_arg(self, stats: _Stats) -> str:
+        """Read a store path argument (as text: it is parsed once all arguments are in)."""
         text = await self.read(wire.read_string(4096))
         stats.detail = text
         return text
@@ -254,12 +257,14 @@ class Session:
         self.conn.write(wire.next_message(text))
 
     async def get_info(self, path: StorePath) -> PathInfo | None:
+        """The PathInfo of ``path`` (hash and name), or ``None``."""
         info = await self.services.path_infos.get(path.digest)
         if info is not None and info.store_path != path:
             return None  # same hash, other name: not this path
         return info
 
     async def require_info(self, text: str) -> PathInfo:
+        """The PathInfo of the path ``text``; an error the client shows if it is not stored."""
         info = await self.get_info(parse_path(text))
         if info is None:
             raise OperationError(f"path '{text}' is not valid")
@@ -282,6 +287,7 @@ class Session:
         return b"".join(parts)
 
     async def read_drv_outputs(self, text: str) -> dict[str, str]:
+        """The outputs (name → path) of the stored derivation ``text``."""
         info = await self.require_info(text)
         if not info.store_path.name.endswith(".drv") or not isinstance(info.node, FileNode):
             raise OperationError(f"'{text}' is not a derivation")

@@ -2,7 +2,7 @@
 
 :class:`Connection` drives the decoders of :mod:`tvix.nix_daemon.wire`
 over an asyncio stream pair. The data an operation receives after its
-arguments comes as one of three :class:`Source`\\ s, by protocol version:
+arguments comes as one of three kinds of :class:`Source`, by protocol version:
 a :class:`FramedSource` (frames in the connection, 1.23+), a
 :class:`PullSource` (the daemon asks for each piece with ``STDERR_READ``,
 1.21-1.22), or the raw connection (a NAR the client just sends).
@@ -157,6 +157,7 @@ class FramedSource:
         self.received = 0
 
     async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the current frame (reading the next header if need be)."""
         if self._pushback:
             data, self._pushback = self._pushback[:n], self._pushback[n:]
             return data
@@ -175,6 +176,7 @@ class FramedSource:
         return data
 
     def unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of the unread frames."""
         self._pushback = data + self._pushback
 
     async def drain(self) -> None:
@@ -197,6 +199,7 @@ class PullSource:
         self._pushback = b""
 
     async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, asked of the client with ``STDERR_READ``."""
         if self._pushback:
             data, self._pushback = self._pushback[:n], self._pushback[n:]
             return data
@@ -208,6 +211,7 @@ class PullSource:
         return data
 
     def unread(self, data: bytes) -> None:
+        """Put ``data`` back: the next read returns it without asking the client."""
         self._pushback = data + self._pushback
 
 

@@ -9,10 +9,10 @@ AddMultipleToStore, AddToStore since protocol 1.23/1.25) travel as a
 padding), ended by a zero length.
 
 Encoders here are plain functions returning bytes. Decoders are
-generators: each ``yield``\\ s how many bytes it needs next and is sent
+generators: each yields how many bytes it needs next and is sent
 exactly those bytes; its return value is the decoded item. They compose
 with ``yield from``, are driven by whatever does the I/O
-(:meth:`tvix.nix_daemon.server.Connection.read`), and can be tested by
+(:meth:`tvix.nix_daemon.stream.Connection.decode`), and can be tested by
 feeding bytes by hand (:func:`decode`). Every length is checked against a
 limit before anything is allocated, so a hostile peer cannot make the
 daemon reserve memory for a 2⁶⁴-byte string.

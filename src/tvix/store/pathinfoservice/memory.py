@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from tvix.castore.url import ServiceURL
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["MemoryPathInfoService"]
+__all__ = ["MemoryPathInfoService", "MemoryPathInfoServiceConfig"]
 
 
 class MemoryPathInfoService(PathInfoService):
@@ -17,21 +20,25 @@ class MemoryPathInfoService(PathInfoService):
     def __init__(self) -> None:
         self._infos: dict[bytes, PathInfo] = {}
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryPathInfoService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
-
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         return self._infos.get(check_digest(digest))
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         self._infos[info.store_path.digest] = info
         return info
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         for info in list(self._infos.values()):
             yield info
+
+
+@dataclass(frozen=True)
+class MemoryPathInfoServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryPathInfoService:
+        """A new, empty service."""
+        return MemoryPathInfoService()
