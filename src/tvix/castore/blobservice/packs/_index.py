@@ -34,6 +34,7 @@ from tvix.castore.blobservice.base import ChunkMeta
 from tvix.castore.blobservice.packs._format import HEADER_SIZE, Location
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, StorageError
+from tvix.castore.sql.sqlite import connect_immutable, out_of_space
 
 __all__ = [
     "Entry",
@@ -173,6 +174,7 @@ class SQLiteIndex(PackIndex):
         self._lock = threading.Lock()
         self._closed = False
         self._names: dict[int, str] = {}  # pack id -> name, filled as chunks are located
+        self._opened_full = False  # opened read-only because the disk was full
         self.conn()  # create the schema now: fail early on an unusable path
 
     def conn(self) -> sqlite3.Connection:
@@ -182,20 +184,42 @@ class SQLiteIndex(PackIndex):
             if self._closed:
                 raise StorageError(f"pack index {self.path} is closed")
             try:
-                c = sqlite3.connect(
-                    self.path, timeout=60, isolation_level=None, check_same_thread=False
-                )
-                c.execute("PRAGMA journal_mode=WAL")
-                c.execute("PRAGMA synchronous=FULL")
-                c.execute("BEGIN IMMEDIATE")
-                for stmt in SQLITE_SCHEMA.split(";"):
-                    c.execute(stmt)
-                c.execute("COMMIT")
+                try:
+                    c = self._open_writable()
+                except sqlite3.OperationalError as e:
+                    # A full disk: read the index as it is (writes then fail, saying so).
+                    if not out_of_space(self.path):
+                        raise
+                    c = connect_immutable(self.path, e, check_same_thread=False)
+                    self._opened_full = True
             except sqlite3.Error as e:
-                raise StorageError(f"pack index {self.path}: {e}") from e
+                raise self._failure(e) from e
             self._local.conn = c
             with self._lock:
                 self._all.append(c)
+        return c
+
+    def _failure(self, e: sqlite3.Error) -> StorageError:
+        """The error a failed index operation raises, saying why in the user's terms."""
+        if self._opened_full and "readonly" in str(e):
+            return StorageError(
+                f"pack index {self.path}: no space left on device (the disk was full when the "
+                "store was opened; free some space and try again)"
+            )
+        return StorageError(f"pack index {self.path}: {e}")
+
+    def _open_writable(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("BEGIN IMMEDIATE")
+            for stmt in SQLITE_SCHEMA.split(";"):
+                c.execute(stmt)
+            c.execute("COMMIT")
+        except BaseException:
+            c.close()
+            raise
         return c
 
     def locate_sync(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -213,7 +237,7 @@ class SQLiteIndex(PackIndex):
                         name = self._pack_name(pack)
                     out[d] = Location(name, off, length, size, codec)
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise self._failure(e) from e
         return out
 
     def _pack_name(self, pack: int) -> str:
@@ -238,7 +262,7 @@ class SQLiteIndex(PackIndex):
                 sql = f"SELECT digest FROM chunks WHERE digest IN ({marks})"
                 out.update((d, True) for (d,) in conn.execute(sql, part))
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise self._failure(e) from e
         return out
 
     async def present(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
@@ -258,7 +282,7 @@ class SQLiteIndex(PackIndex):
                 sql = f"SELECT digest, chunks FROM blobs WHERE digest IN ({marks})"
                 out.update(conn.execute(sql, part).fetchall())
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise self._failure(e) from e
         return out
 
     def commit_sync(
@@ -276,7 +300,7 @@ class SQLiteIndex(PackIndex):
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise self._failure(e) from e
 
     @staticmethod
     def _add_entries(
