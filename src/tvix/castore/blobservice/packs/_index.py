@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import abc
 import os
+import shutil
 import sqlite3
 import struct
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 _RECORD = struct.Struct("<32sI")
+# Free bytes below which a database that cannot be opened is taken to be on a full disk.
+_LOW_SPACE = 1 << 20
 # Parameters per ``IN (...)``: below SQLite's limit of 32766.
 _SQLITE_BATCH = 4000
 
@@ -176,26 +180,78 @@ class SQLiteIndex(PackIndex):
         self.conn()  # create the schema now: fail early on an unusable path
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection."""
+        """This thread's connection.
+
+        Opening writes nothing when the schema is there. On a disk too full
+        to open the database normally (a WAL database needs its shared-memory
+        file), it is opened read-only as immutable when its log is empty, so
+        reads keep working; writes then fail saying the disk is full (see
+        :meth:`commit_sync`, which reopens normally once there is room).
+        """
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if c is None:
             if self._closed:
                 raise StorageError(f"pack index {self.path} is closed")
             try:
-                c = sqlite3.connect(
-                    self.path, timeout=60, isolation_level=None, check_same_thread=False
-                )
-                c.execute("PRAGMA journal_mode=WAL")
-                c.execute("PRAGMA synchronous=FULL")
-                c.execute("BEGIN IMMEDIATE")
-                for stmt in SQLITE_SCHEMA.split(";"):
-                    c.execute(stmt)
-                c.execute("COMMIT")
+                c = self._open()
+            except sqlite3.OperationalError as e:
+                if not _disk_full(self.path):
+                    raise StorageError(f"pack index {self.path}: {e}") from e
+                c = self._open_read_only(e)
             except sqlite3.Error as e:
                 raise StorageError(f"pack index {self.path}: {e}") from e
             self._local.conn = c
             with self._lock:
                 self._all.append(c)
+        return c
+
+    def _open(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            have = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+            if not {"packs", "chunks", "blobs", "chunks_by_pack"} <= have:
+                c.execute("BEGIN IMMEDIATE")
+                for stmt in SQLITE_SCHEMA.split(";"):
+                    c.execute(stmt)
+                c.execute("COMMIT")
+        except BaseException:
+            c.close()
+            raise
+        self._local.read_only = False
+        return c
+
+    def _open_read_only(self, cause: sqlite3.OperationalError) -> sqlite3.Connection:
+        try:
+            wal = os.path.getsize(self.path + "-wal")
+        except FileNotFoundError:
+            wal = 0
+        if wal or not os.path.exists(self.path):
+            raise StorageError(f"pack index {self.path}: {_describe(cause)}") from cause
+        uri = f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1"
+        c = sqlite3.connect(
+            uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False
+        )
+        self._local.read_only = True
+        return c
+
+    def _writable(self) -> sqlite3.Connection:
+        """This thread's connection for a write: reopened normally if it was read-only."""
+        c = self.conn()
+        if getattr(self._local, "read_only", False):
+            try:
+                fresh = self._open()
+            except sqlite3.Error as e:
+                raise StorageError(
+                    f"pack index {self.path}: no space left on device "
+                    f"(opened read-only while the disk was full: {e})"
+                ) from e
+            with self._lock:
+                self._all.remove(c)
+                self._all.append(fresh)
+            c.close()
+            self._local.conn = c = fresh
         return c
 
     def locate_sync(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -264,7 +320,7 @@ class SQLiteIndex(PackIndex):
     def commit_sync(
         self, pack: str, size: int, entries: Sequence[Entry], records: Sequence[tuple[bytes, bytes]]
     ) -> None:
-        conn = self.conn()
+        conn = self._writable()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -276,7 +332,7 @@ class SQLiteIndex(PackIndex):
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
 
     @staticmethod
     def _add_entries(
@@ -328,6 +384,21 @@ class SQLiteIndex(PackIndex):
             conns, self._all = self._all, []
         for c in conns:
             c.close()
+
+
+def _disk_full(path: str) -> bool:
+    """Whether the filesystem holding ``path`` has (next to) no space left."""
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".").free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def _describe(e: sqlite3.Error) -> str:
+    """The error, said plainly when it is the disk being full."""
+    if "disk is full" in str(e) or "disk I/O error" in str(e):
+        return f"no space left on device ({e})"
+    return str(e)
 
 
 def sqlite_path(directory: str) -> str:
