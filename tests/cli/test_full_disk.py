@@ -32,7 +32,7 @@ def test_verify_reports_staging_files_of_dead_writers(
     capfdbinary: pytest.CaptureFixture[bytes],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Staging files are the object store's (the data directory's default is the packed store).
+    # Staging files are the object store's (a data directory's default is packs).
     monkeypatch.setenv("BLOB_SERVICE_ADDR", f"objectstore+file://{data_env / 'blobs'}")
     tree = tmp_path / "tree"
     tree.mkdir()

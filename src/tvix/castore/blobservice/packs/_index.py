@@ -174,52 +174,77 @@ class SQLiteIndex(PackIndex):
         self._lock = threading.Lock()
         self._closed = False
         self._names: dict[int, str] = {}  # pack id -> name, filled as chunks are located
-        self._opened_full = False  # opened read-only because the disk was full
         self.conn()  # create the schema now: fail early on an unusable path
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection."""
+        """This thread's connection.
+
+        Opening writes nothing when the schema is there. On a disk too full
+        to open the database normally (a WAL database needs its shared-memory
+        file), it is opened read-only as immutable when its log is empty, so
+        reads keep working; writes then fail saying the disk is full (see
+        :meth:`commit_sync`, which reopens normally once there is room).
+        """
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if c is None:
             if self._closed:
                 raise StorageError(f"pack index {self.path} is closed")
             try:
-                try:
-                    c = self._open_writable()
-                except sqlite3.OperationalError as e:
-                    # A full disk: read the index as it is (writes then fail, saying so).
-                    if not out_of_space(self.path):
-                        raise
-                    c = connect_immutable(self.path, e, check_same_thread=False)
-                    self._opened_full = True
+                c = self._open()
+            except sqlite3.OperationalError as e:
+                if not out_of_space(self.path):
+                    raise StorageError(f"pack index {self.path}: {e}") from e
+                c = self._open_read_only(e)
             except sqlite3.Error as e:
-                raise self._failure(e) from e
+                raise StorageError(f"pack index {self.path}: {e}") from e
             self._local.conn = c
             with self._lock:
                 self._all.append(c)
         return c
 
-    def _failure(self, e: sqlite3.Error) -> StorageError:
-        """The error a failed index operation raises, saying why in the user's terms."""
-        if self._opened_full and "readonly" in str(e):
-            return StorageError(
-                f"pack index {self.path}: no space left on device (the disk was full when the "
-                "store was opened; free some space and try again)"
-            )
-        return StorageError(f"pack index {self.path}: {e}")
-
-    def _open_writable(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
         c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         try:
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("PRAGMA synchronous=FULL")
-            c.execute("BEGIN IMMEDIATE")
-            for stmt in SQLITE_SCHEMA.split(";"):
-                c.execute(stmt)
-            c.execute("COMMIT")
+            have = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+            if not {"packs", "chunks", "blobs", "chunks_by_pack"} <= have:
+                c.execute("BEGIN IMMEDIATE")
+                for stmt in SQLITE_SCHEMA.split(";"):
+                    c.execute(stmt)
+                c.execute("COMMIT")
         except BaseException:
             c.close()
             raise
+        self._local.read_only = False
+        return c
+
+    def _open_read_only(self, cause: sqlite3.OperationalError) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            raise StorageError(f"pack index {self.path}: {_describe(cause)}") from cause
+        try:
+            c = connect_immutable(self.path, cause, check_same_thread=False)
+        except sqlite3.OperationalError:
+            raise StorageError(f"pack index {self.path}: {_describe(cause)}") from cause
+        self._local.read_only = True
+        return c
+
+    def _writable(self) -> sqlite3.Connection:
+        """This thread's connection for a write: reopened normally if it was read-only."""
+        c = self.conn()
+        if getattr(self._local, "read_only", False):
+            try:
+                fresh = self._open()
+            except sqlite3.Error as e:
+                raise StorageError(
+                    f"pack index {self.path}: no space left on device "
+                    f"(opened read-only while the disk was full: {e})"
+                ) from e
+            with self._lock:
+                self._all.remove(c)
+                self._all.append(fresh)
+            c.close()
+            self._local.conn = c = fresh
         return c
 
     def locate_sync(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -237,7 +262,7 @@ class SQLiteIndex(PackIndex):
                         name = self._pack_name(pack)
                     out[d] = Location(name, off, length, size, codec)
         except sqlite3.Error as e:
-            raise self._failure(e) from e
+            raise StorageError(f"pack index {self.path}: {e}") from e
         return out
 
     def _pack_name(self, pack: int) -> str:
@@ -262,7 +287,7 @@ class SQLiteIndex(PackIndex):
                 sql = f"SELECT digest FROM chunks WHERE digest IN ({marks})"
                 out.update((d, True) for (d,) in conn.execute(sql, part))
         except sqlite3.Error as e:
-            raise self._failure(e) from e
+            raise StorageError(f"pack index {self.path}: {e}") from e
         return out
 
     async def present(self, digests: Sequence[bytes]) -> dict[bytes, bool]:
@@ -282,13 +307,13 @@ class SQLiteIndex(PackIndex):
                 sql = f"SELECT digest, chunks FROM blobs WHERE digest IN ({marks})"
                 out.update(conn.execute(sql, part).fetchall())
         except sqlite3.Error as e:
-            raise self._failure(e) from e
+            raise StorageError(f"pack index {self.path}: {e}") from e
         return out
 
     def commit_sync(
         self, pack: str, size: int, entries: Sequence[Entry], records: Sequence[tuple[bytes, bytes]]
     ) -> None:
-        conn = self.conn()
+        conn = self._writable()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -300,7 +325,7 @@ class SQLiteIndex(PackIndex):
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise self._failure(e) from e
+            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
 
     @staticmethod
     def _add_entries(
@@ -352,6 +377,13 @@ class SQLiteIndex(PackIndex):
             conns, self._all = self._all, []
         for c in conns:
             c.close()
+
+
+def _describe(e: sqlite3.Error) -> str:
+    """The error, said plainly when it is the disk being full."""
+    if "disk is full" in str(e) or "disk I/O error" in str(e):
+        return f"no space left on device ({e})"
+    return str(e)
 
 
 def sqlite_path(directory: str) -> str:
