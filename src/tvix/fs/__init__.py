@@ -1,10 +1,12 @@
-"""The store as a read-only filesystem that fetches on demand (FUSE, via pyfuse3).
+"""The store as a read-only filesystem that fetches on demand.
 
-:func:`mount` mounts a :class:`TvixStoreFs` over any BlobService,
-DirectoryService and PathInfoService and serves it until stopped
-(:func:`serve` does the same for a filesystem built by the caller). The root
-holds store paths by base name; see :mod:`tvix.fs.filesystem` for what the
-kernel sees and :mod:`tvix.fs.inodes` for how inode numbers are chosen.
+One core, :class:`tvix.fs.core.StoreFs`, answers the filesystem questions over
+any BlobService, DirectoryService and PathInfoService (see there for what a
+client sees, and :mod:`tvix.fs.inodes` for how inode numbers are chosen);
+transports beside it carry the requests. :func:`mount` mounts a
+:class:`TvixStoreFs` (the core through pyfuse3 and the kernel's FUSE device)
+and serves it until stopped (:func:`serve` does the same for a filesystem
+built by the caller).
 """
 
 from __future__ import annotations
