@@ -29,6 +29,7 @@ from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
+from tvix.cli.virtiofs import add_virtiofs_command
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
 from tvix.store.nar import render_nar
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
 
     add_mount_command(sub)
+    add_virtiofs_command(sub)
     return parser
 
 
