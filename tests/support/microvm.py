@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import select
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -213,6 +214,11 @@ class VmResult:
     console: str
     seconds: float
     accel: str
+    times: list[float] = field(default_factory=list)  # host seconds since QEMU started, per line
+
+    def time_of(self, line: str) -> float:
+        """When the guest printed ``line`` (host seconds since QEMU started)."""
+        return self.times[self.lines.index(line)]
 
     def values(self, key: str) -> list[str]:
         """The rest of every line that starts with ``key``."""
@@ -285,12 +291,40 @@ def _boot(
         "-no-reboot",
     ]
     start = time.monotonic()
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    output = bytearray()
+    lines: list[str] = []
+    times: list[float] = []
+    pending = b""
+    deadline = start + timeout
     try:
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        console = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"") + (e.stderr or b"")
-        console = out.decode(errors="replace") + f"\n(QEMU killed after {timeout} s)"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                output += f"\n(QEMU killed after {timeout} s)".encode()
+                break
+            ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            now = time.monotonic() - start
+            output += chunk
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace").rstrip("\r")
+                if line.startswith("@@ "):
+                    # Timed on the host: the guest's clock drifts under emulation.
+                    lines.append(line[3:])
+                    times.append(now)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     seconds = time.monotonic() - start
-    lines = [line.rstrip("\r")[3:] for line in console.splitlines() if line.startswith("@@ ")]
-    return VmResult(lines, console, seconds, accel)
+    return VmResult(lines, output.decode(errors="replace"), seconds, accel, times)
