@@ -198,8 +198,9 @@ BUF = 0x10000  # request and reply buffers from here on
 class Frontend:
     """Enough of QEMU and the guest's virtio-fs driver to put FUSE requests on queue 1."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, features: int = (1 << 32) | (1 << 30)) -> None:
         self.sock = sock
+        self.features = features
         self.memfd = os.memfd_create("guest")
         os.ftruncate(self.memfd, MEM)
         self.mem = mmap.mmap(self.memfd, MEM)
@@ -235,7 +236,7 @@ class Frontend:
         self.send(17)  # GET_QUEUE_NUM
         assert self.reply()[1] == struct.pack("<Q", 2)
         self.send(3)  # SET_OWNER
-        self.send(2, struct.pack("<Q", (1 << 32) | (1 << 30)))  # SET_FEATURES
+        self.send(2, struct.pack("<Q", self.features))  # SET_FEATURES
         region = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA, MEM, UADDR, 0)
         self.send(5, region, (self.memfd,), flags=0x9)  # SET_MEM_TABLE, with REPLY_ACK
         assert self.reply() == (5, struct.pack("<Q", 0))
@@ -277,11 +278,12 @@ class Frontend:
         raise AssertionError("no reply on the used ring")
 
 
-async def test_requests_over_a_virtqueue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_idx", [False, True])
+async def test_requests_over_a_virtqueue(tmp_path: Path, event_idx: bool) -> None:
     tree = make_tree(tmp_path / "tree", big_size=1000)
     fs, name = await store_fs(tree)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    front = Frontend(theirs)
+    front = Frontend(theirs, (1 << 32) | (1 << 30) | (event_idx << 29))
     serving = asyncio.create_task(serve_connection(ours, fs))
     try:
         await asyncio.to_thread(front.setup)
@@ -295,6 +297,8 @@ async def test_requests_over_a_virtqueue(tmp_path: Path) -> None:
         length, error, unique = OUT_HEADER.unpack_from(front.mem, lookup_at + 0x1000)
         assert (length, error, unique) == (144, 0, 8)
         assert os.eventfd_read(front.call) >= 1  # the guest was interrupted
+        if event_idx:  # kick me when you make request 2 (the third) available
+            assert struct.unpack_from("<H", front.mem, USED + 4 + 8 * QSIZE)[0] == 2
         # GET_VRING_BASE stops the ring: the next index to read comes back.
         await asyncio.to_thread(front.send, 11, struct.pack("<II", 1, 0))
         assert await asyncio.to_thread(front.reply) == (11, struct.pack("<II", 1, 2))

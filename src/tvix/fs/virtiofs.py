@@ -11,7 +11,7 @@ writable ones (room for the reply). :class:`~tvix.fs.fusewire.FuseSession`
 answers them from a fresh :class:`~tvix.fs.core.StoreFs` per connection;
 requests are served concurrently and completed in whatever order they finish.
 
-Offered: virtio ``VERSION_1`` and ``INDIRECT_DESC``, vhost-user
+Offered: virtio ``VERSION_1``, ``INDIRECT_DESC`` and ``EVENT_IDX``, vhost-user
 ``PROTOCOL_FEATURES`` with ``MQ`` and ``REPLY_ACK``. Handled messages:
 GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, RESET_OWNER,
 SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
@@ -78,9 +78,10 @@ QUEUES = 2
 MAX_MEM_SLOTS = 32
 
 _F_INDIRECT_DESC = 1 << 28
+_F_EVENT_IDX = 1 << 29
 _F_PROTOCOL_FEATURES = 1 << 30
 _F_VERSION_1 = 1 << 32
-FEATURES = _F_VERSION_1 | _F_PROTOCOL_FEATURES | _F_INDIRECT_DESC
+FEATURES = _F_VERSION_1 | _F_PROTOCOL_FEATURES | _F_INDIRECT_DESC | _F_EVENT_IDX
 _P_MQ = 1 << 0
 _P_REPLY_ACK = 1 << 3
 _P_CONFIGURE_MEM_SLOTS = 1 << 15
@@ -356,6 +357,7 @@ class _Connection:
             vring.used,
             vring.base,
             indirect=bool(self.features & _F_INDIRECT_DESC),
+            event_idx=bool(self.features & _F_EVENT_IDX),
         )
         if kick is not None:
             self.loop.add_reader(kick, self._kicked, vring)
@@ -374,10 +376,13 @@ class _Connection:
         if queue is None or not vring.enabled:
             return
         try:
-            while (chain := queue.pop()) is not None:
-                task = self.loop.create_task(self._serve(vring, queue, chain))
-                vring.tasks.add(task)
-                task.add_done_callback(vring.tasks.discard)
+            while True:
+                while (chain := queue.pop()) is not None:
+                    task = self.loop.create_task(self._serve(vring, queue, chain))
+                    vring.tasks.add(task)
+                    task.add_done_callback(vring.tasks.discard)
+                if queue.empty():
+                    break
         except BadAddress as e:
             log.error("queue %d: %s; the queue stops", vring.index, e)
             vring.queue = None

@@ -127,6 +127,7 @@ class SplitQueue:
         next_avail: int = 0,
         *,
         indirect: bool = False,
+        event_idx: bool = False,
     ) -> None:
         self.memory = memory
         self.size = size
@@ -134,8 +135,13 @@ class SplitQueue:
         self.avail = memory.user(avail_addr, 6 + 2 * size)
         self.used = memory.user(used_addr, 6 + 8 * size)
         self.next_avail = next_avail & 0xFFFF
-        self.next_used = _U16.unpack_from(self.used, 2)[0]
+        self.next_used: int = _U16.unpack_from(self.used, 2)[0]
         self.indirect = indirect
+        # VIRTIO_RING_F_EVENT_IDX: each side says from which index on it wants
+        # to hear from the other (used_event after the avail ring, avail_event
+        # after the used ring) instead of flags.
+        self.event_idx = event_idx
+        self.signalled_used = self.next_used
 
     def release(self) -> None:
         """Drop the views of the rings (before the memory is unmapped)."""
@@ -184,6 +190,24 @@ class SplitQueue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         _U16.pack_into(self.used, 2, self.next_used)  # after the element: the driver reads it next
 
+    def empty(self) -> bool:
+        """Whether every request made available was taken.
+
+        With EVENT_IDX it first asks the driver to kick once it makes the next
+        one available; checking after that catches a request made meanwhile.
+        """
+        if self.event_idx:
+            _U16.pack_into(self.used, 4 + 8 * self.size, self.next_avail)
+        avail_idx: int = _U16.unpack_from(self.avail, 2)[0]
+        return avail_idx == self.next_avail
+
     def wants_interrupt(self) -> bool:
-        """Whether the driver asked to be told about used requests."""
-        return not _U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        """Whether the driver wants to hear about the requests used since the last time."""
+        if not self.event_idx:
+            flags: int = _U16.unpack_from(self.avail, 0)[0]
+            return not flags & AVAIL_F_NO_INTERRUPT
+        new, old = self.next_used, self.signalled_used
+        self.signalled_used = new
+        used_event: int = _U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+        # vring_need_event: did the index pass used_event since the last interrupt?
+        return bool((new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF)
