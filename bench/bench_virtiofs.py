@@ -87,12 +87,8 @@ def _backend(argv: list[str], socket: Path, ready: bytes | None) -> Iterator[Non
             proc.wait()
 
 
-def main() -> None:
-    missing = missing_tools()
-    if missing:
-        sys.exit(f"bench: cannot boot a VM: install {' '.join(missing)} (./dev setup does)")
-    vm = assets()
-    repeats = int(os.environ.get("TVIX_BENCH_REPEATS", "3"))
+def build_store() -> tuple[Path, Path, str]:
+    """The tree (in ``src``) imported into an embedded store: both, and its base name."""
     work = fresh(WORK / "virtiofs")
     src = work / "src"
     print("bench virtiofs: building a 256 MiB file and 2,000 small files", flush=True)
@@ -104,7 +100,17 @@ def main() -> None:
         capture_output=True,
         env=dict(os.environ, TVIX_STORE_DATA_DIR=str(data_dir)),
     ).stdout.decode()
-    name = out.split()[-1].rsplit("/", 1)[1]
+    return src, data_dir, out.split()[-1].rsplit("/", 1)[1]
+
+
+def main() -> None:
+    missing = missing_tools()
+    if missing:
+        sys.exit(f"bench: cannot boot a VM: install {' '.join(missing)} (./dev setup does)")
+    vm = assets()
+    repeats = int(os.environ.get("TVIX_BENCH_REPEATS", "3"))
+    src, data_dir, name = build_store()
+    work = src.parent
     share = work / "share"
     fresh(share)
     shutil.copytree(src, share / name, copy_function=os.link)
