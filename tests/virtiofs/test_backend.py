@@ -299,6 +299,9 @@ async def test_requests_over_a_virtqueue(tmp_path: Path, event_idx: bool) -> Non
         assert os.eventfd_read(front.call) >= 1  # the guest was interrupted
         if event_idx:  # kick me when you make request 2 (the third) available
             assert struct.unpack_from("<H", front.mem, USED + 4 + 8 * QSIZE)[0] == 2
+        # A message not offered (SET_LOG_BASE, migration): refused, the session goes on.
+        await asyncio.to_thread(front.send, 6, struct.pack("<QQ", 0, 0), (), 0x9)
+        assert await asyncio.to_thread(front.reply) == (6, struct.pack("<Q", 1))
         # GET_VRING_BASE stops the ring: the next index to read comes back.
         await asyncio.to_thread(front.send, 11, struct.pack("<II", 1, 0))
         assert await asyncio.to_thread(front.reply) == (11, struct.pack("<II", 1, 2))

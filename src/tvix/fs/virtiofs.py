@@ -16,7 +16,7 @@ Offered: virtio ``VERSION_1``, ``INDIRECT_DESC`` and ``EVENT_IDX``, vhost-user
 GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, RESET_OWNER,
 SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
 SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR/ENABLE, GET_VRING_BASE; anything else is
-refused (a REPLY_ACK failure when asked for one, else logged and ignored).
+logged and ignored (with a REPLY_ACK failure when an answer is asked for).
 One frontend at a time; when it disconnects the next one is served.
 """
 
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 class VirtiofsError(Exception):
     """The backend cannot serve (the message says why and what to do)."""
+
+
+class _Unsupported(Exception):
+    """A vhost-user message this backend does not handle."""
 
 
 class Msg:
@@ -199,6 +203,12 @@ class _Connection:
                 request, flags, payload, fds = message
                 try:
                     reply = await self._handle(request, payload, fds)
+                except _Unsupported as e:
+                    # Not offered, so not needed: say so if asked, carry on.
+                    log.warning("%s", e)
+                    if flags & _FLAG_NEED_REPLY and self.protocol_features & _P_REPLY_ACK:
+                        self._send(request, _U64.pack(1))
+                    continue
                 except (BadAddress, struct.error, ValueError, OSError) as e:
                     log.error("vhost-user %s: %s", _NAMES.get(request, request), e)
                     if flags & _FLAG_NEED_REPLY and self.protocol_features & _P_REPLY_ACK:
@@ -319,8 +329,7 @@ class _Connection:
                 if vring.enabled:
                     self._drain(vring)
             return None
-        log.warning("vhost-user message %d not handled", request)
-        raise ValueError(f"unsupported vhost-user message {request}")
+        raise _Unsupported(f"vhost-user message {request} is not supported: ignored")
 
     def _vring(self, index: int) -> _Vring:
         if index >= len(self.vrings):
