@@ -693,6 +693,7 @@ async def test_undecodable_request_is_invalid_argument(
     tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bytes that are not the request message: INVALID_ARGUMENT and one log line, no traceback."""
+    caplog.set_level(logging.WARNING)
     blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
     servicers = [
         *castore_servicers(blobs, dirs),
@@ -708,8 +709,7 @@ async def test_undecodable_request_is_invalid_argument(
             call: Any = ch.unary_stream(method)(garbage)
         else:
             call = ch.unary_unary(method)(garbage)
-        with caplog.at_level(logging.WARNING):
-            code, details = await _code_of(call)
+        code, details = await _code_of(call)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "request is not a valid tvix." in details
     assert not [r for r in caplog.records if r.exc_info], "no traceback in the log"

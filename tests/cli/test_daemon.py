@@ -60,33 +60,81 @@ def _free_loopback_port() -> tuple[str, int]:
             return "127.0.0.1", s.getsockname()[1]
 
 
-def test_client_default_is_the_daemon(tmp_path: Path) -> None:
-    # Without addresses or a data directory, client commands talk to upstream's default...
-    assert common.DAEMON_URL == "grpc+http://[::1]:8000"
-    # ...where a daemon may well be running (./dev run): so the command runs with the
-    # default pointed at a port nothing listens on, and must fail naming it.
-    host, port = _free_loopback_port()
-    url = f"grpc+http://{host}:{port}"
+def test_client_default_is_the_local_store(tmp_path: Path, nix: Nix) -> None:
+    """Without any address, commands open the data directory themselves: no daemon needed."""
     env = dict(os.environ)
-    env.pop("TVIX_STORE_DATA_DIR", None)
     for var in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR"):
         env.pop(var, None)
-    code = (
-        "import sys; import tvix.cli.common as c; c.DAEMON_URL = sys.argv.pop(1); "
-        "from tvix.cli.store import main; sys.exit(main())"
-    )
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    env.pop("TVIX_STORE_DATA_DIR", None)
+    tree = make_tree(tmp_path / "tree")
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "tvix.cli.store", *args], env=env, capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+
+    imported = run("import", str(tree))
+    assert imported.returncode == 0, imported.stderr
+    path = imported.stdout.decode().strip()
+    assert path == nix.add(tree)
+    assert (tmp_path / "xdg" / "tvix-store").is_dir()
+    assert run("dump-path", path).stdout == nix.dump(tree)
+
+
+def test_store_pointing_at_no_daemon_says_so_in_one_line(tmp_path: Path) -> None:
+    # A daemon may well run at [::1]:8000 (./dev run): point at a port nothing listens on.
+    host, port = _free_loopback_port()
+    url = f"grpc+http://{host}:{port}"
+    env = {**os.environ, "TVIX_STORE_ADDR": url}
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", code, url, "path-info", "/nix/store/" + "0" * 32 + "-x"],
+        [sys.executable, "-m", "tvix.cli.store", "path-info", "/nix/store/" + "0" * 32 + "-x"],
         env=env,
         capture_output=True,
         timeout=60,
     )
     assert proc.returncode == 1
     err = proc.stderr.decode()
-    assert url in err, err
-    assert "UNAVAILABLE" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"the store daemon at {url} does not answer" in err, err
+    assert "is a tvix-store daemon running there?" in err
     assert time.monotonic() - start < 30
+    assert common.DAEMON_URL == "grpc+http://[::1]:8000"
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (
+            ["--blob-service-addr", "memory://", "--data-dir", "{tmp}/d"],
+            "forgets everything when this command ends",
+            1,
+        ),
+        (
+            ["--data-dir", "{tmp}/d", "--store-composition", "{tmp}/c.toml"],
+            "two different stores",
+            2,
+        ),
+        (["--store", "ftp://x"], "expected a daemon", 2),
+        (["--store", "grpc+http://[::1]:1", "--data-dir", "{tmp}/d"], "two stores", 2),
+    ],
+)
+def test_store_options_that_contradict(
+    tmp_path: Path, args: list[str], message: str, code: int
+) -> None:
+    (tmp_path / "c.toml").write_text("")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tvix.cli.store", "path-info",
+            *(a.format(tmp=tmp_path) for a in args), "/nix/store/" + "0" * 32 + "-x",
+        ],
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr.decode()
 
 
 def test_listen_address_errors(tmp_path: Path) -> None:

@@ -97,11 +97,12 @@ async def test_copy_checks_signatures(closure: Closure, tmp_path: Path) -> None:
 
 
 def test_copy_usage_errors(closure: Closure, tmp_path: Path) -> None:
+    # Options that do not go together exit 2 (as argparse's own errors); bad values 1.
     cases = [
-        (["copy", closure.built], "exactly one of"),
-        (["copy", "--from", "ftp://x", closure.built], "expected a binary cache"),
-        (["copy", "--from", closure.cache_url("none")], "no STOREPATH"),
-        (["copy", "--from", closure.cache_url("none"), closure.built + "/sub"], "inside"),
+        (["copy", closure.built], "exactly one of", 2),
+        (["copy", "--from", "ftp://x", closure.built], "expected a binary cache", 1),
+        (["copy", "--from", closure.cache_url("none")], "no STOREPATH", 2),
+        (["copy", "--from", closure.cache_url("none"), closure.built + "/sub"], "inside", 2),
         (
             [
                 "copy",
@@ -112,12 +113,13 @@ def test_copy_usage_errors(closure: Closure, tmp_path: Path) -> None:
                 closure.built,
             ],
             "trusted-public-keys",
+            1,
         ),
-        (["copy", "--reference-graph", "/nonexistent", closure.built], "no STOREPATHs"),
+        (["copy", "--reference-graph", "/nonexistent", closure.built], "no STOREPATHs", 2),
     ]
-    for args, message in cases:
+    for args, message, code in cases:
         proc = tvix_store(*args, "--data-dir", tmp_path, check=False)
-        assert proc.returncode == 1, args
+        assert proc.returncode == code, args
         assert message in proc.stderr.decode(), (args, proc.stderr)
     missing = "/nix/store/" + "0" * 32 + "-missing"
     proc = tvix_store(

@@ -26,8 +26,11 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 class BatchingExecutor:
-    """``threads`` worker threads; after :meth:`shutdown`, calls raise
-    :class:`~tvix.castore.errors.StorageError` with ``closed_message``."""
+    """``threads`` worker threads.
+
+    After :meth:`shutdown`, calls raise
+    :class:`~tvix.castore.errors.StorageError` with ``closed_message``.
+    """
 
     def __init__(self, threads: int, name: str, closed_message: str) -> None:
         self.threads = threads

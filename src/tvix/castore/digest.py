@@ -23,6 +23,7 @@ class B3Digest(bytes):
     __slots__ = ()
 
     def __new__(cls, value: bytes | bytearray | memoryview) -> Self:
+        """Check that ``value`` is 32 bytes (else :class:`ValidationError`) and wrap it."""
         if len(value) != B3_LEN:
             raise ValidationError(f"invalid digest length: {len(value)} bytes, expected {B3_LEN}")
         return super().__new__(cls, value)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from tvix.castore.errors import InvalidURLError
 from tvix.cli.common import (
-    CLIError,
     Services,
     StatusLine,
+    UsageError,
     add_trust_args,
     open_services,
     trusted_keys,
@@ -147,7 +147,7 @@ def _store_paths(texts: list[str]) -> list[StorePath]:
     for text in texts:
         path, sub = parse_path(text)
         if sub:
-            raise CLIError(f"{text}: copy takes store paths, not paths inside them")
+            raise UsageError(f"{text}: copy takes store paths, not paths inside them")
         out.append(path)
     return out
 
@@ -193,20 +193,23 @@ async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[Pat
 def _check_args(args: argparse.Namespace) -> None:
     sources = [a for a in (args.source, args.from_store_composition, args.reference_graph) if a]
     if len(sources) != 1:
-        raise CLIError("give exactly one of --from, --from-store-composition and --reference-graph")
+        raise UsageError(
+            "give exactly one of --from, --from-store-composition and --reference-graph"
+        )
     if args.reference_graph is not None:
         if args.paths:
-            raise CLIError("--reference-graph copies the closure the file lists: no STOREPATHs")
+            raise UsageError("--reference-graph copies the closure the file lists: no STOREPATHs")
     else:
         if not args.paths:
-            raise CLIError("no STOREPATH to copy")
+            raise UsageError("no STOREPATH to copy")
         if args.store_root is not None:
-            raise CLIError("--store-root only applies to --reference-graph")
+            raise UsageError("--store-root only applies to --reference-graph")
     if args.jobs < 1:
-        raise CLIError("--jobs must be positive")
+        raise UsageError("--jobs must be positive")
 
 
 async def cmd_copy(args: argparse.Namespace) -> int:
+    """``tvix-store copy``: copy closures from --from, or ingest a --reference-graph."""
     _check_args(args)
     progress = _Progress()
     try:

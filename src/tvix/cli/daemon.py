@@ -11,7 +11,7 @@ import sys
 
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.server import ServerTLS, build_server, castore_servicers
-from tvix.cli.common import CLIError, open_services
+from tvix.cli.common import CLIError, UsageError, open_services
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 
 __all__ = ["add_arguments", "cmd_daemon"]
@@ -61,10 +61,10 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
     """The TLS settings the options give; :class:`CLIError` for an incomplete set."""
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_client_ca is not None:
-            raise CLIError("--tls-client-ca needs --tls-cert and --tls-key")
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if args.tls_cert is None or args.tls_key is None:
-        raise CLIError("--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     try:
         return ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     except ValidationError as e:
@@ -72,8 +72,9 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
 
 
 async def cmd_daemon(args: argparse.Namespace) -> int:
+    """``tvix-store daemon``: serve the store over gRPC until SIGINT or SIGTERM."""
     tls = server_tls(args)
-    async with open_services(args, local=True) as s:
+    async with open_services(args) as s:
         servicers = [
             *castore_servicers(s.blobs, s.directories),
             GRPCPathInfoServiceWrapper(s.path_infos, s.blobs, s.directories),
@@ -84,9 +85,15 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"tvix-store: listening on {server.url}", file=sys.stderr, flush=True)
-        log.info("serving %s on %s", ", ".join(server.service_names), server.address)
+        print(
+            f"tvix-store: listening on {server.url}, serving {s.where}"
+            + (" (client certificates required)" if args.tls_client_ca else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        log.info("services: %s", ", ".join(server.service_names))
         await stop.wait()
         log.info("shutting down; calls in flight get %.0f s", GRACE)
         await server.stop(GRACE)
+    print("tvix-store: stopped", file=sys.stderr, flush=True)
     return 0

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def cmd_extract(args: argparse.Namespace) -> int:
+    """``tvix-store extract``: write a store path's tree (or closure) to DEST."""
     async with open_services(args) as opened:
         s = trusted_services(args, opened)
         progress = Progress(f"extracting {args.path}")

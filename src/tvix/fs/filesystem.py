@@ -15,6 +15,7 @@ import errno
 from collections.abc import Callable, Sequence
 
 import pyfuse3
+from typing_extensions import override
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -73,6 +74,7 @@ class TvixStoreFs(pyfuse3.Operations):
         """
         self._after_init.append(callback)
 
+    @override
     def init(self) -> None:
         # Called by pyfuse3 while the INIT request is being answered, inside the
         # loop; the answer is written before the loop runs anything else.
@@ -100,6 +102,7 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- requests --------------------------------------------------------------------------
 
+    @override
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -109,28 +112,33 @@ class TvixStoreFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno) from None
         return self._negative if attr is None else self._entry(attr)
 
+    @override
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.core.forget(ino, nlookup)
 
+    @override
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
             return self._entry(await self.core.getattr(inode))
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         try:
             return await self.core.readlink(inode)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         try:
             return await self.core.opendir(inode)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         reply = pyfuse3.readdir_reply
         entry = self._entry
@@ -143,9 +151,11 @@ class TvixStoreFs(pyfuse3.Operations):
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def releasedir(self, fh: int) -> None:
         await self.core.releasedir(fh)
 
+    @override
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
             fh = await self.core.open(inode, flags)
@@ -154,27 +164,32 @@ class TvixStoreFs(pyfuse3.Operations):
         # The contents of an inode never change: cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    @override
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return await self.core.read(fh, off, size)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def release(self, fh: int) -> None:
         await self.core.release(fh)
 
+    @override
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         try:
             return await self.core.getxattr(inode, name)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         try:
             return await self.core.listxattr(inode)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    @override
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = BLKSIZE
@@ -186,6 +201,7 @@ class TvixStoreFs(pyfuse3.Operations):
     # The mount is read-only, so the kernel refuses these itself; answering
     # EROFS here too keeps the filesystem read-only however it is mounted.
 
+    @override
     async def setattr(
         self,
         inode: int,
@@ -196,27 +212,33 @@ class TvixStoreFs(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def rename(
         self,
         parent_inode_old: int,
@@ -228,23 +250,28 @@ class TvixStoreFs(pyfuse3.Operations):
     ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @override
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)

@@ -97,6 +97,7 @@ class NarFileName:
 
     @property
     def path(self) -> str:
+        """The URL path, relative to the cache root: ``nar/<file hash>.nar[.ext]``."""
         return f"nar/{nixbase32.encode(self.file_hash)}.nar{self.extension}"
 
 

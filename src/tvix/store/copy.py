@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from typing_extensions import override
+
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.blobservice.util import copy_blob
 from tvix.castore.digest import B3Digest
@@ -138,9 +140,11 @@ class BinaryCacheSource(PathSource):
         )
         self.description = f"binary cache {self._service.cache.url}"
 
+    @override
     async def fetch(self, path: StorePath) -> PathInfo | None:
         return await self._service.get(path.digest)
 
+    @override
     async def close(self) -> None:
         await self._service.close()
 
@@ -184,6 +188,7 @@ class StoreSource(PathSource):
         )
         self.description = description
 
+    @override
     async def fetch(self, path: StorePath) -> PathInfo | None:
         info = await self._infos.get(path.digest)
         if info is None:

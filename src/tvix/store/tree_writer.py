@@ -118,6 +118,7 @@ class TreePlan:
                 stack.extend((prefix + child.name, child) for child in directory.nodes())
 
     def stats(self) -> ExtractStats:
+        """The counts of directories, files and symlinks the plan writes, and the file bytes."""
         files = len(self.empty) + sum(len(t) for t in self.files.values())
         nbytes = sum(size * len(t) for (_, size), t in self.files.items())
         return ExtractStats(len(self.directories), files, len(self.symlinks), nbytes)
@@ -223,6 +224,7 @@ class TreeWriter:
         return self._loop.run_in_executor(self._pool, fn, *args)
 
     async def run(self, plan: TreePlan) -> None:
+        """Write ``plan`` below ``top``: directories, symlinks and empty files, then contents."""
         await self._in_thread(_make_skeleton, self._top, plan)
         if self._progress is not None and plan.empty:
             self._progress.advance(len(plan.empty), 0)

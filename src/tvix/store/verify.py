@@ -53,10 +53,11 @@ async def verify_path_info(
     *,
     checked_blobs: set[bytes] | None = None,
 ) -> AsyncIterator[Problem]:
-    """Yield every problem with the contents of ``info``: missing or damaged
-    Directories and blobs (each with the path it affects), wrong Directory
-    sizes, and, when the contents are complete, a NAR hash or size that
-    differs from the PathInfo's.
+    """Yield every problem with the contents of ``info``.
+
+    Missing or damaged Directories and blobs (each with the path it affects),
+    wrong Directory sizes, and, when the contents are complete, a NAR hash or
+    size that differs from the PathInfo's.
 
     ``checked_blobs`` remembers blobs found intact across calls, so content
     shared between store paths is read once.

@@ -253,8 +253,10 @@ class BlobVerifier:
         return self.current() == self.digest and (self.size is None or self.hashed == self.size)
 
     def check(self, source: str = "the source") -> None:
-        """Raise :class:`BlobMismatchError` unless the bytes hashed are the blob; ``source``
-        names where they came from."""
+        """Raise :class:`BlobMismatchError` unless the bytes hashed are the blob.
+
+        ``source`` names where they came from.
+        """
         got = self.current()
         if got != self.digest:
             raise BlobMismatchError(
@@ -274,8 +276,10 @@ class BlobVerifier:
 
 
 class VerifyingReader(BlobReader):
-    """Reads ``inner`` front to back, hashing; the read that reaches the end raises
-    :class:`BlobMismatchError` unless the bytes are the blob ``digest`` (of ``size``).
+    """Reads ``inner`` front to back, hashing.
+
+    The read that reaches the end raises :class:`BlobMismatchError` unless
+    the bytes are the blob ``digest`` (of ``size``).
 
     It only reads forward: seeking anywhere but the current position raises
     ``ValueError``. Closing it closes ``inner``.

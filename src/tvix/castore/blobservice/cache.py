@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.blobservice._readers import BLOCK, open_verified
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
@@ -60,9 +62,11 @@ class CacheBlobService(BlobService):
         self.near = near
         self.far = far
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return await self.near.has(digest) or await self.far.has(digest)
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         reader = await self.near.open_read(digest)
         if reader is not None:
@@ -96,9 +100,11 @@ class CacheBlobService(BlobService):
         log.debug("cache: copied blob %s from far into near", digest.hex())
         return True
 
+    @override
     def open_write(self) -> BlobWriter:
         return _CacheBlobWriter(self.near.open_write(), self.far.open_write())
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self.near.chunks(digest)
         if chunks is not None:

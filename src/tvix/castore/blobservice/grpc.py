@@ -39,6 +39,7 @@ from functools import partial
 
 import blake3
 import grpc
+from typing_extensions import override
 
 from tvix.castore.blobservice._readers import ChunkedReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
@@ -85,8 +86,9 @@ class _Stubs:
 
 
 class GRPCBlobService(GRPCClient[_Stubs], BlobService):
-    """A client of a remote ``tvix.castore.v1.BlobService``; see the module docstring
-    for how what it reads is verified.
+    """A client of a remote ``tvix.castore.v1.BlobService``.
+
+    See the module docstring for how what it reads is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.
@@ -122,9 +124,11 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
                 return None
             self._fail(e, f"Stat of blob {digest.hex()}")
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return await self._stat(digest, send_chunks=False) is not None
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         response = await self._stat(digest, send_chunks=True)
         if response is None:
@@ -142,6 +146,7 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
             out.append(ChunkMeta(B3Digest(c.digest), c.size))
         return out
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         response = await self._stat(digest, send_chunks=True)
         if response is None:
@@ -193,6 +198,7 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
             )
         return b"".join(parts)
 
+    @override
     def open_write(self) -> BlobWriter:
         return _GRPCBlobWriter(self)
 

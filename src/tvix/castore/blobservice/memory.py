@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import blake3
+from typing_extensions import override
 
 from tvix.castore.blobservice._readers import BytesBlobReader
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter
@@ -55,16 +56,20 @@ class MemoryBlobService(BlobService):
     def __init__(self) -> None:
         self._blobs: dict[B3Digest, bytes] = {}
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         data = self._blobs.get(digest)
         return None if data is None else BytesBlobReader(data)
 
+    @override
     def open_write(self) -> BlobWriter:
         return _MemoryBlobWriter(self)
 
+    @override
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         return [self._blobs.get(d) for d in digests]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import blake3
+from typing_extensions import override
 
 from tvix.castore.blobservice._readers import BLOCK, BlobVerifier, BytesBlobReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
@@ -89,18 +90,21 @@ class RaceBlobService(BlobService):
             raise ValueError("a race needs at least one source")
         self.sources = list(sources)
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         async def ask(source: BlobService) -> bool | None:
             return True if await source.has(digest) else None
 
         return await first_answer(self.sources, ask, f"has blob {digest.hex()}") is not None
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         found = await first_answer(
             self.sources, lambda s: s.chunks(digest), f"chunks of blob {digest.hex()}"
         )
         return None if found is None else found[1]
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         what = f"blob {digest.hex()}"
         found = await first_answer(
@@ -116,6 +120,7 @@ class RaceBlobService(BlobService):
             return BytesBlobReader(answer.data)
         return _RaceReader(self, digest, index, answer.data, answer.reader)
 
+    @override
     def open_write(self) -> BlobWriter:
         return self.sources[0].open_write()
 

@@ -35,6 +35,7 @@ class Entry:
 
     @property
     def label(self) -> str:
+        """``kind.name``, as messages name the table."""
         return f"{self.kind}.{self.name}"
 
     def refs(self) -> list[tuple[str, str]]:
@@ -55,6 +56,7 @@ URL_SPEC = {"url": Setting("str")}
 
 
 def toml_type(value: object) -> str:
+    """How TOML calls the type of ``value`` (for messages)."""
     names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
     return names.get(type(value), "table" if isinstance(value, dict) else type(value).__name__)
 
@@ -83,6 +85,7 @@ def check_value(label: str, key: str, spec: Setting, value: object, base_dir: Pa
 
 
 def parse_entry(registry: Registry, name: str, table: object, base_dir: Path) -> Entry:
+    """Check the table ``[kind.name]`` against its type's settings; paths made absolute."""
     label = f"{registry.kind}.{name}"
     if not isinstance(table, dict):
         raise CompositionError(f"{label}: must be a table, not {toml_type(table)}")
@@ -152,6 +155,7 @@ def check_acyclic(kind: str, by_name: Mapping[str, Entry]) -> None:
 
 
 def url_type_prefix(schemes: tuple[str, ...]) -> str:
+    """What the URLs of a type start with (``objectstore+``), for messages."""
     if len(schemes) == 1:
         return f"{schemes[0]}://"
     prefix = schemes[0]

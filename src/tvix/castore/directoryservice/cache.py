@@ -10,6 +10,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.blobservice.cache import CacheConfig
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
@@ -58,6 +60,7 @@ class CacheDirectoryService(DirectoryService):
         self.near = near
         self.far = far
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         directory = await self.near.get(digest)
         if directory is not None:
@@ -65,6 +68,7 @@ class CacheDirectoryService(DirectoryService):
         closure = await self._fill(digest)
         return closure[0] if closure else None
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         found = False
         async for directory in self.near.get_recursive(root):
@@ -91,6 +95,7 @@ class CacheDirectoryService(DirectoryService):
         log.debug("cache: copied %d Directories below %s into near", len(bfs), root.hex())
         return bfs
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return _CachePutter(self.near.put_multiple_start(), self.far.put_multiple_start())
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 
+from typing_extensions import override
+
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter
@@ -64,11 +66,13 @@ class BufferedDirectoryPutter(DirectoryPutter):
         self._root: B3Digest | None = None
         self._aborted = False
 
+    @override
     async def put(self, directory: Directory) -> None:
         if self._root is not None or self._aborted:
             raise ValueError("put into a closed directory putter")
         self._validator.add(directory)
 
+    @override
     async def close(self) -> B3Digest:
         if self._root is None:
             if self._aborted:
@@ -78,5 +82,6 @@ class BufferedDirectoryPutter(DirectoryPutter):
             self._root = root
         return self._root
 
+    @override
     async def abort(self) -> None:
         self._aborted = True

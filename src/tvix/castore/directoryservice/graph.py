@@ -56,8 +56,10 @@ class Order(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """A Directory's entry referring to another Directory: its name, the size it claims,
-    and the digest of the Directory holding it."""
+    """A Directory's entry referring to another Directory.
+
+    Its name, the size it claims, and the digest of the Directory holding it.
+    """
 
     name: bytes
     size: int
@@ -273,16 +275,19 @@ class DirectoryGraph:
                     queue.append(self._nodes[child.digest])
 
     def drain_root_to_leaves(self) -> list[Directory]:
-        """The Directories below and including the root, breadth-first, each once; empties
-        the graph. Call :meth:`validate` first."""
+        """The Directories below and including the root, breadth-first, each once.
+
+        Empties the graph. Call :meth:`validate` first.
+        """
         root = self.root
         out = [] if root is None or root not in self._nodes else list(self._reach(root))
         self._clear()
         return out
 
     def drain_leaves_to_root(self) -> list[Directory]:
-        """The Directories below and including the root, each after every Directory it
-        refers to; empties the graph. Call :meth:`validate` first.
+        """The Directories below and including the root, each after those it refers to.
+
+        Empties the graph. Call :meth:`validate` first.
 
         In LEAVES_TO_ROOT order this is the order they were added in.
         """

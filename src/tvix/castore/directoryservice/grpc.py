@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from typing_extensions import override
 
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
@@ -48,8 +49,9 @@ class _Stubs:
 
 
 class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
-    """A client of a remote ``tvix.castore.v1.DirectoryService``; see the module
-    docstring for how what it receives is verified.
+    """A client of a remote ``tvix.castore.v1.DirectoryService``.
+
+    See the module docstring for how what it receives is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.
@@ -76,6 +78,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
         except ValidationError as e:
             raise IntegrityError(f"{what}: {self.address} sent an invalid Directory: {e}") from None
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         what = f"Get of Directory {digest.hex()}"
         received: list[bytes] = []
@@ -100,6 +103,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
             )
         return directory
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         what = f"recursive Get of Directory {root.hex()}"
         graph = DirectoryGraph(Order.ROOT_TO_LEAVES, root)
@@ -129,6 +133,7 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
                 f"Directories below the root, e.g. {e.digest.hex() if e.digest else '?'}"
             ) from None
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return _GRPCDirectoryPutter(self)
 

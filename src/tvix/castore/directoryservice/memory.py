@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -21,6 +23,7 @@ class MemoryDirectoryService(DirectoryService):
     def __init__(self) -> None:
         self._directories: dict[B3Digest, Directory] = {}
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         return self._directories.get(digest)
 
@@ -28,9 +31,11 @@ class MemoryDirectoryService(DirectoryService):
         have = self._directories
         return {d: have[d] for d in digests if d in have}
 
+    @override
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return BufferedDirectoryPutter(self._commit, self._get_many)
 

@@ -52,6 +52,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -98,6 +100,7 @@ class PostgresDirectoryService(DirectoryService):
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         async with self._db.connection() as conn:
             data = await conn.fetchval("SELECT data FROM directories WHERE digest = $1", digest)
@@ -119,9 +122,11 @@ class PostgresDirectoryService(DirectoryService):
             return await asyncio.to_thread(_decode_rows, rows)
         return _decode_rows(rows)
 
+    @override
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return BufferedDirectoryPutter(self._commit, self._get_many)
 
@@ -140,6 +145,7 @@ class PostgresDirectoryService(DirectoryService):
                     sizes[i : i + BATCH],
                 )
 
+    @override
     async def close(self) -> None:
         await self._db.close()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -54,6 +56,7 @@ class RaceDirectoryService(DirectoryService):
             raise ValueError("a race needs at least one source")
         self.sources = list(sources)
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         async def ask(source: DirectoryService) -> Directory | None:
             directory = await source.get(digest)
@@ -66,6 +69,7 @@ class RaceDirectoryService(DirectoryService):
         found = await first_answer(self.sources, ask, f"Directory {digest.hex()}")
         return None if found is None else found[1]
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         async def ask(source: DirectoryService) -> list[Directory] | None:
             fetched = [d async for d in source.get_recursive(root)]
@@ -79,6 +83,7 @@ class RaceDirectoryService(DirectoryService):
             for directory in found[1]:
                 yield directory
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return self.sources[0].put_multiple_start()
 

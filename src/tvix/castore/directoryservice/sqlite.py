@@ -39,6 +39,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -80,6 +82,7 @@ class SQLiteDirectoryService(DirectoryService):
         """Use the database file at ``path`` (created if absent), or ``":memory:"``."""
         self._db = SQLiteDatabase(path, "castore.directories", MIGRATIONS)
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         def get(conn: sqlite3.Connection) -> Directory | None:
             row = conn.execute(
@@ -99,9 +102,11 @@ class SQLiteDirectoryService(DirectoryService):
 
         return await self._db.run(get_many)
 
+    @override
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return BufferedDirectoryPutter(self._commit, self._get_many)
 
@@ -113,6 +118,7 @@ class SQLiteDirectoryService(DirectoryService):
 
         await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, insert))
 
+    @override
     async def close(self) -> None:
         await self._db.close()
 

@@ -1,5 +1,6 @@
-"""What every gRPC client backend shares: its channel, its typed stubs, its errors,
-and client-streaming puts.
+"""What every gRPC client backend shares.
+
+Its channel, its typed stubs, its errors, and client-streaming puts.
 
 :class:`GRPCClient` holds the :class:`~tvix.castore.grpc.channel.LazyChannel`,
 the ``address`` errors name, and the stubs, made once per channel (a new

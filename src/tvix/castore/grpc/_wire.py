@@ -60,8 +60,9 @@ def encode_blob_chunk_parts(parts: list[bytes], size: int) -> bytes:
 
 
 def decode_blob_chunk(raw: bytes) -> memoryview | None:
-    """The ``data`` of an encoded ``BlobChunk``, as a view into ``raw``; ``None``
-    if ``raw`` is not a valid encoding.
+    """The ``data`` of an encoded ``BlobChunk``, as a view into ``raw``.
+
+    ``None`` if ``raw`` is not a valid encoding.
 
     The fast path takes a message that is exactly one ``data`` field (what
     every sender produces); anything else (unknown fields, a repeated field,

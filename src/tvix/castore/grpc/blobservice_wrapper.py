@@ -76,6 +76,7 @@ class GRPCBlobServiceWrapper:
         }
 
     async def Stat(self, request: pb.StatBlobRequest, context: _Context) -> pb.StatBlobResponse:
+        """``BlobService/Stat``: whether the blob exists, or its chunks; see the class."""
         async with translate_errors(context):
             digest = digest_of(request.digest)
             if request.send_chunks:
@@ -93,6 +94,7 @@ class GRPCBlobServiceWrapper:
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
     async def Read(self, request: pb.ReadBlobRequest, context: _Context) -> AsyncIterator[bytes]:
+        """``BlobService/Read``: stream the blob or chunk; see the class."""
         async with translate_errors(context):
             digest = digest_of(request.digest)
             reader = await self._blobs.open_read(digest)
@@ -113,6 +115,7 @@ class GRPCBlobServiceWrapper:
     async def Put(
         self, request_iterator: AsyncIterator[memoryview | None], context: _Context
     ) -> pb.PutBlobResponse:
+        """``BlobService/Put``: store the streamed blob; see the class."""
         async with translate_errors(context):
             writer = self._blobs.open_write()
             try:

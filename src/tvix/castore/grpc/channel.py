@@ -87,8 +87,11 @@ def channel_target(url: ServiceURL) -> str:
 
 @dataclass(frozen=True)
 class ChannelTLS:
-    """A client's TLS settings: the CA to trust (``None``: the system's), and a
-    client certificate and key for servers that require one (mTLS)."""
+    """A client's TLS settings.
+
+    The CA to trust (``None``: the system's), and a client certificate and
+    key for servers that require one (mTLS).
+    """
 
     ca: bytes | None = None
     certificate_chain: bytes | None = None

@@ -54,6 +54,7 @@ class GRPCDirectoryServiceWrapper:
         }
 
     async def Get(self, request: pb.GetDirectoryRequest, context: _Context) -> AsyncIterator[bytes]:
+        """``DirectoryService/Get``: stream a Directory (and below); see the class."""
         async with translate_errors(context):
             if request.WhichOneof("by_what") != "digest":
                 await context.abort(
@@ -77,6 +78,7 @@ class GRPCDirectoryServiceWrapper:
     async def Put(
         self, request_iterator: AsyncIterator[bytes], context: _Context
     ) -> pb.PutDirectoryResponse:
+        """``DirectoryService/Put``: store a streamed closure; see the class."""
         async with translate_errors(context):
             putter = self._directories.put_multiple_start()
             try:

@@ -21,7 +21,9 @@ vanished is noticed), and clients may ping every 10 s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,6 +72,80 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+call_log = logging.getLogger("tvix.grpc.calls")
+
+
+class CallLog(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """One INFO line per call on ``tvix.grpc.calls``: method, outcome, milliseconds.
+
+    Costs nothing unless that logger is enabled for INFO (``-v``).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Wrap the method's handler in a timer when calls are logged."""
+        handler = await continuation(details)
+        if handler is None or not call_log.isEnabledFor(logging.INFO):
+            return handler
+        method = details.method
+
+        def done(start: float, outcome: str) -> None:
+            ms = (time.monotonic() - start) * 1000
+            call_log.info("%s %s %.1f ms", method, outcome, ms)
+
+        def outcome_of(context: Any, error: BaseException | None) -> str:
+            if error is not None and not isinstance(error, grpc.aio.AbortError):
+                return f"failed ({type(error).__name__})"
+            code = context.code() if hasattr(context, "code") else None
+            return getattr(code, "name", None) or "OK"
+
+        if handler.unary_unary or handler.stream_unary:
+            inner: Any = handler.unary_unary or handler.stream_unary
+
+            async def unary_response(request: Any, context: Any) -> Any:
+                start, error = time.monotonic(), None
+                try:
+                    return await inner(request, context)
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    done(start, outcome_of(context, error))
+
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(
+                    unary_response, handler.request_deserializer, handler.response_serializer
+                )
+            return grpc.stream_unary_rpc_method_handler(
+                unary_response, handler.request_deserializer, handler.response_serializer
+            )
+        inner_stream: Any = handler.unary_stream or handler.stream_stream
+
+        async def stream_response(request: Any, context: Any) -> AsyncIterator[Any]:
+            start, error, sent = time.monotonic(), None, 0
+            try:
+                async for item in inner_stream(request, context):
+                    sent += 1
+                    yield item
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                done(start, f"{outcome_of(context, error)}, {sent} messages")
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream_response, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            stream_response, handler.request_deserializer, handler.response_serializer
+        )
 
 
 def snix_name(service_name: str) -> str:
@@ -202,7 +278,7 @@ def build_server(
     the address cannot be bound (in use, no permission).
     """
     target = parse_listen_address(listen)
-    server = grpc.aio.server(options=list(options))
+    server = grpc.aio.server(options=list(options), interceptors=[CallLog()])
     names: list[str] = []
     for servicer in servicers:
         handlers = servicer.method_handlers()

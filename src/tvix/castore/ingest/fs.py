@@ -151,8 +151,10 @@ def _changed(path: bytes) -> IngestError:
 
 
 class _Producer:
-    """Walks the tree in a thread, emitting files, blocks of large files and
-    finished directories, in batches through an asyncio queue."""
+    """Walks the tree in a thread, emitting what it finds through an asyncio queue.
+
+    Files, blocks of large files and finished directories go out in batches.
+    """
 
     def __init__(
         self,

@@ -84,8 +84,11 @@ class SQLiteDatabase:
 
     @staticmethod
     def path_from_url(url: ServiceURL) -> str:
-        """The database file a ``sqlite://`` URL names: ``sqlite:///abs/path`` or, for
-        a private in-memory one, ``sqlite://``. No host, no options."""
+        """The database file a ``sqlite://`` URL names.
+
+        ``sqlite:///abs/path`` or, for a private in-memory one, ``sqlite://``.
+        No host, no options.
+        """
         url.reject_host()
         url.reject_params()
         if url.path in ("", "/"):

@@ -84,6 +84,7 @@ class GRPCPathInfoServiceWrapper:
     async def Get(
         self, request: store_pb2.GetPathInfoRequest, context: _Context
     ) -> store_pb2.PathInfo:
+        """``PathInfoService/Get``: the PathInfo of a store path; see the class."""
         async with translate_errors(context):
             if request.WhichOneof("by_what") != "by_output_hash":
                 raise ValidationError("GetPathInfoRequest: no by_output_hash given")
@@ -97,6 +98,7 @@ class GRPCPathInfoServiceWrapper:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Put(self, request: store_pb2.PathInfo, context: _Context) -> store_pb2.PathInfo:
+        """``PathInfoService/Put``: validate and store a PathInfo; see the class."""
         async with translate_errors(context):
             info = pathinfo_from_proto(request)
             await self._check_root(info)
@@ -131,6 +133,7 @@ class GRPCPathInfoServiceWrapper:
     async def CalculateNAR(
         self, request: castore_pb2.Node, context: _Context
     ) -> store_pb2.CalculateNARResponse:
+        """``PathInfoService/CalculateNAR``: a root node's NAR size and sha256."""
         async with translate_errors(context):
             # The root node's name is not part of the NAR; clients may leave it empty.
             named = castore_pb2.Node()
@@ -154,6 +157,7 @@ class GRPCPathInfoServiceWrapper:
     async def List(
         self, request: store_pb2.ListPathInfoRequest, context: _Context
     ) -> AsyncIterator[store_pb2.PathInfo]:
+        """``PathInfoService/List``: stream every PathInfo; see the class."""
         async with translate_errors(context):
             try:
                 async for info in self._infos.list():

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.blobservice.cache import CacheConfig
 from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError
@@ -47,14 +49,17 @@ class CachePathInfoService(PathInfoService):
         self.near = near
         self.far = far
 
+    @override
     @property
     def supports_list(self) -> bool:
         return self.far.supports_list
 
+    @override
     @property
     def supports_put(self) -> bool:
         return self.far.supports_put and self.near.supports_put
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         digest = check_digest(digest)
         info = await self.near.get(digest)
@@ -71,11 +76,13 @@ class CachePathInfoService(PathInfoService):
         await self.near.put(info)
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         stored = await self.far.put(info)
         await self.near.put(stored)
         return stored
 
+    @override
     def list(self) -> AsyncIterator[PathInfo]:
         return self.far.list()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from typing_extensions import override
 
 from tvix._proto import store_pb2
 from tvix.castore.composition import BuildContext
@@ -82,6 +83,7 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
         except InvalidPathInfoError as e:
             raise IntegrityError(f"{self.address} sent an invalid PathInfo for {what}: {e}") from e
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         try:
@@ -97,6 +99,7 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
             )
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         try:
             m = await self._stubs().put(pathinfo_to_proto(info))
@@ -110,6 +113,7 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
             raise IntegrityError(f"{self.address} stored {stored.store_path} for {info.store_path}")
         return stored
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         call = self._stubs().list(store_pb2.ListPathInfoRequest())
         try:

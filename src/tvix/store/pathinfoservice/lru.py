@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Self
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.errors import InvalidURLError, ValidationError
 from tvix.castore.url import ServiceURL
@@ -37,6 +39,7 @@ class LRUPathInfoService(PathInfoService):
     def __len__(self) -> int:
         return len(self._infos)
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         info = self._infos.get(key)
@@ -44,6 +47,7 @@ class LRUPathInfoService(PathInfoService):
             self._infos.move_to_end(key)
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         key = info.store_path.digest
         self._infos[key] = info
@@ -52,6 +56,7 @@ class LRUPathInfoService(PathInfoService):
             self._infos.popitem(last=False)
         return info
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         # A snapshot: puts while the caller iterates must not break the iteration.
         for info in list(self._infos.values()):

@@ -81,6 +81,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Self
 
+from typing_extensions import override
+
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.directoryservice.base import DirectoryService
@@ -138,14 +140,17 @@ class NixHTTPPathInfoService(PathInfoService):
         )
         self._running: dict[bytes, asyncio.Future[PathInfo | None]] = {}
 
+    @override
     @property
     def supports_list(self) -> bool:
         return False
 
+    @override
     @property
     def supports_put(self) -> bool:
         return False
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         running = self._running.get(key)
@@ -188,12 +193,14 @@ class NixHTTPPathInfoService(PathInfoService):
         await self.policy.check_content(info, self._blobs, self._dirs)
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         raise StorageError(
             f"the binary cache {self.cache.url} is read-only through tvix "
             "(put the PathInfo into the cache combinator's near service instead)"
         )
 
+    @override
     async def close(self) -> None:
         await self.cache.close()
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.sql.postgres import PostgresConfig, PostgresDatabase
 from tvix.store.pathinfo import PathInfo
@@ -48,12 +50,14 @@ class PostgresPathInfoService(PathInfoService):
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         async with self._db.connection() as conn:
             data = await conn.fetchval("SELECT data FROM pathinfos WHERE digest = $1", key)
         return None if data is None else decode_pathinfo(key, data)
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         data = encode_pathinfo(info)
         async with self._db.connection() as conn:
@@ -65,6 +69,7 @@ class PostgresPathInfoService(PathInfoService):
             )
         return info
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         async with self._db.connection() as conn, conn.transaction(readonly=True):
             async for row in conn.cursor(
@@ -72,6 +77,7 @@ class PostgresPathInfoService(PathInfoService):
             ):
                 yield decode_pathinfo(row[0], row[1])
 
+    @override
     async def close(self) -> None:
         await self._db.close()
 

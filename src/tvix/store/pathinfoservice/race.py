@@ -11,6 +11,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.errors import CastoreError, IntegrityError
 from tvix.castore.race import RaceConfig, first_answer
@@ -63,17 +65,21 @@ class RacePathInfoService(PathInfoService):
         self.sources = list(sources)
         self.check = check
 
+    @override
     @property
     def supports_list(self) -> bool:
         return all(s.supports_list for s in self.sources)
 
+    @override
     @property
     def supports_put(self) -> bool:
         return self.sources[0].supports_put
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         return await self._race(digest, self.check)
 
+    @override
     async def get_checked(self, digest: bytes, check: Check) -> PathInfo | None:
         return await self._race(digest, self._and_own_check(check))
 
@@ -106,9 +112,11 @@ class RacePathInfoService(PathInfoService):
         found = await first_answer(self.sources, ask, f"PathInfo {digest.hex()}")
         return None if found is None else found[1]
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.sources[0].put(info)
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         seen: set[bytes] = set()
         for source in self.sources:

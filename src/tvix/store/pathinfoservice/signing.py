@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.errors import ValidationError
 from tvix.nixcompat.signing import SigningKey
@@ -37,20 +39,25 @@ class SigningPathInfoService(PathInfoService):
         self.inner = inner
         self.key = key
 
+    @override
     @property
     def supports_list(self) -> bool:
         return self.inner.supports_list
 
+    @override
     @property
     def supports_put(self) -> bool:
         return self.inner.supports_put
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         return await self.inner.get(digest)
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.inner.put(info.with_signature(self.key))
 
+    @override
     def list(self) -> AsyncIterator[PathInfo]:
         return self.inner.list()
 

@@ -14,6 +14,8 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.composition import BuildContext
 from tvix.castore.sql.sqlite import SQLiteConfig, SQLiteDatabase
 from tvix.store.pathinfo import PathInfo
@@ -41,6 +43,7 @@ class SQLitePathInfoService(PathInfoService):
     def __init__(self, path: str) -> None:
         self._db = SQLiteDatabase(path, "pathinfos", _MIGRATIONS)
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
 
@@ -51,6 +54,7 @@ class SQLitePathInfoService(PathInfoService):
         data = await self._db.run(get)
         return None if data is None else decode_pathinfo(key, data)
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         data = encode_pathinfo(info)
         key = info.store_path.digest
@@ -66,6 +70,7 @@ class SQLitePathInfoService(PathInfoService):
         await self._db.run(put)
         return info
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         after = b""
         while True:
@@ -87,6 +92,7 @@ class SQLitePathInfoService(PathInfoService):
                 return
             after = rows[-1][0]
 
+    @override
     async def close(self) -> None:
         await self._db.close()
 

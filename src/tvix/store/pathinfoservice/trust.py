@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
+from typing_extensions import override
+
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.directoryservice.base import DirectoryService
@@ -89,10 +91,12 @@ class TrustedPathInfoService(PathInfoService):
                 raise ValueError("verify_nar needs the blob and directory services")
             self._calc = NarCalculator(blob_service, directory_service)
 
+    @override
     @property
     def supports_list(self) -> bool:
         return self.inner.supports_list
 
+    @override
     @property
     def supports_put(self) -> bool:
         return self.inner.supports_put
@@ -119,13 +123,16 @@ class TrustedPathInfoService(PathInfoService):
 
         return check
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         digest = check_digest(digest)
         return await self.inner.get_checked(digest, self._check_for(digest))
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.inner.put(info)
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         async for info in self.inner.list():
             try:

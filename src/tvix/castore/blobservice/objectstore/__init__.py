@@ -1,5 +1,7 @@
-"""``objectstore+file:///dir``, ``objectstore+s3://bucket/prefix``, ``objectstore+memory://``:
-chunked blobs in object storage.
+"""Chunked blobs in object storage.
+
+``objectstore+file:///dir``, ``objectstore+s3://bucket/prefix``,
+``objectstore+memory://``.
 
 Blobs are cut into chunks by content-defined chunking (FastCDC 2020), so equal
 runs of bytes in different blobs (a new version of a library, a file inside

@@ -49,8 +49,11 @@ _ZSTD_RAW_HEADER = _ZSTD_MAGIC + b"\xa0"
 
 
 def raw_zstd_frame(data: bytes | memoryview) -> bytes:
-    """``data`` as a zstd frame of uncompressed blocks: no CPU spent compressing,
-    yet every chunk object stays a zstd frame any decoder reads."""
+    """``data`` as a zstd frame of uncompressed blocks.
+
+    No CPU spent compressing, yet every chunk object stays a zstd frame any
+    decoder reads.
+    """
     size = len(data)
     parts = [_ZSTD_RAW_HEADER, size.to_bytes(4, "little")]
     if size == 0:

@@ -113,6 +113,9 @@ OPTIONS = ("zstd", "avg_chunk_size")
 
 
 def first_line(e: BaseException) -> str:
-    """obstore's messages carry a multi-line debug dump after the first line."""
+    """The first line of ``e``'s message.
+
+    obstore's messages carry a multi-line debug dump after the first line.
+    """
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
