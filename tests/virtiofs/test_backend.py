@@ -248,8 +248,12 @@ class Frontend:
         self.send(12, struct.pack("<Q", 1), (self.kick,))  # SET_VRING_KICK
         self.send(18, struct.pack("<II", 1, 1))  # SET_VRING_ENABLE
 
-    def submit(self, data: bytes, room: int, slot: int) -> int:
-        """Put a request on queue 1 as two readable and two writable descriptors."""
+    def submit(self, data: bytes, room: int, slot: int, *, indirect: bool = False) -> int:
+        """Put a request on queue 1 as two readable and two writable descriptors.
+
+        ``indirect``: in a table of their own, which one descriptor points to
+        (as Linux does for every request of more than one buffer).
+        """
         base = BUF + slot * 0x4000
         self.mem[base : base + len(data)] = data
         split = min(40, len(data))  # the header in a descriptor of its own
@@ -260,10 +264,13 @@ class Frontend:
             (GPA + base + 0x1010, room - 16, 2),
         ]
         head = slot * 4
+        table, first = (base + 0x3000, 0) if indirect else (DESC, head)
         for i, (addr, length, flags) in enumerate(descs):
             struct.pack_into(
-                "<QIHH", self.mem, DESC + 16 * (head + i), addr, length, flags, head + i + 1
+                "<QIHH", self.mem, table + 16 * (first + i), addr, length, flags, first + i + 1
             )
+        if indirect:
+            struct.pack_into("<QIHH", self.mem, DESC + 16 * head, GPA + table, 64, 4, 0)
         struct.pack_into("<H", self.mem, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)
         self.avail_idx += 1
         struct.pack_into("<H", self.mem, AVAIL + 2, self.avail_idx)
@@ -278,17 +285,18 @@ class Frontend:
         raise AssertionError("no reply on the used ring")
 
 
-@pytest.mark.parametrize("event_idx", [False, True])
-async def test_requests_over_a_virtqueue(tmp_path: Path, event_idx: bool) -> None:
+@pytest.mark.parametrize(("event_idx", "indirect"), [(False, False), (True, True)])
+async def test_requests_over_a_virtqueue(tmp_path: Path, event_idx: bool, indirect: bool) -> None:
     tree = make_tree(tmp_path / "tree", big_size=1000)
     fs, name = await store_fs(tree)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    front = Frontend(theirs, (1 << 32) | (1 << 30) | (event_idx << 29))
+    front = Frontend(theirs, (1 << 32) | (1 << 30) | (event_idx << 29) | (indirect << 28))
     serving = asyncio.create_task(serve_connection(ours, fs))
     try:
         await asyncio.to_thread(front.setup)
         init_at = front.submit(init_request(), 16 + 64, 0)
-        lookup_at = front.submit(request(Op.LOOKUP, 1, name + b"\0", unique=8), 16 + 128, 1)
+        lookup = request(Op.LOOKUP, 1, name + b"\0", unique=8)
+        lookup_at = front.submit(lookup, 16 + 128, 1, indirect=indirect)
         used = await front.used(2)
         assert sorted(used) == [(0, 16 + 64), (4, 16 + 128)]
         length, error, unique = OUT_HEADER.unpack_from(front.mem, init_at + 0x1000)
