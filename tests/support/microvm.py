@@ -237,7 +237,7 @@ def run_vm(
     guest_script: str,
     workdir: Path,
     *,
-    timeout: float = 240.0,
+    timeout: float = 120.0,
     queue_size: int = 1024,
 ) -> VmResult:
     """Boot a guest against the backend listening at ``socket_path``; what it printed."""
