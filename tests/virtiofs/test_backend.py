@@ -25,7 +25,7 @@ from tvix.castore.directoryservice.memory import MemoryDirectoryService
 from tvix.fs.core import XATTR_BLOB_DIGEST, StoreFs
 from tvix.fs.fusewire import FuseSession, Op
 from tvix.fs.requests import FsOptions
-from tvix.fs.virtiofs import VirtiofsError, listen, serve_connection
+from tvix.fs.virtiofs import VirtiofsError, listen, serve_connection, serve_virtiofs
 from tvix.store.importer import import_path
 from tvix.store.pathinfoservice import from_url as path_info_service
 
@@ -334,3 +334,30 @@ async def test_a_frontend_without_shared_memory_is_told_so(tmp_path: Path) -> No
     finally:
         theirs.close()
         front.close()
+
+
+async def test_one_bad_frontend_does_not_end_the_service(tmp_path: Path) -> None:
+    fs, _name = await store_fs(make_tree(tmp_path / "tree", big_size=10))
+    path = tmp_path / "vfs.sock"
+    stop = asyncio.Event()
+    listening = asyncio.Event()
+    serving = asyncio.create_task(
+        serve_virtiofs(str(path), lambda: fs, stop=stop, on_listening=lambda _p: listening.set())
+    )
+    await listening.wait()
+
+    def talk(message: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(message)
+            return s.recv(64)
+
+    # Not vhost-user at all: the connection is dropped...
+    assert await asyncio.to_thread(talk, struct.pack("<III", 1, 1, 1 << 30)) == b""
+    # ...and the next frontend is served.
+    reply = await asyncio.to_thread(talk, struct.pack("<III", 1, 1, 0))  # GET_FEATURES
+    assert struct.unpack_from("<III", reply) == (1, 0x5, 8)
+    stop.set()
+    await asyncio.wait_for(serving, 10)
+    assert not path.exists()

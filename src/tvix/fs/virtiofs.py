@@ -530,6 +530,8 @@ async def serve_virtiofs(
                     await serving
             except VirtiofsError as e:
                 log.error("%s", e)
+            except Exception:  # one frontend's failure must not end the service
+                log.exception("serving the frontend failed")
             finally:
                 conn.close()
     finally:
