@@ -239,12 +239,13 @@ def run_vm(
     *,
     timeout: float = 120.0,
     queue_size: int = 1024,
+    request_queues: int = 1,
 ) -> VmResult:
     """Boot a guest against the backend listening at ``socket_path``; what it printed."""
     initramfs = build_initramfs(workdir / "initramfs.gz", vm, guest_script)
     accels = ["kvm", "tcg"] if kvm_usable() else ["tcg"]
     for accel in accels:
-        result = _boot(socket_path, vm, initramfs, accel, timeout, queue_size)
+        result = _boot(socket_path, vm, initramfs, accel, timeout, queue_size, request_queues)
         if result.lines or accel == accels[-1]:
             return result
     raise AssertionError("unreachable")
@@ -257,6 +258,7 @@ def _boot(
     accel: str,
     timeout: float,
     queue_size: int,
+    request_queues: int,
 ) -> VmResult:
     cpu = "host" if accel == "kvm" else "max"
     args = [
@@ -276,7 +278,8 @@ def _boot(
         "-chardev",
         f"socket,id=vfs0,path={socket_path}",
         "-device",
-        f"vhost-user-fs-pci,chardev=vfs0,tag={TAG},queue-size={queue_size}",
+        f"vhost-user-fs-pci,chardev=vfs0,tag={TAG},queue-size={queue_size},"
+        f"num-request-queues={request_queues}",
         "-kernel",
         str(vm.kernel),
         "-initrd",

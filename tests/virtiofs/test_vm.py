@@ -174,12 +174,14 @@ def test_two_vms_see_the_store(
     assert first.values("ROOT") == [name + " "]  # --list-root
     assert set(first.values("L")) == expected_listing(tree, name)
 
-    # The backend serves the next VM on the same socket.
+    # The backend serves the next VM on the same socket (this one with two
+    # request queues: the device has three rings).
     second = run_vm(
         socket_path,
         vm,
         f'echo "@@ C $(cat {name}/plain.txt)"\necho "@@ D $(ls {name}/nested | tr "\\n" " ")"\n',
         tmp_path,
+        request_queues=2,
     )
     assert second.values("C") == ["hello"], second.console
     assert second.values("D") == ["a deeper "], second.console

@@ -77,8 +77,9 @@ class Msg:
 
 _NAMES = {v: k for k, v in vars(Msg).items() if isinstance(v, int)}
 
-# Hiprio plus one request queue (QEMU's num-request-queues defaults to 1).
-QUEUES = 2
+# Hiprio plus up to 8 request queues (QEMU's num-request-queues, default 1;
+# Linux 6.x puts every request on the first, but the device may have more).
+QUEUES = 1 + 8
 MAX_MEM_SLOTS = 32
 
 _F_INDIRECT_DESC = 1 << 28
