@@ -5,7 +5,8 @@ store path the guest sees is fetched on demand from a remote store), serves
 two VMs one after the other; the first checks what the issue asks for
 (nested directories, exec bits, symlinks, empty files, a file of many chunks
 read at offsets and whole, the root listed with ``--list-root``, a missing
-store path), the second that the backend serves the next VM. See
+store path), the second that the backend serves the next VM (one with two
+request queues). See
 :mod:`tests.support.microvm` for the guest.
 """
 
