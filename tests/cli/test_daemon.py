@@ -146,3 +146,22 @@ def test_listen_address_errors(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "invalid listen address 'nonsense'" in proc.stderr.decode()
+
+
+def test_busy_port_says_another_daemon_may_run(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "tvix.cli.store", "daemon",
+                "--data-dir", str(tmp_path / "d"), "--listen-address", f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert "address already in use: is another daemon running?" in err
+    assert len(err.strip().splitlines()) == 1, err

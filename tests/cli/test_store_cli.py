@@ -223,3 +223,54 @@ def test_info_counts_what_is_shared(tvix_store: Run, tmp_path: Path) -> None:
     assert "distinct blobs:      3 " in out
     assert "deduplication:       1.99x" in out or "deduplication:       2.00x" in out
     assert "bytes stored:" in out
+
+
+def test_verify_shows_progress_only_on_a_terminal(
+    tvix_store: Run, tmp_path: Path, data_dir: Path
+) -> None:
+    import pty
+
+    tree = make_tree(tmp_path / "tree", big_size=8 << 20)
+    tvix_store("import", tree)
+    env = {**os.environ, "TVIX_STORE_DATA_DIR": str(data_dir)}
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tvix.cli.store", "verify"],
+            stderr=secondary, stdout=subprocess.PIPE, env=env, timeout=120,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    assert b"verifying: 1 store paths" in seen, seen
+    assert b"MB checked" in seen
+    quiet = tvix_store("verify")
+    assert b"verifying:" not in quiet.stderr
+    assert b"verified 1 store paths: all intact" in quiet.stderr
+
+
+def test_import_flat_as_nix_store_add_file(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:
+    f = tmp_path / "tool.sh"
+    f.write_bytes(b"#!/bin/sh\necho hi\n" * 3000)
+    f.chmod(0o755)
+    want = (
+        nix.run("nix", "--extra-experimental-features", "nix-command", "store", "add-file", f)
+        .stdout.decode()
+        .strip()
+    )
+    got = tvix_store("import", "--flat", f).stdout.decode().strip()
+    assert got == want
+    assert tvix_store("dump-path", got).stdout == nix.dump(nix.store_file(want))
+    info = json.loads(tvix_store("path-info", "--json", got).stdout)[0]
+    assert info["ca"].startswith("fixed:sha256:")
+    assert tvix_store("import", "--flat", tmp_path, check=False).returncode == 1

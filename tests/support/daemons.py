@@ -103,7 +103,7 @@ def daemon(
             if ready:
                 line = proc.stderr.readline()
                 seen += line
-                m = re.search(rb"listening on ([^\s,]+)", line)
+                m = re.search(rb"listening on (\S+)", line)
                 if m:
                     break
                 if not line:

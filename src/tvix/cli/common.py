@@ -355,10 +355,8 @@ class Progress:
 def setup_logging(verbosity: int) -> None:
     """Log to stderr: warnings by default, info with -v, debug with -vv (or env TVIX_LOG).
 
-    grpc's own logging (its C core) is shown only at the most verbose level.
+    grpc's own logging (its C core) is shown only with -vvv (see :mod:`tvix.cli`).
     """
-    if verbosity < 3:
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     level = os.environ.get("TVIX_LOG", "").upper() or (
         "DEBUG" if verbosity > 1 else "INFO" if verbosity == 1 else "WARNING"
     )

@@ -18,6 +18,7 @@ from tvix.cli.common import (
     CLIError,
     Progress,
     Services,
+    StatusLine,
     add_service_args,
     open_services,
     run,
@@ -29,7 +30,7 @@ from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
 from tvix.cli.virtiofs import add_virtiofs_command
-from tvix.store.importer import import_path
+from tvix.store.importer import import_file_flat, import_path
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
@@ -51,6 +52,12 @@ async def cmd_import(args: argparse.Namespace) -> int:
     """``tvix-store import``: add local paths to the store, as ``nix-store --add``."""
     async with open_services(args) as s:
         for path in args.paths:
+            if args.flat:
+                info = await import_file_flat(
+                    s.blobs, s.directories, s.path_infos, path, name=args.name
+                )
+                print(info.store_path.absolute_path, flush=True)
+                continue
             progress = Progress(f"importing {path}")
             try:
                 info = await import_path(
@@ -137,11 +144,33 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         else:
             infos = s.path_infos.list()
         seen: set[bytes] = set()
+        line = StatusLine()
+        nbytes = 0
+
+        def read(n: int) -> None:
+            nonlocal nbytes
+            nbytes += n
+            show()
+
+        def show() -> None:
+            line.show(
+                lambda: (
+                    f"verifying: {checked:,} store paths, {len(seen):,} blobs, "
+                    f"{nbytes / 1e6:,.1f} MB checked ({line.rate(nbytes):,.0f} MB/s), "
+                    f"{problems} problems"
+                )
+            )
+
         async for info in infos:
             checked += 1
-            async for problem in verify_path_info(s.blobs, s.directories, info, checked_blobs=seen):
+            show()
+            async for problem in verify_path_info(
+                s.blobs, s.directories, info, checked_blobs=seen, progress=read
+            ):
                 problems += 1
+                line.clear()
                 print(problem, flush=True)
+        line.clear()
     print(
         f"{PROG}: verified {checked} store paths: "
         + (f"{problems} problems" if problems else "all intact"),
@@ -204,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--name", help="store path name (default: the base name of PATH)")
+    p.add_argument(
+        "--flat",
+        action="store_true",
+        help="add regular files by the sha256 of their bytes, as `nix store add-file` does",
+    )
 
     p = command(
         "copy",

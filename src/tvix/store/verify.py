@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tvix.castore.blobservice import BlobMismatchError, open_verified
@@ -29,14 +29,21 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-async def _check_blob(blobs: BlobService, node: FileNode) -> str | None:
+#: Told how many bytes of blobs were read and checked (for a progress display).
+Progress = Callable[[int], None]
+
+
+async def _check_blob(
+    blobs: BlobService, node: FileNode, progress: Progress | None = None
+) -> str | None:
     try:
         reader = await open_verified(blobs, node.digest, size=node.size)
         if reader is None:
             return f"blob {node.digest.hex()} is missing"
         async with reader:
-            while await reader.read(_BLOCK):
-                pass
+            while data := await reader.read(_BLOCK):
+                if progress is not None:
+                    progress(len(data))
     except BlobMismatchError as e:
         if e.got != node.digest:
             return f"blob {node.digest.hex()} hashes to {e.got.hex()}"
@@ -52,6 +59,7 @@ async def verify_path_info(
     info: PathInfo,
     *,
     checked_blobs: set[bytes] | None = None,
+    progress: Progress | None = None,
 ) -> AsyncIterator[Problem]:
     """Yield every problem with the contents of ``info``.
 
@@ -70,7 +78,7 @@ async def verify_path_info(
     root = info.node
     if isinstance(root, FileNode):
         if root.digest not in seen_blobs:
-            problem = await _check_blob(blob_service, root)
+            problem = await _check_blob(blob_service, root, progress)
             if problem is None:
                 seen_blobs.add(root.digest)
             else:
@@ -101,7 +109,7 @@ async def verify_path_info(
         for f in directory.files:
             if f.digest in seen_blobs:
                 continue
-            problem = await _check_blob(blob_service, f)
+            problem = await _check_blob(blob_service, f, progress)
             if problem is None:
                 seen_blobs.add(f.digest)
             else:

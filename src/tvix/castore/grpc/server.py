@@ -21,7 +21,10 @@ vanished is noticed), and clients may ping every 10 s.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -293,13 +296,32 @@ def build_server(
             port = server.add_insecure_port(target)
         else:
             port = server.add_secure_port(target, tls.credentials())
-    except RuntimeError as e:  # grpc reports bind failures this way
-        raise OSError(f"cannot listen on {listen!r}: {e}") from None
+    except RuntimeError as e:  # grpc reports bind failures this way, without the reason
+        raise OSError(f"cannot listen on {listen!r}: {_bind_failure(target) or e}") from None
     address = target
     if not target.startswith("unix:"):
         host = target.rsplit(":", 1)[0]
         address = f"{host}:{port}"
     return GRPCServer(server, address, health_servicer, names, tls is not None)
+
+
+def _bind_failure(target: str) -> str | None:
+    """Why ``target`` cannot be bound, found out by binding it ourselves (grpc does not say)."""
+    if target.startswith("unix:"):
+        path = target.removeprefix("unix:").removeprefix("//")
+        if os.path.exists(path):
+            return f"{path} exists: is another daemon serving it? (if not, remove the stale socket)"
+        return None
+    host, _, port = target.rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host.strip("[]"), int(port)))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return "address already in use: is another daemon running?"
+        return e.strerror or str(e)
+    return None
 
 
 def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
