@@ -28,6 +28,7 @@ import contextlib
 import logging
 import mmap
 import os
+import platform
 import socket
 import stat
 import struct
@@ -505,6 +506,12 @@ async def serve_virtiofs(
     and handles of one guest mean nothing to the next). The socket is removed
     when serving ends.
     """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        # Ring updates are ordered only by x86-64's total store order (see virtqueue).
+        log.warning(
+            "virtio rings are updated without memory barriers, safe on x86-64 only; this is %s",
+            platform.machine(),
+        )
     server = listen(path)
     server.setblocking(False)
     loop = asyncio.get_running_loop()
