@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tvix.cli.common import CLIError, add_service_args, open_services
+from tvix.fs import FsOptions
 
 __all__ = ["add_mount_command", "cmd_mount"]
 
@@ -15,9 +16,11 @@ PROG = "tvix-store"
 
 async def cmd_mount(args: argparse.Namespace) -> int:
     """Mount, serve in the foreground until SIGINT/SIGTERM or an outside unmount."""
-    # Imported here: pyfuse3 and trio cost every other command ~0.2 s to import.
-    from tvix.fs import FsOptions, MountError, MountOptions, mount
-
+    try:
+        # Here, not at the top: pyfuse3 is an optional extra the other commands do not need.
+        from tvix.fs.mount import MountError, MountOptions, mount
+    except ImportError as e:
+        raise CLIError(f"mount needs pyfuse3 (pip install 'tvix-store[fuse]'): {e}") from None
     options = MountOptions(
         fs=FsOptions(
             list_root=args.list_root,

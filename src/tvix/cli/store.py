@@ -33,6 +33,7 @@ from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.mount import add_mount_command
 from tvix.cli.nix_daemon import add_nix_daemon_command
+from tvix.cli.virtiofs import add_virtiofs_command
 from tvix.store.importer import import_file_flat, import_path
 from tvix.store.nar import render_nar
 from tvix.store.nar.render import file_nar_framing, verify_nar
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
 
     add_mount_command(sub)
+    add_virtiofs_command(sub)
     add_nix_daemon_command(sub)
     return parser
 

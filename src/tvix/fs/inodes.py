@@ -29,16 +29,13 @@ kernel needs; everything else keeps its derived number.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import blake3
 
 from tvix.castore.nodes import Node
 
-if TYPE_CHECKING:
-    import pyfuse3
-
-__all__ = ["ROOT_INODE", "Inode", "InodeTable"]
+__all__ = ["ROOT_INODE", "Attr", "Inode", "InodeTable"]
 
 ROOT_INODE = 1
 _MASK = (1 << 63) - 1
@@ -55,6 +52,18 @@ def derived_inode(parent: int, name: bytes, attempt: int = 0) -> int:
         key += b"\0" + attempt.to_bytes(4, "little")
     ino = int.from_bytes(blake3.blake3(key).digest(8), "little") & _MASK
     return ino if ino > ROOT_INODE else derived_inode(parent, name, attempt + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """The attributes of one inode (timestamps and link count are the same for all)."""
+
+    ino: int
+    mode: int
+    size: int
+    blocks: int
+    uid: int
+    gid: int
 
 
 class Inode:
@@ -74,7 +83,7 @@ class Inode:
         self.name = name
         self.node = node
         self.nlookup = 0
-        self.attrs: pyfuse3.EntryAttributes | None = None
+        self.attrs: Attr | None = None
 
 
 class InodeTable:

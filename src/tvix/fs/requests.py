@@ -1,4 +1,8 @@
-"""How the filesystem serves requests: its options, the request wrapper, open handles."""
+"""How the filesystem serves requests: its options, its error, the request wrapper, open handles.
+
+Nothing here knows a transport: errors are :class:`FsError` carrying an errno,
+which the FUSE mount and the virtiofs codec each turn into their own reply.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-import pyfuse3
-
 from tvix.castore.blobservice.base import BlobReader
 from tvix.castore.errors import CastoreError
 from tvix.castore.nodes import FileNode, Node
@@ -19,7 +21,7 @@ from tvix.fs.inodes import Inode
 from tvix.nixcompat.errors import NixCompatError
 from tvix.store.errors import StoreError
 
-__all__ = ["DirHandle", "FileHandle", "FsOptions", "fuse_error", "request_handler"]
+__all__ = ["DirHandle", "FileHandle", "FsError", "FsOptions", "fuse_error", "request_handler"]
 
 log = logging.getLogger("tvix.fs.filesystem")
 
@@ -54,9 +56,17 @@ class FsOptions:
     max_cached_directory_entries: int = 1_000_000
 
 
-def fuse_error(code: int) -> pyfuse3.FUSEError:
-    """The ``FUSEError`` that answers a request with errno ``code``."""
-    return pyfuse3.FUSEError(code)
+class FsError(Exception):
+    """A request failed with ``errno`` (what the kernel, and then the caller, sees)."""
+
+    def __init__(self, errno: int) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+
+def fuse_error(code: int) -> FsError:
+    """The error that answers a request with ``code``."""
+    return FsError(code)
 
 
 def request_handler(
@@ -64,9 +74,9 @@ def request_handler(
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
     """Bound a request handler by the request timeout and map every failure to an errno.
 
-    pyfuse3 lets only ``FUSEError`` through; anything else raised by a handler
-    would end its main loop, so this is the one place where the store's
-    errors become ``EIO`` (and are logged, since the caller only sees the errno).
+    Transports let only :class:`FsError` through (pyfuse3's main loop would end on
+    anything else), so this is the one place where the store's errors become
+    ``EIO`` (and are logged, since the caller only sees the errno).
     """
     name = fn.__name__
 
@@ -75,7 +85,7 @@ def request_handler(
         try:
             async with asyncio.timeout(self.options.request_timeout):
                 return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except FsError:
             raise
         except TimeoutError:
             log.error("%s: no answer from the store within %ss", name, self.options.request_timeout)

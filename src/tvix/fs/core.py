@@ -1,0 +1,392 @@
+"""``StoreFs``: the store as a read-only filesystem, whatever carries the requests.
+
+The root directory holds store paths by base name (``<hash>-<name>``), each
+looked up in the PathInfo service when first asked for; below them,
+Directories are fetched from the directory service and file contents from the
+blob service, all on demand. This class answers the filesystem questions
+(lookups, attributes, listings, reads, links, extended attributes, forgets) in
+terms of inode numbers, handles, plain :class:`Attr` records and
+:class:`~tvix.fs.requests.FsError`; the transports beside it turn requests into
+calls: :class:`tvix.fs.filesystem.TvixStoreFs` for the kernel's FUSE device
+(through pyfuse3) and :mod:`tvix.fs.fusewire` for virtio-fs (the FUSE wire
+format, decoded in Python).
+
+What a client sees:
+
+* directories ``0555``, files ``0444``, executable files ``0555``, symlinks
+  ``0777`` with their target; owner and group those of the serving process;
+  every timestamp 1 s past the epoch, as in ``/nix/store``; link count 1
+  (for directories "not counted", as btrfs reports it, so nothing has to be
+  fetched to stat one); a directory's size is its node's ``size`` (the
+  entries below it), which is known without fetching it;
+* inode numbers derived from the entry's place (see :mod:`tvix.fs.inodes`);
+* ``user.tvix.castore.blob.digest`` on files and
+  ``user.tvix.castore.directory.digest`` on directories (``b3:<base64>``, as
+  upstream), unless ``show_xattr`` is off (then ``ENOSYS``: the kernel is told
+  extended attributes are not supported at all and reports ``EOPNOTSUPP``);
+* long entry and attribute timeouts and cached pages across opens: the content
+  under a name never changes, so the kernel may cache names, attributes, and
+  pages for as long as it likes. Misses inside a directory may be cached as
+  negative entries for as long (:meth:`StoreFs.lookup` returns ``None``);
+  misses at the root may not (a store path may be added while served).
+
+Errors: a name that is not there is ``ENOENT`` (at the root also any name
+that is not a store path base name, and ``<hash>-<other name>`` of a stored
+hash); listing the root without ``list_root`` is ``EPERM`` (upstream's and
+kubo's choice), raised by ``readdir`` rather than ``opendir`` so the root can
+still be opened as a directory file descriptor for ``openat``; every
+modification is ``EROFS``; any failure of a service (remote gone, Directory or
+blob missing, data not matching its digest, no answer within the request
+timeout) is logged and answered ``EIO``, and the filesystem keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+from tvix.castore.blobservice.base import BlobService
+from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.errors import IntegrityError, StorageError
+from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.fs.inodes import ROOT_INODE, Attr, Inode, InodeTable
+from tvix.fs.listings import ListingCache
+from tvix.fs.requests import DirHandle, FileHandle, FsOptions, fuse_error, request_handler
+from tvix.nixcompat.errors import NixCompatError
+from tvix.nixcompat.storepath import StorePath
+from tvix.store.errors import ListNotSupportedError
+from tvix.store.pathinfoservice.base import PathInfoService
+
+__all__ = [
+    "BLKSIZE",
+    "MTIME_NS",
+    "XATTR_BLOB_DIGEST",
+    "XATTR_DIRECTORY_DIGEST",
+    "Attr",
+    "StoreFs",
+]
+
+log = logging.getLogger("tvix.fs.filesystem")
+
+XATTR_BLOB_DIGEST = b"user.tvix.castore.blob.digest"
+XATTR_DIRECTORY_DIGEST = b"user.tvix.castore.directory.digest"
+
+# Every timestamp, as Nix normalises them in /nix/store.
+MTIME_NS = 1_000_000_000
+# The I/O size stat() suggests: cat, cp and friends size their buffers by it,
+# and every read request costs a round trip through userspace.
+BLKSIZE = 1 << 20
+
+
+# Called for each directory entry a listing sends: name, attributes, the offset
+# of the entry after it; False when the reply is full (the entry was not sent).
+AddEntry = Callable[[bytes, Attr, int], bool]
+
+
+class StoreFs:
+    """The read-only filesystem over the three services (see the module docs).
+
+    Every request method is a coroutine bounded by the request timeout; the
+    methods wait on the services concurrently when the transport calls them
+    concurrently.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobService,
+        directories: DirectoryService,
+        path_infos: PathInfoService,
+        options: FsOptions | None = None,
+    ) -> None:
+        self.blobs = blobs
+        self.path_infos = path_infos
+        self.options = options if options is not None else FsOptions()
+        self.inodes = InodeTable()
+        self.listings = ListingCache(
+            directories, self.options.max_cached_directory_entries, self.options.request_timeout
+        )
+        self._handles = itertools.count(1)
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    async def close(self) -> None:
+        """Close the readers of files still open, forget every handle (the client is gone)."""
+        handles, self._files = list(self._files.values()), {}
+        self._dirs = {}
+        for handle in handles:
+            await _close_reader(handle)
+
+    # -- attributes ----------------------------------------------------------------------
+
+    def attrs(self, inode: Inode) -> Attr:
+        """The attributes of ``inode`` (built once: they never change)."""
+        attrs = inode.attrs
+        if attrs is not None:
+            return attrs
+        node = inode.node
+        blocks = 0
+        if node is None or isinstance(node, DirectoryNode):
+            mode = stat.S_IFDIR | 0o555
+            size = 0 if node is None else node.size
+        elif isinstance(node, FileNode):
+            mode = stat.S_IFREG | (0o555 if node.executable else 0o444)
+            size = node.size
+            blocks = (size + 511) // 512
+        else:
+            mode = stat.S_IFLNK | 0o777
+            size = len(node.target)
+        attrs = Attr(inode.ino, mode, size, blocks, self._uid, self._gid)
+        inode.attrs = attrs
+        return attrs
+
+    def inode(self, ino: int) -> Inode:
+        """The live inode ``ino``; ``ENOENT`` if the client cannot know it."""
+        inode = self.inodes.get(ino)
+        if inode is None:
+            # The kernel only asks about inodes it was told about and has not forgotten.
+            log.warning("request for unknown inode %d", ino)
+            raise fuse_error(errno.ENOENT)
+        return inode
+
+    # -- names ---------------------------------------------------------------------------
+
+    async def _root_node(self, name: bytes) -> Node | None:
+        """The root node of the store path whose base name is ``name``, if stored."""
+        try:
+            store_path = StorePath.from_base_name(name)
+        except NixCompatError:
+            return None  # not a store path base name: nothing can be stored under it
+        info = await self.path_infos.get(store_path.digest)
+        # The hash alone would find the store path; the name must match as well.
+        if info is None or info.store_path != store_path:
+            return None
+        return info.node
+
+    async def _children(self, inode: Inode) -> tuple[Node, ...]:
+        node = inode.node
+        if not isinstance(node, DirectoryNode):
+            raise fuse_error(errno.ENOTDIR)
+        return (await self.listings.get(node.digest)).entries
+
+    @request_handler
+    async def lookup(self, parent_ino: int, name: bytes) -> Attr | None:
+        """Look ``name`` up in ``parent_ino`` and count the lookup.
+
+        ``None``: not there, and never will be (the client may cache the miss);
+        a miss that may change (at the root) is ``ENOENT``.
+        """
+        parent = self.inode(parent_ino)
+        if name == b".":
+            found = parent
+        elif name == b"..":
+            found = self.inode(parent.parent)
+        elif parent.ino == ROOT_INODE:
+            node = await self._root_node(name)
+            if node is None:
+                raise fuse_error(errno.ENOENT)  # not cached: it may be added later
+            found = self.inodes.entry(parent, name, node)
+        else:
+            directory = parent.node
+            if not isinstance(directory, DirectoryNode):
+                raise fuse_error(errno.ENOTDIR)
+            child = (await self.listings.get(directory.digest)).by_name.get(name)
+            if child is None:
+                return None  # immutable: the kernel may remember the miss
+            found = self.inodes.entry(parent, name, child)
+        self.inodes.remember(found)
+        return self.attrs(found)
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The client dropped ``nlookup`` references to ``ino`` (never fails)."""
+        self.inodes.forget(ino, nlookup)
+
+    @request_handler
+    async def getattr(self, ino: int) -> Attr:
+        """The attributes of ``ino``."""
+        return self.attrs(self.inode(ino))
+
+    @request_handler
+    async def readlink(self, ino: int) -> bytes:
+        """The target of symlink ``ino`` (``EINVAL`` for anything else)."""
+        node = self.inode(ino).node
+        if not isinstance(node, SymlinkNode):
+            raise fuse_error(errno.EINVAL)
+        return node.target
+
+    # -- directories ---------------------------------------------------------------------
+
+    @request_handler
+    async def opendir(self, ino: int) -> int:
+        """Open directory ``ino``: a handle for :meth:`readdir`."""
+        entry = self.inode(ino)
+        if entry.node is not None and not isinstance(entry.node, DirectoryNode):
+            raise fuse_error(errno.ENOTDIR)
+        fh = next(self._handles)
+        self._dirs[fh] = DirHandle(entry)
+        return fh
+
+    async def _root_entries(self) -> tuple[Node, ...]:
+        if not self.options.list_root:
+            raise fuse_error(errno.EPERM)
+        try:
+            nodes = [info.node async for info in self.path_infos.list()]
+        except ListNotSupportedError:
+            raise fuse_error(errno.EPERM) from None
+        nodes.sort(key=lambda n: n.name)
+        return tuple(nodes)
+
+    @request_handler
+    async def readdir(self, fh: int, start: int, add: AddEntry, *, plus: bool = True) -> None:
+        """List directory handle ``fh`` from offset ``start`` through ``add`` until it is full.
+
+        Offsets: 1 after ".", 2 after "..", i + 3 after entry i. With ``plus``
+        (READDIRPLUS, what the kernel does here) every entry sent but "." and
+        ".." counts as a lookup of it.
+        """
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise fuse_error(errno.EBADF)
+        inode = handle.inode
+        if inode.ino == ROOT_INODE:
+            # One listing per open: offsets into it stay valid while paths are added.
+            if handle.root_entries is None:
+                handle.root_entries = await self._root_entries()
+            entries = handle.root_entries
+        else:
+            entries = await self._children(inode)
+        if start == 0:
+            if not add(b".", self.attrs(inode), 1):
+                return
+            start = 1
+        if start == 1:
+            parent = self.inodes.get(inode.parent) or inode
+            if not add(b"..", self.attrs(parent), 2):
+                return
+            start = 2
+        table = self.inodes
+        for index in range(start - 2, len(entries)):
+            node = entries[index]
+            child = table.entry(inode, node.name, node)
+            if not add(node.name, self.attrs(child), index + 3):
+                table.discard(child)  # not sent: the kernel does not know it
+                return
+            if plus:
+                child.nlookup += 1
+            else:
+                table.discard(child)
+
+    @request_handler
+    async def releasedir(self, fh: int) -> None:
+        """Close directory handle ``fh``."""
+        self._dirs.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------------
+
+    @request_handler
+    async def open(self, ino: int, flags: int) -> int:
+        """Open file ``ino`` for reading (``EROFS`` for writing): a handle for :meth:`read`."""
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise fuse_error(errno.EROFS)
+        node = self.inode(ino).node
+        if not isinstance(node, FileNode):
+            raise fuse_error(errno.EISDIR if node is None else errno.EINVAL)
+        fh = next(self._handles)
+        self._files[fh] = FileHandle(node)
+        return fh
+
+    @request_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Up to ``size`` bytes of open file ``fh`` at ``off`` (short only at its end)."""
+        handle = self._files.get(fh)
+        if handle is None:
+            raise fuse_error(errno.EBADF)
+        node = handle.node
+        want = min(size, node.size - off)
+        if want <= 0:
+            return b""
+        async with handle.lock:
+            try:
+                return await self._read_at(handle, off, want)
+            except BaseException:
+                # A read cut short (failure, deadline) leaves the reader's position
+                # unknown: start over with a fresh one next time.
+                await _close_reader(handle)
+                raise
+
+    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytes:
+        reader = handle.reader
+        if reader is None:
+            reader = await self.blobs.open_read(handle.node.digest)
+            if reader is None:
+                raise StorageError(
+                    f"blob {handle.node.digest} ({os.fsdecode(handle.node.name)}) is missing "
+                    "from the blob service"
+                )
+            handle.reader = reader
+        # Sequential reads continue where the last one ended; a seek on a chunked
+        # reader costs nothing until the read, which fetches only the chunks it touches.
+        if reader.tell() != off:
+            await reader.seek(off)
+        data = await reader.read(want)
+        if len(data) == want:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < want:
+            data = await reader.read(want - got)
+            if not data:
+                raise IntegrityError(
+                    f"blob {handle.node.digest} ends at {off + got}, before the "
+                    f"{handle.node.size} bytes its node states"
+                )
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    @request_handler
+    async def release(self, fh: int) -> None:
+        """Close file handle ``fh``."""
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            await _close_reader(handle)
+
+    # -- extended attributes -------------------------------------------------------------
+
+    @request_handler
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The value of extended attribute ``name`` of ``ino`` (``ENODATA`` if absent)."""
+        if not self.options.show_xattr:
+            raise fuse_error(errno.ENOSYS)  # the kernel then reports EOPNOTSUPP for good
+        node = self.inode(ino).node
+        if name == XATTR_BLOB_DIGEST and isinstance(node, FileNode):
+            return str(node.digest).encode()
+        if name == XATTR_DIRECTORY_DIGEST and isinstance(node, DirectoryNode):
+            return str(node.digest).encode()
+        raise fuse_error(errno.ENODATA)
+
+    @request_handler
+    async def listxattr(self, ino: int) -> list[bytes]:
+        """The names of the extended attributes of ``ino``."""
+        if not self.options.show_xattr:
+            raise fuse_error(errno.ENOSYS)
+        node = self.inode(ino).node
+        if isinstance(node, FileNode):
+            return [XATTR_BLOB_DIGEST]
+        if isinstance(node, DirectoryNode):
+            return [XATTR_DIRECTORY_DIGEST]
+        return []
+
+
+async def _close_reader(handle: FileHandle) -> None:
+    reader, handle.reader = handle.reader, None
+    if reader is not None:
+        try:
+            await reader.close()
+        except Exception:  # closing must not turn a good read into a failure
+            log.debug("closing a blob reader failed", exc_info=True)
