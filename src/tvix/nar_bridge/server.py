@@ -7,6 +7,7 @@
 ``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
                                           ``/nar/snix-castore/<node>`` too), with
                                           ``Range`` support (206/416)
+``GET|HEAD /<hash>.ls``                   the JSON NAR listing (:mod:`.listing`)
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
 ``PUT /nix-cache-info``                   accepted and ignored (ours is generated)
@@ -49,6 +50,7 @@ from tvix.nar_bridge.errors import (
     is_unexpected,
     status_for,
 )
+from tvix.nar_bridge.listing import ListingRoutes
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
@@ -174,6 +176,7 @@ class NarBridge:
             r.add_get("/" + prefix + "{node}", self._get_castore_nar)
         r.add_get("/nar/{file}", self._get_nar_file)
         r.add_put("/nar/{file}", self._put_nar, expect_handler=self._expect)
+        ListingRoutes(self.path_infos, self._layouts).register(app)
         app.on_cleanup.append(self._cleanup)
         return app
 
