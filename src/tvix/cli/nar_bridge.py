@@ -15,6 +15,7 @@ from aiohttp import web
 from tvix import __version__
 from tvix.cli.common import CLIError, add_service_args, open_services, run, setup_logging
 from tvix.nar_bridge import BasicAuth, NarBridge, load_credentials
+from tvix.nar_bridge.site import build_app
 from tvix.nixcompat.errors import InvalidKeyError
 from tvix.nixcompat.signing import SigningKey
 
@@ -96,7 +97,8 @@ async def serve(args: argparse.Namespace) -> int:
             allow_upload=args.allow_upload,
             upload_auth=auth,
         )
-        runner = web.AppRunner(bridge.make_app(), access_log=None, handle_signals=False)
+        app = build_app(bridge, stats_interval=args.stats_interval)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
             await _site(runner, address).start()
@@ -162,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth for uploads, with the user:password lines of FILE "
         "(Nix sends them from its netrc file); reads stay open "
         "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="recount the store (for the browser's front page and the tvix_store_* metrics) "
+        "in the background when the last count is older than this (default 300)",
     )
     add_service_args(parser)
     return parser

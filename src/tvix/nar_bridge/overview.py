@@ -1,0 +1,238 @@
+"""What the store holds, counted now and then in the background, for the browser and metrics.
+
+Counting a store (:func:`tvix.store.stats.store_stats`: every store path and
+every Directory once) costs a walk of all its metadata, far too much for each
+page view or Prometheus scrape. :class:`StoreOverview` keeps the last
+:class:`Snapshot` and recounts at most every ``interval`` seconds, in the
+background: a reader gets the last counts at once (only the very first waits).
+
+A snapshot also answers what a content-addressed store is good at showing:
+how many store paths hold each blob and each Directory. Those counts come
+from the Directories the count read anyway (kept in memory while counting):
+each store path's tree is walked in memory once, counting every distinct
+Directory and blob under it. That is a walk of every path's tree, so it is
+skipped (:attr:`Snapshot.sharing_complete` false) for stores larger than
+``max_sharing_work`` tree entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from typing_extensions import override
+
+from tvix.castore.digest import B3Digest
+from tvix.castore.directory import Directory
+from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.nodes import DirectoryNode, FileNode
+from tvix.store.pathinfo import PathInfo
+from tvix.store.pathinfoservice.base import PathInfoService
+from tvix.store.stats import StoreStats, store_stats
+
+__all__ = ["Snapshot", "StoreOverview"]
+
+log = logging.getLogger("tvix.nar_bridge.overview")
+
+
+@dataclass
+class Snapshot:
+    """The store as counted at :attr:`taken_at` (a ``time.time()``), in :attr:`seconds`."""
+
+    stats: StoreStats
+    #: Every store path, by absolute path.
+    paths: dict[str, PathInfo]
+    #: NAR bytes of each path's closure (itself and everything it refers to).
+    closure_bytes: dict[str, int]
+    #: How many store paths hold each Directory / blob somewhere in their tree.
+    directory_holders: dict[B3Digest, int] = field(default_factory=dict)
+    blob_holders: dict[B3Digest, int] = field(default_factory=dict)
+    sharing_complete: bool = True
+    taken_at: float = 0.0
+    seconds: float = 0.0
+
+    def biggest(self, n: int) -> list[PathInfo]:
+        """The ``n`` store paths with the largest NARs."""
+        return sorted(self.paths.values(), key=lambda i: -i.nar_size)[:n]
+
+    def biggest_closures(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` store paths with the largest closures, with their closure bytes."""
+        return sorted(self.closure_bytes.items(), key=lambda kv: -kv[1])[:n]
+
+    def search(self, query: str, limit: int) -> list[PathInfo]:
+        """Store paths whose name or hash contains ``query`` (case-insensitive), by name."""
+        q = query.lower()
+        found = [
+            info
+            for path, info in self.paths.items()
+            if q in path.removeprefix("/nix/store/").lower()
+        ]
+        found.sort(key=lambda i: (i.store_path.name, i.store_path.absolute_path))
+        return found[:limit]
+
+
+class _Recording(DirectoryService):
+    """Reads through to ``inner``, keeping every Directory read (for the sharing counts)."""
+
+    def __init__(self, inner: DirectoryService) -> None:
+        self.inner = inner
+        self.seen: dict[B3Digest, Directory] = {}
+
+    @override
+    async def get(self, digest: B3Digest) -> Directory | None:
+        return await self.inner.get(digest)
+
+    @override
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        async for directory in self.inner.get_recursive(root):
+            self.seen[directory.digest] = directory
+            yield directory
+
+    @override
+    def put_multiple_start(self) -> DirectoryPutter:
+        raise NotImplementedError("read only")
+
+
+def _closure_bytes(paths: dict[str, PathInfo]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for path, info in paths.items():
+        seen = {path}
+        stack = [info]
+        total = 0
+        while stack:
+            current = stack.pop()
+            total += current.nar_size
+            for ref in current.references:
+                ref_path = ref.absolute_path
+                ref_info = paths.get(ref_path)
+                if ref_path not in seen and ref_info is not None:
+                    seen.add(ref_path)
+                    stack.append(ref_info)
+        out[path] = total
+    return out
+
+
+def _count_sharing(
+    infos: list[PathInfo], directories: dict[B3Digest, Directory], snapshot: Snapshot, budget: int
+) -> None:
+    dir_holders: dict[B3Digest, int] = {}
+    blob_holders: dict[B3Digest, int] = {}
+    for info in infos:
+        root = info.node
+        if isinstance(root, FileNode):
+            blob_holders[root.digest] = blob_holders.get(root.digest, 0) + 1
+            continue
+        if not isinstance(root, DirectoryNode):
+            continue
+        dirs: set[B3Digest] = {root.digest}
+        blobs: set[B3Digest] = set()
+        stack = [root.digest]
+        while stack:
+            directory = directories.get(stack.pop())
+            if directory is None:
+                continue
+            budget -= len(directory)
+            if budget < 0:
+                snapshot.sharing_complete = False
+                return
+            blobs.update(f.digest for f in directory.files)
+            for d in directory.directories:
+                if d.digest not in dirs:
+                    dirs.add(d.digest)
+                    stack.append(d.digest)
+        for digest in dirs:
+            dir_holders[digest] = dir_holders.get(digest, 0) + 1
+        for digest in blobs:
+            blob_holders[digest] = blob_holders.get(digest, 0) + 1
+    snapshot.directory_holders = dir_holders
+    snapshot.blob_holders = blob_holders
+
+
+class StoreOverview:
+    """The last :class:`Snapshot` of a store, recounted in the background when stale.
+
+    ``interval`` is the age (seconds) after which a read starts a recount;
+    the read still gets the last snapshot. Only one count runs at a time.
+    """
+
+    def __init__(
+        self,
+        path_infos: PathInfoService,
+        directories: DirectoryService,
+        *,
+        interval: float = 300.0,
+        max_sharing_work: int = 5_000_000,
+    ) -> None:
+        self.path_infos = path_infos
+        self.directories = directories
+        self.interval = interval
+        self.max_sharing_work = max_sharing_work
+        self._last: Snapshot | None = None
+        self._running: asyncio.Task[Snapshot] | None = None
+
+    @property
+    def supported(self) -> bool:
+        """Whether the store can be counted at all (its PathInfo service can list)."""
+        return self.path_infos.supports_list
+
+    @property
+    def latest(self) -> Snapshot | None:
+        """The last snapshot taken, without waiting or starting a count."""
+        return self._last
+
+    async def get(self) -> Snapshot:
+        """The last snapshot, at once; the first call waits for the first count."""
+        last = self._last
+        if last is None:
+            return await asyncio.shield(self.refresh())
+        if time.time() - last.taken_at > self.interval:
+            self.refresh()
+        return last
+
+    def refresh(self) -> asyncio.Task[Snapshot]:
+        """Start a count unless one is running; the task of the one that runs."""
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._count())
+            self._running.add_done_callback(self._finished)
+        return self._running
+
+    def _finished(self, task: asyncio.Task[Snapshot]) -> None:
+        self._running = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("counting the store failed: %s", task.exception())
+
+    async def _count(self) -> Snapshot:
+        start = time.perf_counter()
+        recording = _Recording(self.directories)
+        infos: list[PathInfo] = []
+
+        async def listed() -> AsyncIterator[PathInfo]:
+            async for info in self.path_infos.list():
+                infos.append(info)
+                yield info
+
+        stats = await store_stats(listed(), recording)
+        paths = {info.store_path.absolute_path: info for info in infos}
+        # The in-memory walks take a while on a large store: off the event loop.
+        closure = await asyncio.to_thread(_closure_bytes, paths)
+        snapshot = Snapshot(stats, paths, closure, taken_at=time.time())
+        await asyncio.to_thread(
+            _count_sharing, infos, recording.seen, snapshot, self.max_sharing_work
+        )
+        snapshot.seconds = time.perf_counter() - start
+        self._last = snapshot
+        log.info(
+            "counted the store: %d paths, %d directories in %.2f s",
+            stats.store_paths,
+            stats.directories,
+            snapshot.seconds,
+        )
+        return snapshot
+
+    async def close(self) -> None:
+        """Stop a count in progress."""
+        if self._running is not None:
+            self._running.cancel()
