@@ -97,7 +97,7 @@ async def serve(args: argparse.Namespace) -> int:
             allow_upload=args.allow_upload,
             upload_auth=auth,
         )
-        app = build_app(bridge, stats_interval=args.stats_interval)
+        app = build_app(bridge, ui=not args.no_ui, stats_interval=args.stats_interval)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth for uploads, with the user:password lines of FILE "
         "(Nix sends them from its netrc file); reads stay open "
         "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    parser.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the read-only store browser at / and /ui/ (the cache and /metrics stay)",
     )
     parser.add_argument(
         "--stats-interval",

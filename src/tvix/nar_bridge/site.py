@@ -44,4 +44,8 @@ def build_app(
     app.on_cleanup.append(close)
     if metrics:
         BridgeMetrics(overview).register(app)
+    if ui:
+        from tvix.nar_bridge.ui import StoreBrowser
+
+        StoreBrowser(bridge, overview).register(app)
     return app
