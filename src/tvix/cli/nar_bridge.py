@@ -15,6 +15,7 @@ from aiohttp import web
 from tvix import __version__
 from tvix.cli.common import CLIError, add_service_args, open_services, run, setup_logging
 from tvix.nar_bridge import BasicAuth, NarBridge, load_credentials
+from tvix.nar_bridge.compression import COMPRESSIONS, resolve_compression
 from tvix.nar_bridge.site import build_app
 from tvix.nixcompat.errors import InvalidKeyError
 from tvix.nixcompat.signing import SigningKey
@@ -96,6 +97,7 @@ async def serve(args: argparse.Namespace) -> int:
             signing_key=signing_key,
             allow_upload=args.allow_upload,
             upload_auth=auth,
+            compression=resolve_compression(args.compression, address.host),
         )
         app = build_app(bridge, ui=not args.no_ui, stats_interval=args.stats_interval)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Serve a tvix store as a Nix HTTP binary cache. Narinfos are rendered from "
-        "the store's PathInfos (Compression: none, optionally signed); NARs are rendered on the "
+        "the store's PathInfos (optionally signed); NARs are rendered on the "
         "fly from the castore, at URLs that encode their root node "
         "(nar/tvix-castore/<node>?narsize=N), with byte ranges so downloads can resume. With "
         "--allow-upload, `nix copy --to http://HOST:PORT` uploads NARs (plain, xz, bzip2, "
@@ -164,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth for uploads, with the user:password lines of FILE "
         "(Nix sends them from its netrc file); reads stay open "
         "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    parser.add_argument(
+        "--compression",
+        choices=("auto", *COMPRESSIONS),
+        default="auto",
+        help="compress the NARs narinfos point at, on the fly (their uncompressed URLs keep "
+        "serving byte ranges). auto (the default): none when listening on loopback or a unix "
+        "socket only, where compressing doubles the time, else zstd (3.5x smaller at ~100 MB/s "
+        "of NAR, faster on links below ~800 Mbit/s); xz is slow (~15 MB/s)",
     )
     parser.add_argument(
         "--no-ui",
