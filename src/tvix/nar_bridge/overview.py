@@ -51,16 +51,26 @@ class Snapshot:
     directory_holders: dict[B3Digest, int] = field(default_factory=dict)
     blob_holders: dict[B3Digest, int] = field(default_factory=dict)
     sharing_complete: bool = True
+    #: Blobs held by more than one store path, and the bytes that sharing saves:
+    #: what storing them once per holding path would add.
+    shared_blobs: int = 0
+    shared_bytes_saved: int = 0
     taken_at: float = 0.0
     seconds: float = 0.0
+    _by_size: list[PathInfo] = field(default_factory=list)
+    _by_closure: list[tuple[str, int]] = field(default_factory=list)
 
     def biggest(self, n: int) -> list[PathInfo]:
         """The ``n`` store paths with the largest NARs."""
-        return sorted(self.paths.values(), key=lambda i: -i.nar_size)[:n]
+        if len(self._by_size) != len(self.paths):
+            self._by_size = sorted(self.paths.values(), key=lambda i: -i.nar_size)
+        return self._by_size[:n]
 
     def biggest_closures(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` store paths with the largest closures, with their closure bytes."""
-        return sorted(self.closure_bytes.items(), key=lambda kv: -kv[1])[:n]
+        if len(self._by_closure) != len(self.closure_bytes):
+            self._by_closure = sorted(self.closure_bytes.items(), key=lambda kv: -kv[1])
+        return self._by_closure[:n]
 
     def search(self, query: str, limit: int) -> list[PathInfo]:
         """Store paths whose name or hash contains ``query`` (case-insensitive), by name."""
@@ -149,6 +159,11 @@ def _count_sharing(
             blob_holders[digest] = blob_holders.get(digest, 0) + 1
     snapshot.directory_holders = dir_holders
     snapshot.blob_holders = blob_holders
+    sizes = snapshot.stats.blobs
+    for digest, holders in blob_holders.items():
+        if holders > 1:
+            snapshot.shared_blobs += 1
+            snapshot.shared_bytes_saved += (holders - 1) * sizes.get(digest, 0)
 
 
 class StoreOverview:

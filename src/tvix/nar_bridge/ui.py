@@ -246,6 +246,8 @@ class StoreBrowser:
         page = _page_number(request)
         infos = sorted(snap.paths.values(), key=lambda i: i.store_path.name) if snap else []
         pages = max(1, -(-len(infos) // _PATHS_PAGE))
+        if page > pages:
+            raise NotFound(f"page {page}: there are {pages}")
         shown_infos = infos[(page - 1) * _PATHS_PAGE : page * _PATHS_PAGE]
         return self._page(
             "paths.html",
@@ -316,6 +318,9 @@ class StoreBrowser:
             if directory is None:
                 raise NotFound(f"Directory {node.digest.hex()} is not stored")
             page = _page_number(request)
+            pages = max(1, -(-len(directory) // PAGE_SIZE))
+            if page > pages:
+                raise NotFound(f"page {page}: this directory has {pages}")
             base = f"/ui/path/{hash_part}/" + "".join(_quote(n) + "/" for n in names)
             entries = [
                 _entry(child, base, layout, snap)
@@ -326,7 +331,7 @@ class StoreBrowser:
             context.update(
                 entries=entries,
                 page=page,
-                pages=max(1, -(-len(directory) // PAGE_SIZE)),
+                pages=pages,
                 total=len(directory),
                 nar_bytes=layout.node_size(node) if layout is not None else None,
                 pager_base=base.rstrip("/"),
