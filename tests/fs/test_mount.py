@@ -335,4 +335,13 @@ def test_bad_mountpoint(imported: Imported, tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 1
+    assert "does not exist (create the directory)" in proc.stderr.decode()
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvix.cli.store", "mount", *imported.store.args, tmp_path / "file"],
+        capture_output=True,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 1
     assert "not a directory" in proc.stderr.decode()

@@ -128,8 +128,8 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         print(
-            f"tvix-store: listening on {server.url}, serving {s.where}"
-            + (" (client certificates required)" if args.tls_client_ca else ""),
+            f"tvix-store: listening on {server.url} (serving {s.where}"
+            + (", client certificates required)" if args.tls_client_ca else ")"),
             file=sys.stderr,
             flush=True,
         )
