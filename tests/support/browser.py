@@ -40,9 +40,14 @@ def artifacts_dir() -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium (a Playwright ``Browser``), shared by the session's tests."""
+    """A headless Chromium (a Playwright ``Browser``), shared by a module's tests.
+
+    Not by the session's: while Playwright's sync API is open, its event loop
+    counts as running in the main thread, and pytest-asyncio cannot run the
+    async tests of other modules.
+    """
     if shutil.which(CHROMIUM) is None:
         raise RuntimeError(f"{CHROMIUM} is missing: install Debian's chromium (./dev setup)")
     from playwright.sync_api import sync_playwright

@@ -29,18 +29,16 @@ import concurrent.futures
 import ipaddress
 import lzma
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import zstandard
 from aiohttp import web
 
+from tvix.castore.blobservice.base import BlobService
 from tvix.castore.nodes import FileNode
 from tvix.nar_bridge.errors import BadRequest, NotFound
 from tvix.nar_bridge.urls import CASTORE_NAR_PREFIX, decode_castore_nar
-from tvix.store.nar.seekable import render_full
-
-if TYPE_CHECKING:
-    from tvix.nar_bridge.server import NarBridge
+from tvix.store.nar.seekable import LayoutCache, render_full
 
 __all__ = [
     "COMPRESSIONS",
@@ -52,6 +50,7 @@ __all__ = [
 
 #: What ``--compression`` accepts besides ``auto``, and each one's file extension.
 EXTENSIONS = {"zstd": ".zst", "xz": ".xz"}
+NAR_TYPE = "application/x-nix-nar"
 COMPRESSIONS = ("none", *EXTENSIONS)
 ZSTD_LEVEL = 3
 XZ_PRESET = 1
@@ -110,10 +109,25 @@ async def compress_stream(
     yield await loop.run_in_executor(executor, compressor.flush)
 
 
+class _Bridge(Protocol):
+    """What this module uses of a :class:`~tvix.nar_bridge.server.NarBridge` (which imports it)."""
+
+    blobs: BlobService
+    _layouts: LayoutCache
+
+    async def _stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        pieces: AsyncGenerator[bytes, None],
+        what: str,
+    ) -> None: ...
+
+
 class CompressedNars:
     """The route of compressed NARs, over a bridge's services (see the module)."""
 
-    def __init__(self, bridge: NarBridge) -> None:
+    def __init__(self, bridge: _Bridge) -> None:
         self.bridge = bridge
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -128,16 +142,12 @@ class CompressedNars:
 
     async def get_nar(self, request: web.Request) -> web.StreamResponse:
         """The NAR of the node the URL names, compressed as it says."""
-        # Here, not at the top: the server imports this module to register the route.
-        from tvix.nar_bridge.server import NAR_TYPE, SUBJECT
-
         compression = request.match_info["compression"]
         ext = EXTENSIONS.get(compression)
         name = request.match_info["file"]
         if ext is None or not name.endswith(".nar" + ext):
             raise NotFound(f"{request.path}: not <node>.nar.zst or <node>.nar.xz")
         node = decode_castore_nar(name.removesuffix(".nar" + ext))
-        request[SUBJECT] = request.path
         bridge = self.bridge
         if isinstance(node, FileNode) and not await bridge.blobs.has(node.digest):
             raise NotFound(f"its blob {node.digest.hex()} is not stored")
