@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tvix.castore.digest import EMPTY_BLOB_DIGEST, B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.nodes import DirectoryNode, FileNode
-from tvix.nar_bridge import NarBridge
+from tvix.nar_bridge import NarBridge, ui
 from tvix.nar_bridge.site import build_app
 from tvix.nar_bridge.ui import PAGE_SIZE, TEXT_LIMIT
 from tvix.store.importer import import_path
@@ -155,3 +156,38 @@ async def test_front_page_and_search(site: Site) -> None:
     assert "tree" not in re.sub(r"<header>.*?</header>", "", found, flags=re.S)
     none = await site.get("/ui/search?q=zzz-nothing")
     assert 'id="no-results"' in none
+
+
+class SlowToList(MemoryPathInfoService):
+    """Lists only once ``go`` is set: a store whose first count takes a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def list(self) -> AsyncIterator[PathInfo]:  # type: ignore[override]
+        await self.go.wait()
+        async for info in super().list():
+            yield info
+
+
+async def test_front_page_says_it_is_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ui, "_FIRST_COUNT_WAIT", 0.1)
+    infos = SlowToList()
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), infos)
+    server = TestServer(build_app(bridge), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/")) as r:
+                assert 'id="counting"' in await r.text()
+            infos.go.set()
+            for _ in range(100):
+                async with http.get(server.make_url("/")) as r:
+                    page = await r.text()
+                if 'id="store-paths"' in page:
+                    break
+                await asyncio.sleep(0.05)
+            assert re.search(r'id="store-paths">0<', page)
+    finally:
+        await server.close()

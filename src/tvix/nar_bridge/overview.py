@@ -85,11 +85,17 @@ class Snapshot:
 
 
 class _Recording(DirectoryService):
-    """Reads through to ``inner``, keeping every Directory read (for the sharing counts)."""
+    """Reads through to ``inner``, keeping the Directories read (for the sharing counts).
 
-    def __init__(self, inner: DirectoryService) -> None:
+    At most ``limit`` of them: past that, :attr:`overflow` is set and the
+    sharing counts are skipped, so memory stays bounded on a huge store.
+    """
+
+    def __init__(self, inner: DirectoryService, limit: int) -> None:
         self.inner = inner
+        self.limit = limit
         self.seen: dict[B3Digest, Directory] = {}
+        self.overflow = False
 
     @override
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -98,7 +104,10 @@ class _Recording(DirectoryService):
     @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         async for directory in self.inner.get_recursive(root):
-            self.seen[directory.digest] = directory
+            if len(self.seen) < self.limit:
+                self.seen[directory.digest] = directory
+            else:
+                self.overflow = True
             yield directory
 
     @override
@@ -180,11 +189,13 @@ class StoreOverview:
         *,
         interval: float = 300.0,
         max_sharing_work: int = 5_000_000,
+        max_sharing_directories: int = 1_000_000,
     ) -> None:
         self.path_infos = path_infos
         self.directories = directories
         self.interval = interval
         self.max_sharing_work = max_sharing_work
+        self.max_sharing_directories = max_sharing_directories
         self._last: Snapshot | None = None
         self._running: asyncio.Task[Snapshot] | None = None
 
@@ -198,11 +209,17 @@ class StoreOverview:
         """The last snapshot taken, without waiting or starting a count."""
         return self._last
 
-    async def get(self) -> Snapshot:
-        """The last snapshot, at once; the first call waits for the first count."""
+    async def get(self, wait: float | None = None) -> Snapshot | None:
+        """The last snapshot, at once; before the first, wait for it (at most ``wait`` seconds).
+
+        ``None`` when the first count has not finished in ``wait`` seconds.
+        """
         last = self._last
         if last is None:
-            return await asyncio.shield(self.refresh())
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.refresh()), wait)
+            except TimeoutError:
+                return None
         if time.time() - last.taken_at > self.interval:
             self.refresh()
         return last
@@ -221,7 +238,7 @@ class StoreOverview:
 
     async def _count(self) -> Snapshot:
         start = time.perf_counter()
-        recording = _Recording(self.directories)
+        recording = _Recording(self.directories, self.max_sharing_directories)
         infos: list[PathInfo] = []
 
         async def listed() -> AsyncIterator[PathInfo]:
@@ -234,9 +251,12 @@ class StoreOverview:
         # The in-memory walks take a while on a large store: off the event loop.
         closure = await asyncio.to_thread(_closure_bytes, paths)
         snapshot = Snapshot(stats, paths, closure, taken_at=time.time())
-        await asyncio.to_thread(
-            _count_sharing, infos, recording.seen, snapshot, self.max_sharing_work
-        )
+        if recording.overflow:
+            snapshot.sharing_complete = False
+        else:
+            await asyncio.to_thread(
+                _count_sharing, infos, recording.seen, snapshot, self.max_sharing_work
+            )
         snapshot.seconds = time.perf_counter() - start
         self._last = snapshot
         log.info(

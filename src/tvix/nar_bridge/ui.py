@@ -60,6 +60,8 @@ _PATHS_PAGE = 200
 _SEARCH_LIMIT = 500
 _TOP = 15
 _TREEMAP_ITEMS = 300
+# Seconds a page waits for the store's first count before it says it is counting.
+_FIRST_COUNT_WAIT = 5.0
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
@@ -188,14 +190,19 @@ class StoreBrowser:
         )
 
     async def _snapshot(self) -> Snapshot | None:
-        return await self.overview.get() if self.overview.supported else None
+        # A huge store's first count takes a while: pages say so rather than hang.
+        return await self.overview.get(wait=_FIRST_COUNT_WAIT) if self.overview.supported else None
 
     # -- store-wide pages --
 
     async def index(self, request: web.Request) -> web.Response:
         """The store at a glance."""
         snap = await self._snapshot()
-        context: dict[str, Any] = {"snap": snap, "title": "the store"}
+        context: dict[str, Any] = {
+            "snap": snap,
+            "title": "the store",
+            "counting": snap is None and self.overview.supported,
+        }
         if snap is not None:
             biggest = snap.biggest(_TOP)
             closures = [
