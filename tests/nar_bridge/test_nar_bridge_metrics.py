@@ -102,3 +102,26 @@ async def test_metrics_count_requests_bytes_uploads_and_the_store(
     assert _value(samples, "tvix_store_blobs") == len(stats.blobs)
     assert _value(samples, "tvix_store_dedup_ratio") == pytest.approx(stats.dedup_ratio)
     assert stats.dedup_ratio > 1.5  # the twin shares all but one file
+
+
+async def test_disk_bytes_of_a_data_directory(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blob").write_bytes(b"x" * 100_000)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService())
+    server = TestServer(build_app(bridge, data_dir=str(data)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.get(server.make_url("/metrics")) as r:
+                    samples = _samples(await r.text())
+                if _value(samples, "tvix_store_disk_bytes"):
+                    break
+                await asyncio.sleep(0.05)
+            async with http.get(server.make_url("/")) as r:
+                page = await r.text()
+    finally:
+        await server.close()
+    assert _value(samples, "tvix_store_disk_bytes") >= 100_000
+    assert 'id="disk-bytes"' in page

@@ -99,7 +99,14 @@ async def serve(args: argparse.Namespace) -> int:
             upload_auth=auth,
             compression=resolve_compression(args.compression, address.host),
         )
-        app = build_app(bridge, ui=not args.no_ui, stats_interval=args.stats_interval)
+        # The embedded store's data directory: the counts include its size on disk.
+        data_dir = s.where.removeprefix("the data directory ")
+        app = build_app(
+            bridge,
+            ui=not args.no_ui,
+            stats_interval=args.stats_interval,
+            data_dir=data_dir if data_dir != s.where and os.path.isdir(data_dir) else None,
+        )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:

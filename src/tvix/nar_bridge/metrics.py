@@ -14,6 +14,9 @@
 ``tvix_store_blobs``, ``tvix_store_directories``,    a scrape never counts the store itself; it
 ``tvix_store_dedup_ratio``                           starts a recount in the background when the
                                                      last one is older than the interval
+``tvix_store_disk_bytes``,                           the data directory's size on disk (the
+                                                     embedded store only), bytes saved by
+``tvix_store_shared_bytes_saved``                    keeping blobs shared by paths once
 ``tvix_store_count_timestamp_seconds``,              when the last count finished, and how long
 ``tvix_store_count_duration_seconds``                it took
 ==================================================== ===========================================
@@ -82,6 +85,18 @@ class _StoreCollector(Collector):
             ("tvix_store_count_timestamp_seconds", "When the counts were taken", snapshot.taken_at),
             ("tvix_store_count_duration_seconds", "How long counting took", snapshot.seconds),
         ]
+        if snapshot.disk_bytes is not None:
+            figures.append(
+                ("tvix_store_disk_bytes", "Bytes the data directory takes", snapshot.disk_bytes)
+            )
+        if snapshot.sharing_complete:
+            figures.append(
+                (
+                    "tvix_store_shared_bytes_saved",
+                    "Bytes saved by keeping blobs several store paths hold once",
+                    snapshot.shared_bytes_saved,
+                )
+            )
         for name, doc, value in figures:
             yield GaugeMetricFamily(name, doc, value=value)
 

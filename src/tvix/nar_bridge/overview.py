@@ -31,7 +31,7 @@ from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
-from tvix.store.stats import StoreStats, store_stats
+from tvix.store.stats import StoreStats, disk_usage, store_stats
 
 __all__ = ["Snapshot", "StoreOverview"]
 
@@ -55,6 +55,8 @@ class Snapshot:
     #: what storing them once per holding path would add.
     shared_blobs: int = 0
     shared_bytes_saved: int = 0
+    #: What the store takes on disk, metadata included, when it is a data directory.
+    disk_bytes: int | None = None
     taken_at: float = 0.0
     seconds: float = 0.0
     _by_size: list[PathInfo] = field(default_factory=list)
@@ -190,12 +192,14 @@ class StoreOverview:
         interval: float = 300.0,
         max_sharing_work: int = 5_000_000,
         max_sharing_directories: int = 1_000_000,
+        data_dir: str | None = None,
     ) -> None:
         self.path_infos = path_infos
         self.directories = directories
         self.interval = interval
         self.max_sharing_work = max_sharing_work
         self.max_sharing_directories = max_sharing_directories
+        self.data_dir = data_dir
         self._last: Snapshot | None = None
         self._running: asyncio.Task[Snapshot] | None = None
 
@@ -251,6 +255,8 @@ class StoreOverview:
         # The in-memory walks take a while on a large store: off the event loop.
         closure = await asyncio.to_thread(_closure_bytes, paths)
         snapshot = Snapshot(stats, paths, closure, taken_at=time.time())
+        if self.data_dir is not None:
+            snapshot.disk_bytes = await asyncio.to_thread(disk_usage, self.data_dir)
         if recording.overflow:
             snapshot.sharing_complete = False
         else:

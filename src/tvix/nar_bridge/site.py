@@ -23,6 +23,7 @@ def build_app(
     ui: bool = True,
     metrics: bool = True,
     stats_interval: float = 300.0,
+    data_dir: str | None = None,
 ) -> web.Application:
     """The application serving ``bridge``, with metrics and the browser as asked.
 
@@ -30,7 +31,9 @@ def build_app(
     front page, the ``tvix_store_*`` metrics) are recounted, in the background.
     """
     app = bridge.make_app()
-    overview = StoreOverview(bridge.path_infos, bridge.directories, interval=stats_interval)
+    overview = StoreOverview(
+        bridge.path_infos, bridge.directories, interval=stats_interval, data_dir=data_dir
+    )
 
     async def start(_app: web.Application) -> None:
         # The first count starts with the server, so the first scrape or page finds it.
