@@ -61,6 +61,20 @@ class Snapshot:
     seconds: float = 0.0
     _by_size: list[PathInfo] = field(default_factory=list)
     _by_closure: list[tuple[str, int]] = field(default_factory=list)
+    _referrers: dict[str, list[PathInfo]] | None = None
+
+    def referrers(self, path: str) -> list[PathInfo]:
+        """The other store paths that refer to ``path``, by name (an index built once)."""
+        if self._referrers is None:
+            index: dict[str, list[PathInfo]] = {}
+            for info in self.paths.values():
+                for ref in info.references:
+                    if ref != info.store_path:
+                        index.setdefault(ref.absolute_path, []).append(info)
+            for infos in index.values():
+                infos.sort(key=lambda i: (i.store_path.name, i.store_path.absolute_path))
+            self._referrers = index
+        return self._referrers.get(path, [])
 
     def biggest(self, n: int) -> list[PathInfo]:
         """The ``n`` store paths with the largest NARs."""

@@ -372,15 +372,7 @@ class StoreBrowser:
         referrers: list[PathInfo] = []
         if snap is not None:
             closure = _closure(snap, info)
-            referrers = sorted(
-                (
-                    other
-                    for other in snap.paths.values()
-                    if other.store_path != info.store_path
-                    and any(r == info.store_path for r in other.references)
-                ),
-                key=lambda i: i.store_path.name,
-            )
+            referrers = snap.referrers(path)
         tiles = squarify([(i, i.nar_size) for i in closure[:_TREEMAP_ITEMS]], 960, 240)
         nar_url = f"/{CASTORE_NAR_PREFIX}{encode_castore_nar(info.node)}?narsize={info.nar_size}"
         return {
