@@ -45,12 +45,15 @@ class Snapshot:
     stats: StoreStats
     #: Every store path, by absolute path.
     paths: dict[str, PathInfo]
-    #: NAR bytes of each path's closure (itself and everything it refers to).
+    #: NAR bytes of the closure (itself and everything it refers to) of each
+    #: top-level path (one no other path refers to): the biggest closures.
     closure_bytes: dict[str, int]
     #: How many store paths hold each Directory / blob somewhere in their tree.
     directory_holders: dict[B3Digest, int] = field(default_factory=dict)
     blob_holders: dict[B3Digest, int] = field(default_factory=dict)
     sharing_complete: bool = True
+    #: Whether every top-level path's closure was counted (see ``max_closure_work``).
+    closures_complete: bool = True
     #: Blobs held by more than one store path, and the bytes that sharing saves:
     #: what storing them once per holding path would add.
     shared_blobs: int = 0
@@ -131,23 +134,42 @@ class _Recording(DirectoryService):
         raise NotImplementedError("read only")
 
 
-def _closure_bytes(paths: dict[str, PathInfo]) -> dict[str, int]:
+def _closure_bytes(paths: dict[str, PathInfo], budget: int) -> tuple[dict[str, int], bool]:
+    """The closure bytes of the top-level store paths (those no other path refers to).
+
+    Only theirs: a path's closure is part of the closure of every path that
+    refers to it, so the biggest closures are top-level ones, and walking
+    every path's closure costs a walk per path of everything below it
+    (quadratic on a long chain of references). Stops after ``budget`` steps;
+    the flag says whether every top-level path was counted.
+    """
+    referred = {
+        ref.absolute_path
+        for info in paths.values()
+        for ref in info.references
+        if ref != info.store_path
+    }
     out: dict[str, int] = {}
     for path, info in paths.items():
+        if path in referred:
+            continue
         seen = {path}
         stack = [info]
         total = 0
         while stack:
             current = stack.pop()
             total += current.nar_size
+            budget -= 1 + len(current.references)
             for ref in current.references:
                 ref_path = ref.absolute_path
                 ref_info = paths.get(ref_path)
                 if ref_path not in seen and ref_info is not None:
                     seen.add(ref_path)
                     stack.append(ref_info)
+        if budget < 0:
+            return out, False
         out[path] = total
-    return out
+    return out, True
 
 
 def _count_sharing(
@@ -207,6 +229,7 @@ class StoreOverview:
         max_sharing_work: int = 5_000_000,
         max_sharing_directories: int = 1_000_000,
         data_dir: str | None = None,
+        max_closure_work: int = 5_000_000,
     ) -> None:
         self.path_infos = path_infos
         self.directories = directories
@@ -214,6 +237,7 @@ class StoreOverview:
         self.max_sharing_work = max_sharing_work
         self.max_sharing_directories = max_sharing_directories
         self.data_dir = data_dir
+        self.max_closure_work = max_closure_work
         self._last: Snapshot | None = None
         self._running: asyncio.Task[Snapshot] | None = None
 
@@ -267,8 +291,12 @@ class StoreOverview:
         stats = await store_stats(listed(), recording)
         paths = {info.store_path.absolute_path: info for info in infos}
         # The in-memory walks take a while on a large store: off the event loop.
-        closure = await asyncio.to_thread(_closure_bytes, paths)
-        snapshot = Snapshot(stats, paths, closure, taken_at=time.time())
+        closure, closures_complete = await asyncio.to_thread(
+            _closure_bytes, paths, self.max_closure_work
+        )
+        snapshot = Snapshot(
+            stats, paths, closure, closures_complete=closures_complete, taken_at=time.time()
+        )
         if self.data_dir is not None:
             snapshot.disk_bytes = await asyncio.to_thread(disk_usage, self.data_dir)
         if recording.overflow:

@@ -361,18 +361,21 @@ class StoreBrowser:
     ) -> dict[str, Any]:
         """What the top of a store path's page says: narinfo fields, closure, sharing."""
         path = info.store_path.absolute_path
-        if snap is not None and path in snap.closure_bytes:
-            closure_bytes: int | None = snap.closure_bytes[path]
-        else:
+        closure: list[PathInfo] = []
+        referrers: list[PathInfo] = []
+        closure_bytes: int | None = None
+        complete = False
+        if snap is not None and path in snap.paths:
+            # One walk of this path's closure, in memory.
+            closure, complete = _closure(snap, info)
+            referrers = snap.referrers(path)
+        if complete:
+            closure_bytes = sum(i.nar_size for i in closure)
+        else:  # newer than the last count, or referring to paths counted since
             try:
                 closure_bytes = (await closure_sizes(self.bridge.path_infos, [info]))[path]
             except LookupError:
                 closure_bytes = None
-        closure: list[PathInfo] = []
-        referrers: list[PathInfo] = []
-        if snap is not None:
-            closure = _closure(snap, info)
-            referrers = snap.referrers(path)
         tiles = squarify([(i, i.nar_size) for i in closure[:_TREEMAP_ITEMS]], 960, 240)
         nar_url = f"/{CASTORE_NAR_PREFIX}{encode_castore_nar(info.node)}?narsize={info.nar_size}"
         return {
@@ -485,17 +488,25 @@ def _entry(node: Node, base: str, layout: NarLayout | None, snap: Snapshot | Non
     )
 
 
-def _closure(snap: Snapshot, info: PathInfo) -> list[PathInfo]:
-    """``info`` and every store path it refers to, directly or not, biggest first."""
+def _closure(snap: Snapshot, info: PathInfo) -> tuple[list[PathInfo], bool]:
+    """``info`` and every store path it refers to, directly or not, biggest first.
+
+    And whether the snapshot knew every one of them.
+    """
     seen = {info.store_path.absolute_path: info}
     stack = [info]
+    complete = True
     while stack:
         for ref in stack.pop().references:
+            if ref.absolute_path in seen:
+                continue
             other = snap.paths.get(ref.absolute_path)
-            if other is not None and ref.absolute_path not in seen:
-                seen[ref.absolute_path] = other
-                stack.append(other)
-    return sorted(seen.values(), key=lambda i: -i.nar_size)
+            if other is None:
+                complete = False
+                continue
+            seen[ref.absolute_path] = other
+            stack.append(other)
+    return sorted(seen.values(), key=lambda i: -i.nar_size), complete
 
 
 def _sharing(info: PathInfo, snap: Snapshot | None, layout: NarLayout | None) -> dict[str, int]:
