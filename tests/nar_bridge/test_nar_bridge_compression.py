@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import lzma
 import urllib.request
 from pathlib import Path
@@ -70,6 +71,11 @@ def test_nix_both_ways_compressed(
     dump = nix.dump(nix.store_file(closure.tree))
     assert nar == dump
     assert len(body) < len(nar)
+    # A NAR not of the claimed hash never arrives whole: the stream is cut.
+    assert "&narhash=" in fields["URL"]
+    bad = fields["URL"].split("&narhash=")[0] + "&narhash=" + "0" * 52
+    with pytest.raises(http.client.IncompleteRead):
+        _get(f"{bridge.url}/{bad}")
     # The uncompressed URL still serves ranges.
     plain = fields["URL"].replace(f"{compression}/", "").replace(".nar" + ext, "")
     status, _, part = _get(f"{bridge.url}/{plain}", Range="bytes=100-")

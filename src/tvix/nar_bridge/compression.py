@@ -38,6 +38,8 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.nodes import FileNode
 from tvix.nar_bridge.errors import BadRequest, NotFound
 from tvix.nar_bridge.urls import CASTORE_NAR_PREFIX, decode_castore_nar
+from tvix.nixcompat import nixbase32
+from tvix.store.nar.render import verify_nar
 from tvix.store.nar.seekable import LayoutCache, render_full
 
 __all__ = [
@@ -56,10 +58,16 @@ ZSTD_LEVEL = 3
 XZ_PRESET = 1
 
 
-def compressed_nar_url(compression: str, encoded_node: str, nar_size: int) -> str:
-    """The URL (relative to the cache) of the NAR of a node, compressed with ``compression``."""
+def compressed_nar_url(compression: str, encoded_node: str, nar_size: int, nar_hash: str) -> str:
+    """The URL (relative to the cache) of the NAR of a node, compressed with ``compression``.
+
+    ``nar_hash`` (nixbase32 sha256) is what the NAR must hash to: checked as it is sent.
+    """
     ext = EXTENSIONS[compression]
-    return f"{CASTORE_NAR_PREFIX}{compression}/{encoded_node}.nar{ext}?narsize={nar_size}"
+    return (
+        f"{CASTORE_NAR_PREFIX}{compression}/{encoded_node}.nar{ext}"
+        f"?narsize={nar_size}&narhash={nar_hash}"
+    )
 
 
 def resolve_compression(choice: str, host: str | None) -> str:
@@ -107,6 +115,18 @@ async def compress_stream(
         if out:
             yield out
     yield await loop.run_in_executor(executor, compressor.flush)
+
+
+def _nar_hash(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        digest = nixbase32.decode(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise BadRequest(f"narhash={text!r} is not a nixbase32 sha256")
+    return digest
 
 
 class _Bridge(Protocol):
@@ -157,6 +177,7 @@ class CompressedNars:
         claimed = request.query.get("narsize")
         if claimed is not None and claimed != str(layout.size):
             raise BadRequest(f"narsize={claimed!r}, but the NAR has {layout.size} bytes")
+        claimed_sha256 = _nar_hash(request.query.get("narhash"))
         response = web.StreamResponse(
             headers={
                 "Content-Type": NAR_TYPE,
@@ -172,6 +193,11 @@ class CompressedNars:
             # A stream's pieces are compressed in order, one at a time (compress_stream
             # awaits each); the threads let several streams compress at once.
             self._executor = concurrent.futures.ThreadPoolExecutor(4, "nar-bridge-compress")
-        pieces = compress_stream(render_full(bridge.blobs, layout), compression, self._executor)
+        nar = render_full(bridge.blobs, layout)
+        if claimed_sha256 is not None:
+            # A NAR not of the claimed hash is cut before its last piece is compressed,
+            # so the client never gets a complete compressed stream of it.
+            nar = verify_nar(nar, layout.size, claimed_sha256, request.path)
+        pieces = compress_stream(nar, compression, self._executor)
         await bridge._stream(request, response, pieces, request.path)
         return response

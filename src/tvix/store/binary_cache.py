@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ READ_SIZE = 1 << 16
 _ABSENT = (403, 404, 410)
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class _Target:
     """A cache location: an ``http(s)://`` base URL, or a directory of a ``file://`` cache."""
@@ -55,11 +59,27 @@ def _http_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {detail}") from e
 
 
+# As Nix (download-attempts = 5): transient failures are retried, with backoff.
+ATTEMPTS = 5
+_BACKOFF = 0.25
+# Answers worth asking again: the server is overloaded, restarting or rate-limiting.
+_TRANSIENT = (429, 500, 502, 503, 504)
+
+
+class _Transient(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
 class BinaryCache:
     """A Nix binary cache read over HTTP(S) or from a local directory (``file://``).
 
     Only reads: narinfos and NARs. The HTTP session is created on first use
-    and closed by :meth:`close`.
+    and closed by :meth:`close`; it honours ``HTTP(S)_PROXY``/``http(s)_proxy``
+    and ``NO_PROXY`` as Nix does. A request that fails transiently (no
+    connection, a reset, HTTP 429/5xx) is tried again, :data:`ATTEMPTS`
+    times in all with growing pauses; a NAR download only until its first
+    bytes arrived.
     """
 
     def __init__(self, url: str, *, connections: int = 16) -> None:
@@ -91,6 +111,7 @@ class BinaryCache:
                 # Nix caches serve .nar.xz etc. as opaque bytes; never let aiohttp
                 # undo a Content-Encoding on our behalf.
                 auto_decompress=False,
+                trust_env=True,
             )
         return self._session
 
@@ -111,13 +132,25 @@ class BinaryCache:
                 return None
             except OSError as e:
                 raise StorageError(f"binary cache {self.url}: reading {path}: {e}") from e
-        with _http_errors(f"binary cache: GET {url}"):
-            async with self._http().get(url) as resp:
-                if resp.status in _ABSENT:
-                    return None
-                if resp.status != 200:
-                    raise StorageError(f"binary cache: GET {url}: HTTP {resp.status}")
-                return await resp.read()
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with _http_errors(f"binary cache: GET {url}"):
+                    async with self._http().get(url) as resp:
+                        if resp.status in _ABSENT:
+                            return None
+                        if resp.status in _TRANSIENT:
+                            raise _Transient(resp.status)
+                        if resp.status != 200:
+                            raise StorageError(f"binary cache: GET {url}: HTTP {resp.status}")
+                        return await resp.read()
+            except (StorageError, _Transient) as e:
+                if attempt == ATTEMPTS or not _worth_retrying(e):
+                    if isinstance(e, _Transient):
+                        raise StorageError(f"binary cache: GET {url}: HTTP {e.status}") from None
+                    raise
+                log.info("binary cache: GET %s failed (%s); attempt %d", url, e, attempt + 1)
+                await asyncio.sleep(_BACKOFF * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _check_cache_info(self) -> None:
         # Once, shared by concurrent first lookups; a failure is retried next time.
@@ -179,12 +212,27 @@ class BinaryCache:
                     yield data
             finally:
                 f.close()
-        with _http_errors(f"binary cache: GET {url}"):
-            async with self._http().get(url) as resp:
-                if resp.status != 200:
-                    raise StorageError(f"binary cache: GET {url}: HTTP {resp.status}")
-                async for data in resp.content.iter_chunked(READ_SIZE):
-                    yield data
+        for attempt in range(1, ATTEMPTS + 1):
+            started = False
+            try:
+                with _http_errors(f"binary cache: GET {url}"):
+                    async with self._http().get(url) as resp:
+                        if resp.status in _TRANSIENT:
+                            raise _Transient(resp.status)
+                        if resp.status != 200:
+                            raise StorageError(f"binary cache: GET {url}: HTTP {resp.status}")
+                        async for data in resp.content.iter_chunked(READ_SIZE):
+                            started = True
+                            yield data
+                return
+            except (StorageError, _Transient) as e:
+                # Once bytes were passed on, only the caller can start over.
+                if started or attempt == ATTEMPTS or not _worth_retrying(e):
+                    if isinstance(e, _Transient):
+                        raise StorageError(f"binary cache: GET {url}: HTTP {e.status}") from None
+                    raise
+                log.info("binary cache: GET %s failed (%s); attempt %d", url, e, attempt + 1)
+                await asyncio.sleep(_BACKOFF * 2 ** (attempt - 1))
 
     async def close(self) -> None:
         """Close the HTTP session; idempotent."""
@@ -196,3 +244,10 @@ class BinaryCache:
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _worth_retrying(e: Exception) -> bool:
+    """A transient HTTP answer, or a failure of the connection (not a bad answer of ours)."""
+    return isinstance(e, _Transient) or isinstance(
+        e.__cause__, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError
+    )
