@@ -33,7 +33,7 @@ def test_daemon_metrics(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", big_size=1000)
     args = ("--metrics-listen-address", f"127.0.0.1:{port}")
     with daemon(data_dir=tmp_path / "data", extra_args=args) as (proc, url):
-        env = cli_env(url.rstrip(","))
+        env = cli_env(url)
         path = tvix_store("import", tree, env=env).stdout.decode().strip()
         tvix_store("path-info", path, env=env)
         missing = path.replace(path[11:16], "00000")
