@@ -27,8 +27,13 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_verify_reports_staging_files_of_dead_writers(
-    data_env: Path, tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+    data_env: Path,
+    tmp_path: Path,
+    capfdbinary: pytest.CaptureFixture[bytes],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Staging files are the object store's (a data directory's default is packs).
+    monkeypatch.setenv("BLOB_SERVICE_ADDR", f"objectstore+file://{data_env / 'blobs'}")
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "f").write_bytes(b"contents")

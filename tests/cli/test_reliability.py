@@ -19,11 +19,19 @@ from tests.support.trees import make_tree
 pytestmark = pytest.mark.e2e
 
 
-def _chunk_file(data_dir: Path, content: bytes) -> Path:
-    digest = blake3.blake3(content).hexdigest()
-    matches = list((data_dir / "blobs").rglob(digest))
-    assert len(matches) == 1, matches
-    return matches[0]
+def _damage_chunk(data_dir: Path, content: bytes) -> None:
+    """Overwrite the last bytes of ``content``'s payload in its pack."""
+    digest = blake3.blake3(content).digest()
+    db = sqlite3.connect(data_dir / "packs" / "index.sqlite")
+    name, offset, length = db.execute(
+        "SELECT p.name, c.offset, c.length FROM chunks c JOIN packs p ON p.id = c.pack "
+        "WHERE c.digest = ?",
+        (digest,),
+    ).fetchone()
+    db.close()
+    with (data_dir / "packs" / "packs" / f"{name}.pack").open("r+b") as f:
+        f.seek(offset + length - 3)
+        f.write(b"xyz")
 
 
 def test_verify_healthy_and_damaged(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
@@ -38,13 +46,14 @@ def test_verify_healthy_and_damaged(tvix_store: Run, tmp_path: Path, data_dir: P
     proc = tvix_store("verify")
     assert "verified 2 store paths: all intact" in proc.stderr.decode()
 
-    chunk = _chunk_file(data_dir, b"this chunk will be damaged" * 10)
-    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")
+    _damage_chunk(data_dir, b"this chunk will be damaged" * 10)
     proc = tvix_store("verify", check=False)
     assert proc.returncode == 1
     out = proc.stdout.decode()
     assert f"{bad}/victim: blob" in out
     assert good not in out
+    # The whole store's check also finds it, in the pack.
+    assert "blob store: pack " in out
     # Only the damaged path when naming paths.
     assert tvix_store("verify", good).returncode == 0
 
@@ -73,14 +82,15 @@ def _start_import(data_dir: Path, path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_for_objects(proc: subprocess.Popen[bytes], root: Path, n: int) -> None:
-    """Return once ``n`` files exist below ``root`` (or ``proc`` ended); fail after 60 s."""
+def _wait_for_pack_bytes(proc: subprocess.Popen[bytes], root: Path, n: int) -> None:
+    """Return once the packs below ``root`` hold ``n`` bytes (or ``proc`` ended); fail
+    after 60 s."""
     deadline = time.monotonic() + 60
     while proc.poll() is None:
-        if root.exists() and sum(1 for p in root.rglob("*") if p.is_file()) >= n:
+        if root.exists() and sum(p.stat().st_size for p in root.glob("*.pack")) >= n:
             return
-        assert time.monotonic() < deadline, f"the import wrote fewer than {n} objects in 60 s"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, f"the import wrote fewer than {n} bytes in 60 s"
+        time.sleep(0.02)
 
 
 def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
@@ -99,17 +109,18 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
     small_path = tvix_store("import", small).stdout.decode().strip()
 
     # Killed at two points of the import, each decided by what it has written (not by
-    # how long it ran): as soon as its first blob object exists, and once it has
-    # written many (well into the small files or the large one).
-    for attempt, objects in enumerate((1, 1000)):
+    # how long it ran): as soon as its first chunk is in a pack, and once it has
+    # written 4 MiB (well into the small files or the large one).
+    for attempt, nbytes in enumerate((len(b"TVIXPCK1") + 1, 4 << 20)):
         proc = _start_import(data_dir, tree)
-        _wait_for_objects(proc, data_dir / "blobs", objects)
+        _wait_for_pack_bytes(proc, data_dir / "packs" / "packs", nbytes)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         if attempt == 0:
             assert proc.returncode == -signal.SIGKILL, "the import ended before it was killed"
-        # The store opens without repair and whatever it lists is complete.
+        # The store opens without repair and whatever it lists is complete
+        # (verify also reads every indexed chunk and checks packs against the index).
         verified = tvix_store("verify")
         assert "all intact" in verified.stderr.decode()
         assert small_path in tvix_store("path-info", small_path).stdout.decode()
@@ -117,3 +128,21 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
     done = tvix_store("import", tree).stdout.decode().strip()
     assert done.endswith("-big")
     assert tvix_store("verify", done).returncode == 0
+
+
+def test_old_objectstore_data_dir_keeps_working(
+    tvix_store: Run, tmp_path: Path, data_dir: Path
+) -> None:
+    """A data directory from before packs (objectstore+file in DIR/blobs) is opened as it is."""
+    from tvix.cli.common import local_blob_url
+
+    tree = make_tree(tmp_path / "tree", big_size=10)
+    old = tvix_store(
+        "import", tree, env={"BLOB_SERVICE_ADDR": f"objectstore+file://{data_dir}/blobs"}
+    )
+    store_path = old.stdout.decode().strip()
+    assert local_blob_url(data_dir).startswith("objectstore+file://")
+    assert tvix_store("verify", store_path).returncode == 0
+    assert not (data_dir / "packs").exists()
+    # A fresh data directory gets the packed store.
+    assert local_blob_url(tmp_path / "fresh").startswith("packs+file://")

@@ -328,7 +328,7 @@ INVALID = [
         "unknown-type",
         '[blobservices.default]\ntype = "lru"\ncapacity = 3',
         r"^blobservices\.default: unknown type 'lru' \(known: cache, grpc, memory, objectstore, "
-        r"race, url\)",
+        r"packs, packs_s3, race, url\)",
     ),
     (
         "sqlite-blobs",

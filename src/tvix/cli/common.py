@@ -32,6 +32,8 @@ __all__ = [
     "add_service_args",
     "add_trust_args",
     "default_data_dir",
+    "local_blob_url",
+    "local_store_urls",
     "open_services",
     "run",
     "trusted_keys",
@@ -63,10 +65,27 @@ def default_data_dir() -> Path:
     return base / "tvix-store"
 
 
+def local_blob_url(data_dir: Path) -> str:
+    """The blob store of the embedded store in ``data_dir``.
+
+    Blobs are kept in packs (``packs+file``, in ``DIR/packs``: a few pack
+    files and an SQLite index). A data directory made before packs existed
+    holds an ``objectstore+file`` store in ``DIR/blobs`` (one file per
+    chunk) and no packed store: it is opened as it is, so nothing is lost
+    or needs migrating (its new blobs keep going there too).
+    """
+    root = data_dir.absolute()
+    old = root / "blobs"
+    packed = root / "packs" / "index.sqlite"
+    if not packed.exists() and ((old / "chunks").is_dir() or (old / "blobs").is_dir()):
+        return f"objectstore+file://{old}"
+    return f"packs+file://{root / 'packs'}"
+
+
 def local_store_urls(data_dir: Path) -> tuple[str, str, str]:
     """The service URLs of the embedded store kept in ``data_dir``."""
     return (
-        f"objectstore+file://{data_dir.absolute() / 'blobs'}",
+        local_blob_url(data_dir),
         f"sqlite://{data_dir.absolute() / 'directories.sqlite'}",
         f"sqlite://{data_dir.absolute() / 'pathinfo.sqlite'}",
     )

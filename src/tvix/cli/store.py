@@ -12,6 +12,7 @@ from typing import Any
 
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
+from tvix.castore.blobservice.packs import PacksBlobService
 from tvix.castore.errors import IntegrityError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.cli import contents, daemon, extract
@@ -213,6 +214,11 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                 line.clear()
                 print(problem, flush=True)
         line.clear()
+        if not args.paths and isinstance(s.blobs, PacksBlobService):
+            # The whole store: also every chunk, and that packs and index agree.
+            for message in await s.blobs.verify_storage():
+                problems += 1
+                print(f"blob store: {message}", flush=True)
         # What the blob store removed on opening (staging files of dead writers).
         swept: list[str] = getattr(s.blobs, "staging_swept", [])
         for path in swept:
@@ -371,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check that store paths are complete and intact",
         "Walk every store path (or the ones given) and check that every Directory and blob "
         "reachable from it is present and hashes to its digest, and that its NAR hash and "
-        "size match. Each problem is printed with the path it affects; the exit code is 1 "
-        "when any is found.",
+        "size match. Without STOREPATHs, a packed blob store (the default) is also checked "
+        "whole: every chunk read and verified, and its packs and index found to agree "
+        "(problems printed as 'blob store: ...'). Each problem is printed with the path it "
+        "affects; the exit code is 1 when any is found.",
     )
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
 

@@ -62,6 +62,12 @@ type            kinds                     settings
 ``objectstore`` blob                      ``url``: ``objectstore+...``; and as keys the URL's
                                           options: ``zstd``, ``avg_chunk_size``, ``endpoint``,
                                           ``region``, ``allow_http``
+``packs``       blob                      ``path`` (a directory); optional ``zstd``,
+                                          ``avg_chunk_size``, ``pack_size`` (as in the URL)
+``packs_s3``    blob                      ``bucket``, ``index`` (``postgresql://...``);
+                                          optional ``prefix``, ``endpoint``, ``region``,
+                                          ``allow_http``, ``zstd``, ``avg_chunk_size``,
+                                          ``pack_size``
 ``sqlite``      directory, pathinfo       ``path``: the database file (its directory is created)
 ``postgresql``  directory, pathinfo       ``url``: ``postgresql://...``; options as keys
                                           (``schema``, ``pool_size``, libpq's)

@@ -9,6 +9,9 @@ Build one from a URL with :func:`from_url`:
 ``objectstore+s3://bkt/pfx``   the same layout in an S3 bucket (``?endpoint=``,
                                 ``region=``, ``allow_http=``; credentials from the
                                 environment: ``AWS_ACCESS_KEY_ID`` etc.)
+``packs+file:///abs/dir``       the same chunks appended to pack files, an SQLite
+                                index (the default store of a data directory)
+``packs+s3://bkt/pfx?index=``   pack objects in an S3 bucket, a PostgreSQL index
 ``grpc+http://host:port``       a remote store daemon over TCP (``[::1]:8000`` for IPv6)
 ``grpc+unix:///path.sock``      a remote store daemon over a unix socket
 =============================== ==================================================
@@ -57,6 +60,8 @@ registry.register(
     "tvix.castore.blobservice.objectstore:ObjectStoreConfig",
     ("objectstore+file", "objectstore+memory", "objectstore+s3"),
 )
+registry.register("packs", "tvix.castore.blobservice.packs:PacksFileConfig", ("packs+file",))
+registry.register("packs_s3", "tvix.castore.blobservice.packs:PacksS3Config", ("packs+s3",))
 registry.register(
     "grpc",
     "tvix.castore.blobservice.grpc:GRPCBlobServiceConfig",

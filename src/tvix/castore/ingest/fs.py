@@ -39,13 +39,21 @@ __all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path"]
 # Files up to this size are read whole by the producer; larger ones in blocks.
 SMALL_FILE = 1 << 20
 BLOCK = 1 << 20
-# A batch handed from the producer is cut at this many items or bytes.
+# A batch handed from the producer is cut at this many items or bytes. The
+# items bound how many small files a backend may store together (packs+s3:
+# one PUT per batch at least; with 256 a source tree cost 1.2 PUTs per MiB
+# stored, with 1024 0.8), and how many writes run at once: 1024 concurrent
+# blob puts through a daemon had streams refused (tests/cli/test_load.py).
 BATCH_ITEMS = 256
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4
-# Concurrent uploads of small files within a batch.
-LANES = 16
+# Concurrent uploads of small files within a batch: all of them (a batch is
+# at most BATCH_ITEMS), so a backend sees them together and can store them
+# together (packs+file commits a batch's files with one write, one sync and
+# one transaction instead of one per 16 files: 14.3 -> 9.6 s for the 50,000
+# files of the standard library, measured back to back).
+LANES = BATCH_ITEMS
 
 
 class IngestError(CastoreError):

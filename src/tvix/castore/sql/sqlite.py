@@ -31,7 +31,14 @@ from tvix.castore.errors import InvalidURLError, StorageError
 from tvix.castore.sql.schema import CREATE_SCHEMA_TABLE, migration_statements
 from tvix.castore.url import ServiceURL
 
-__all__ = ["IN_BATCH", "SQLiteConfig", "SQLiteDatabase", "select_in"]
+__all__ = [
+    "IN_BATCH",
+    "SQLiteConfig",
+    "SQLiteDatabase",
+    "connect_immutable",
+    "out_of_space",
+    "select_in",
+]
 
 T = TypeVar("T")
 
@@ -107,7 +114,7 @@ class SQLiteDatabase:
         if self._read_only and "readonly" in str(e):
             return "no space left on device (opened read-only while the disk was full)"
         if "disk is full" in str(e) or (
-            isinstance(e, sqlite3.OperationalError) and _out_of_space(self.path)
+            isinstance(e, sqlite3.OperationalError) and out_of_space(self.path)
         ):
             return f"no space left on device ({e})"
         return str(e)
@@ -147,7 +154,7 @@ class SQLiteDatabase:
             try:
                 conn = self._open_writable()
             except sqlite3.OperationalError as e:
-                if self.path == ":memory:" or not _out_of_space(self.path):
+                if self.path == ":memory:" or not out_of_space(self.path):
                     raise
                 conn = self._open_read_only(e)
             self._conn = conn
@@ -175,14 +182,7 @@ class SQLiteDatabase:
         otherwise ``cause`` is raised. Writes then fail saying the disk was
         full, or reopen the database normally once there is space again.
         """
-        try:
-            wal = os.path.getsize(self.path + "-wal")
-        except FileNotFoundError:
-            wal = 0
-        if wal:
-            raise cause
-        uri = f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1"
-        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+        conn = connect_immutable(self.path, cause)
         try:
             if self._version(conn) != len(self._migrations):
                 raise sqlite3.OperationalError(
@@ -254,7 +254,30 @@ class SQLiteDatabase:
         self._thread.shutdown(wait=False)
 
 
-def _out_of_space(path: str) -> bool:
+def connect_immutable(
+    path: str, cause: sqlite3.OperationalError, *, check_same_thread: bool = True
+) -> sqlite3.Connection:
+    """``path`` opened read-only as immutable, for a disk too full to open it normally.
+
+    Opening a WAL database needs its shared-memory file, which a full disk
+    cannot grow; read as immutable, it does not. That reads only the main
+    file, so it is done only when the write-ahead log is empty (everything
+    committed is in the main file, as after a clean close); otherwise
+    ``cause`` is raised.
+    """
+    try:
+        wal = os.path.getsize(path + "-wal")
+    except FileNotFoundError:
+        wal = 0
+    if wal:
+        raise cause
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1"
+    return sqlite3.connect(
+        uri, uri=True, timeout=30, isolation_level=None, check_same_thread=check_same_thread
+    )
+
+
+def out_of_space(path: str) -> bool:
     """Whether the filesystem holding ``path`` has (next to) no space left."""
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(path)))
