@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tvix.nixcompat.errors import NixCompatError
 from tvix.store.extract import path_info_closure
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import parse_path
-from tvix.store.stats import closure_sizes, store_stats
+from tvix.store.stats import closure_sizes, disk_usage, store_stats
 
 __all__ = [
     "add_list_arguments",
@@ -171,17 +170,6 @@ async def cmd_list(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
-def _disk_usage(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                continue
-    return total
-
-
 async def cmd_info(args: argparse.Namespace) -> int:
     """``tvix-store info``: the services in use and what the store holds, deduplicated."""
     async with open_services(args) as s:
@@ -195,7 +183,7 @@ async def cmd_info(args: argparse.Namespace) -> int:
     print(f"deduplication:       {stats.dedup_ratio:.2f}x (file bytes / distinct blob bytes)")
     data_dir = s.where.removeprefix("the data directory ")
     if data_dir != s.where and Path(data_dir).is_dir():
-        disk = _disk_usage(Path(data_dir))
+        disk = disk_usage(data_dir)
         print(f"bytes stored:        {disk:,} ({human(disk)} on disk, metadata included)")
         if disk:
             print(

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.server import ServerTLS, build_server, castore_servicers
@@ -34,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="host:port, [ipv6]:port or unix:///path.sock to listen on "
         f"(env TVIX_STORE_LISTEN_ADDRESS; default {DEFAULT_LISTEN}: loopback only, the "
         "protocol has no authentication unless --tls-client-ca is given)",
+    )
+    p.add_argument(
+        "--metrics-listen-address",
+        default=os.environ.get("TVIX_STORE_METRICS_LISTEN_ADDRESS"),
+        metavar="ADDR",
+        help="serve Prometheus metrics (gRPC calls by method and status, latency) over HTTP "
+        "at http://ADDR/metrics, e.g. [::1]:9464 (env TVIX_STORE_METRICS_LISTEN_ADDRESS; "
+        "default: off)",
     )
     tls = p.add_argument_group("TLS (clients then use grpc+https://HOST:PORT)")
     tls.add_argument(
@@ -71,6 +80,38 @@ def server_tls(args: argparse.Namespace) -> ServerTLS | None:
         raise CLIError(str(e)) from None
 
 
+def _metrics(address: str | None) -> tuple[list[Any], Any]:
+    """The metrics interceptor and its HTTP server for ``--metrics-listen-address``, if given."""
+    if address is None:
+        return [], None
+    try:
+        from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+        from tvix.castore.grpc.metrics import CallMetrics
+    except ImportError:
+        raise CLIError(
+            "--metrics-listen-address needs prometheus-client (pip install 'tvix-store[http]')"
+        ) from None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--metrics-listen-address {address!r}: expected HOST:PORT")
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    interceptor = CallMetrics(registry)
+    try:
+        server, _thread = start_http_server(int(port), host.strip("[]"), registry)
+    except OSError as e:
+        raise CLIError(f"--metrics-listen-address {address}: {e.strerror or e}") from None
+    bound_host, bound_port = str(server.server_address[0]), server.server_address[1]
+    url = (
+        f"http://[{bound_host}]:{bound_port}"
+        if ":" in bound_host
+        else f"http://{bound_host}:{bound_port}"
+    )
+    print(f"tvix-store: metrics on {url}/metrics", file=sys.stderr, flush=True)
+    return [interceptor], server
+
+
 async def cmd_daemon(args: argparse.Namespace) -> int:
     """``tvix-store daemon``: serve the store over gRPC until SIGINT or SIGTERM."""
     tls = server_tls(args)
@@ -79,7 +120,8 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
             *castore_servicers(s.blobs, s.directories),
             GRPCPathInfoServiceWrapper(s.path_infos, s.blobs, s.directories),
         ]
-        server = build_server(args.listen_address, servicers, tls=tls)
+        interceptors, metrics_server = _metrics(args.metrics_listen_address)
+        server = build_server(args.listen_address, servicers, tls=tls, interceptors=interceptors)
         await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,5 +137,7 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("shutting down; calls in flight get %.0f s", GRACE)
         await server.stop(GRACE)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     print("tvix-store: stopped", file=sys.stderr, flush=True)
     return 0

@@ -3,12 +3,17 @@
 ========================================= =====================================================
 ``GET|HEAD /nix-cache-info``              ``StoreDir``, ``WantMassQuery``, ``Priority``
 ``GET|HEAD /<hash>.narinfo``              the PathInfo as Nix renders a narinfo
-                                          (``Compression: none``, signed when a key is set)
+                                          (``Compression: none`` unless ``compression`` is
+                                          set; signed when a key is set)
 ``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
                                           ``/nar/snix-castore/<node>`` too), with
                                           ``Range`` support (206/416); the narinfo's
                                           URL adds ``?narsize=&narhash=``, and a full
                                           NAR not of that hash is cut before its end
+``GET|HEAD /<hash>.ls``                   the JSON NAR listing (:mod:`.listing`)
+``GET|HEAD /nar/tvix-castore/<c>/<node>`` the NAR compressed with ``<c>`` (zstd, xz), what
+                                          narinfos point at with a ``compression`` set
+                                          (:mod:`.compression`; narhash checked too)
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
 ``PUT /nix-cache-info``                   accepted and ignored (ours is generated)
@@ -39,6 +44,7 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.nodes import FileNode, Node
 from tvix.nar_bridge.auth import BasicAuth
+from tvix.nar_bridge.compression import CompressedNars, compressed_nar_url
 from tvix.nar_bridge.errors import (
     BadRequest,
     Conflict,
@@ -51,6 +57,7 @@ from tvix.nar_bridge.errors import (
     is_unexpected,
     status_for,
 )
+from tvix.nar_bridge.listing import ListingRoutes
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
@@ -150,6 +157,7 @@ class NarBridge:
         allow_upload: bool = False,
         upload_auth: BasicAuth | None = None,
         upload_index: UploadIndex | None = None,
+        compression: str = "none",
     ) -> None:
         self.blobs = blob_service
         self.directories = directory_service
@@ -159,6 +167,7 @@ class NarBridge:
         self.allow_upload = allow_upload
         self.upload_auth = upload_auth
         self.uploads = upload_index if upload_index is not None else UploadIndex()
+        self.compression = compression
         self._names: OrderedDict[str, str] = OrderedDict()
         self._layouts = LayoutCache(directory_service)
         self._decoders: concurrent.futures.ThreadPoolExecutor | None = None
@@ -177,6 +186,8 @@ class NarBridge:
             r.add_get("/" + prefix + "{node}", self._get_castore_nar)
         r.add_get("/nar/{file}", self._get_nar_file)
         r.add_put("/nar/{file}", self._put_nar, expect_handler=self._expect)
+        ListingRoutes(self.path_infos, self._layouts).register(app)
+        CompressedNars(self).register(app)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -229,11 +240,12 @@ class NarBridge:
         encoded = encode_castore_nar(info.node)
         self._remember_name(encoded, info.store_path.absolute_path)
         # narhash: what the NAR must hash to, checked as it is served in full.
-        url = (
-            f"{CASTORE_NAR_PREFIX}{encoded}?narsize={info.nar_size}"
-            f"&narhash={nixbase32.encode(info.nar_sha256)}"
-        )
-        text = info.to_narinfo(url=url).render()
+        nar_hash = nixbase32.encode(info.nar_sha256)
+        if self.compression == "none":
+            url = f"{CASTORE_NAR_PREFIX}{encoded}?narsize={info.nar_size}&narhash={nar_hash}"
+        else:
+            url = compressed_nar_url(self.compression, encoded, info.nar_size, nar_hash)
+        text = info.to_narinfo(url=url, compression=self.compression).render()
         return web.Response(body=text.encode(), content_type=NARINFO_TYPE)
 
     def _remember_name(self, encoded: str, store_path: str) -> None:

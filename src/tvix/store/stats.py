@@ -8,6 +8,7 @@ paths amount to against the bytes of their distinct blobs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from tvix.store.errors import NotFoundError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
-__all__ = ["StoreStats", "closure_sizes", "store_stats"]
+__all__ = ["StoreStats", "closure_sizes", "disk_usage", "store_stats"]
 
 
 @dataclass
@@ -122,3 +123,15 @@ async def closure_sizes(
                     queue.append(await lookup(ref.absolute_path))
         out[info.store_path.absolute_path] = total
     return out
+
+
+def disk_usage(path: str | os.PathLike[str]) -> int:
+    """The bytes the files under ``path`` take on disk (allocated blocks; blocking, a walk)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total

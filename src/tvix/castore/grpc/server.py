@@ -272,16 +272,18 @@ def build_server(
     *,
     options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
     tls: ServerTLS | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> GRPCServer:
     """A ``grpc.aio`` server offering ``servicers``, health checking and reflection.
 
     Each servicer answers under its own name and its snix name. Call it with
-    the event loop running (grpc.aio binds the server to it). Raises
+    the event loop running (grpc.aio binds the server to it); ``interceptors``
+    come after the call log (e.g. :class:`~tvix.castore.grpc.metrics.CallMetrics`). Raises
     :class:`ValidationError` for a malformed ``listen`` and ``OSError`` when
     the address cannot be bound (in use, no permission).
     """
     target = parse_listen_address(listen)
-    server = grpc.aio.server(options=list(options), interceptors=[CallLog()])
+    server = grpc.aio.server(options=list(options), interceptors=[CallLog(), *interceptors])
     names: list[str] = []
     for servicer in servicers:
         handlers = servicer.method_handlers()
