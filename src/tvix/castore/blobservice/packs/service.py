@@ -24,6 +24,15 @@ multi-chunk blob fetches 32 chunks (8 MiB) at a time and the next window
 while the current one is consumed, and, read front to back, checks the
 whole blob's digest too. Index lookups from many concurrent callers in one
 turn of the event loop are answered by one query.
+
+Garbage collection (an index with ``supports_gc``: ``packs+file``). A chunk
+or blob found present by ``has`` or by a writer deduplicating against it is
+*refreshed* (its ``seen`` time moved to now, when older than
+:data:`REFRESH_SLACK`) in the same step that confirms it is still there; a
+sweep deletes only rows seen before its cutoff (:meth:`PacksBlobService.sweep`).
+:meth:`PacksBlobService.compact` rewrites the live chunks of packs that are
+mostly dead into new packs, switches their index rows, then deletes the old
+pack; a reader that raced it looks its chunks up again.
 """
 
 from __future__ import annotations
@@ -32,15 +41,22 @@ import asyncio
 import bisect
 import io
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import blake3
 from pyfastcdc.cy import FastCDC
+from typing_extensions import override
 
-from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobSweep,
+    BlobWriter,
+    ChunkMeta,
+)
 from tvix.castore.blobservice.memory import BytesBlobReader
 from tvix.castore.blobservice.packs.format import (
     CODEC_ZSTD,
@@ -58,12 +74,13 @@ from tvix.castore.blobservice.packs.index import (
     SQLiteIndex,
     decode_record,
     encode_record,
+    now,
 )
 from tvix.castore.blobservice.packs.storage import PackStorage
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 
-__all__ = ["PacksBlobService"]
+__all__ = ["CompactResult", "PacksBlobService"]
 
 V = TypeVar("V")
 T = TypeVar("T")
@@ -89,6 +106,25 @@ IO_THREADS = 4
 # the windows it keeps in flight ahead (fetched and verified in parallel).
 WINDOW = 32
 AHEAD = 1
+# Rows found present are refreshed when last seen longer ago than this
+# (seconds): a refresh is a write, so a busy store writes each row at most
+# once a minute. A GC's grace period must be longer (see tvix.store.gc).
+REFRESH_SLACK = 60
+# Bytes of live entries compaction copies per new-pack append.
+COMPACT_BATCH = 16 * MIB
+
+
+@dataclass(slots=True)
+class CompactResult:
+    """What :meth:`PacksBlobService.compact` did (or, dry, would do)."""
+
+    packs: int = 0
+    """Packs rewritten (or deleted, when nothing in them was live)."""
+    moved: int = 0
+    """Live bytes copied into new packs."""
+    freed: int = 0
+    """Bytes of pack storage released (old packs' size minus what was copied)."""
+
 
 # A verified chunk: bytes, or a view into the buffer it was read into.
 Chunk = bytes | memoryview
@@ -185,6 +221,7 @@ class PacksBlobService(BlobService):
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="tvix-packs-hash")
         self._locations: _Batcher[Location] = _Batcher(index.locate)
         self._records: _Batcher[bytes] = _Batcher(index.records)
+        self._refreshed: _Batcher[bool] = _Batcher(self._refresh_many)
         # The next commit: chunks and records waiting, and the future it resolves.
         self._pending: list[_Item] = []
         self._pending_records: list[tuple[bytes, bytes]] = []
@@ -326,6 +363,26 @@ class PacksBlobService(BlobService):
         for fut in waits:
             await asyncio.shield(fut)
 
+    # -- refreshing ---------------------------------------------------------------------------
+
+    @property
+    def supports_gc(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`sweep` and :meth:`compact` work (the index supports them)."""
+        return self.index.supports_gc
+
+    async def _refresh_many(self, digests: list[bytes]) -> dict[bytes, bool]:
+        present = await self.index.refresh(digests, now() - REFRESH_SLACK)
+        return dict.fromkeys(present, True)
+
+    async def _present(self, digest: bytes) -> bool:
+        """Whether ``digest`` is stored (chunk or blob record), refreshing it."""
+        if self.index.supports_gc:
+            return await self._refreshed.get(digest) is not None
+        return (
+            await self._locations.get(digest) is not None
+            or await self._records.get(digest) is not None
+        )
+
     # -- reading ------------------------------------------------------------------------------
 
     def _read_sync(
@@ -334,7 +391,27 @@ class PacksBlobService(BlobService):
         after: Callable[[list[Chunk]], None] | None = None,
     ) -> list[Chunk]:
         """The verified chunks ``wanted``, with neighbours in a pack read at once;
-        ``after`` is called with them in this thread (the reader's blob hash)."""
+        ``after`` is called with them in this thread (the reader's blob hash).
+
+        A chunk that compaction moved meanwhile (its pack gone) is looked up
+        again and read from where it is now.
+        """
+        try:
+            return self._read_sync_once(wanted, after)
+        except (StorageError, IntegrityError):
+            if not isinstance(self.index, SQLiteIndex):
+                raise
+            fresh = self.index.locate_sync([d for d, _loc in wanted])
+            if all(fresh.get(d) == loc for d, loc in wanted):
+                raise
+            moved = [(d, fresh.get(d, loc)) for d, loc in wanted]
+            return self._read_sync_once(moved, after)
+
+    def _read_sync_once(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
         out: list[Chunk] = [b""] * len(wanted)
         for run in coalesce([loc for _d, loc in wanted]):
             buf = memoryview(self.storage.read(run.pack, run.start, run.end))
@@ -385,10 +462,7 @@ class PacksBlobService(BlobService):
     # -- BlobService --------------------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        return (
-            await self._locations.get(digest) is not None
-            or await self._records.get(digest) is not None
-        )
+        return await self._present(digest)
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         loc = await self._locations.get(digest)
@@ -433,6 +507,107 @@ class PacksBlobService(BlobService):
         if chunks is not None:
             return chunks
         return [] if await self._locations.get(digest) is not None else None
+
+    # -- garbage collection -------------------------------------------------------------------
+
+    @override
+    async def sweep(self, live: Set[bytes], cutoff: float, *, dry_run: bool = False) -> BlobSweep:
+        """Only the index changes: the bytes stay in their packs until :meth:`compact`."""
+        self._check_gc()
+        r = await self.index.sweep(set(live), int(cutoff), dry_run=dry_run)
+        return BlobSweep(r.records, r.chunks, r.bytes)
+
+    def _check_gc(self) -> None:
+        if not self.index.supports_gc:
+            raise StorageError(
+                f"{type(self.index).__name__}: this pack index has no garbage collection"
+            )
+
+    async def compact(self, threshold: float, *, dry_run: bool = False) -> CompactResult:
+        """Rewrite the packs whose live fraction is below ``threshold``.
+
+        Each such pack (one no writer is appending to) has its live entries
+        copied into new packs, durably, then its index rows switched to the
+        copies in one transaction, then the pack deleted. Packs with nothing
+        live are just deleted. A crash at any point leaves every chunk
+        indexed in a pack that holds it; a pack the index forgot or never
+        learnt of is deleted by the next compaction (or writer).
+        """
+        self._check_gc()
+        loop = asyncio.get_running_loop()
+        result = CompactResult()
+        output = self.storage.compactor()
+        try:
+            await loop.run_in_executor(self._writer, output.reclaim)
+            for info in await self.index.packs():
+                body = info.size - len(MAGIC)
+                if info.live > 0 and body > 0 and info.live / body >= threshold:
+                    continue
+                if dry_run:
+                    result.packs += 1
+                    result.moved += info.live
+                    result.freed += info.size - info.live
+                    continue
+                claim = await loop.run_in_executor(self._writer, self.storage.claim, info.name)
+                if claim is None:
+                    continue  # a writer is appending to it: next time
+                try:
+                    moved = await self._compact_pack(info.name, output)
+                    if await self.index.forget_if_empty(info.name):
+                        await loop.run_in_executor(self._writer, self.storage.delete, info.name)
+                        result.packs += 1
+                        result.moved += moved
+                        result.freed += info.size - moved
+                finally:
+                    await loop.run_in_executor(self._writer, self.storage.unclaim, claim)
+        finally:
+            if output is not self.storage:
+                await loop.run_in_executor(self._writer, output.close)
+        return result
+
+    async def _compact_pack(self, pack: str, output: PackStorage) -> int:
+        loop = asyncio.get_running_loop()
+        entries = await self.index.entries(pack)
+        moved = 0
+        i = 0
+        while i < len(entries):
+            batch: list[tuple[bytes, Location]] = []
+            size = 0
+            while i < len(entries) and (not batch or size < COMPACT_BATCH):
+                batch.append(entries[i])
+                size += entries[i][1].length
+                i += 1
+            parts, raw = await loop.run_in_executor(self._io, self._copy_sync, batch)
+            name, start, end = await loop.run_in_executor(
+                self._writer, output.append, parts, self._pack_size, True
+            )
+            moves = []
+            pos = start
+            for digest, length, size_, codec in raw:
+                pos += HEADER_SIZE
+                moves.append(Entry(digest, pos, length, size_, codec))
+                pos += length
+            got, _gone = await self.index.relocate(pack, name, end, moves)
+            moved += got
+        return moved
+
+    def _copy_sync(
+        self, batch: list[tuple[bytes, Location]]
+    ) -> tuple[list[bytes], list[tuple[bytes, int, int, int]]]:
+        """The entries of ``batch`` read back and verified, ready to append."""
+        parts: list[bytes] = []
+        raw: list[tuple[bytes, int, int, int]] = []
+        for run in coalesce([loc for _d, loc in batch]):
+            buf = memoryview(self.storage.read(run.pack, run.start, run.end))
+            for j in run.members:
+                digest, loc = batch[j]
+                at = loc.offset - run.start
+                payload = buf[at : at + loc.length]
+                decode(payload, digest, loc.size, loc.codec)  # never copy damage along
+                parts.append(HEADER.pack(digest, loc.size, loc.length, loc.codec))
+                parts.append(bytes(payload))
+                raw.append((digest, loc.length, loc.size, loc.codec))
+        return parts, raw
 
     async def verify_storage(self) -> list[str]:
         """Check that packs and index agree; the problems found (empty: all is well).
@@ -785,7 +960,11 @@ class _PacksBlobWriter(BlobWriter):
                 self._seen.add(item.digest)
                 new.append(item)
         if new:
-            known = await service.index.locate([i.digest for i in new])
+            digests = [i.digest for i in new]
+            if service.index.supports_gc:
+                known: Iterable[bytes] = await service.index.refresh(digests, now() - REFRESH_SLACK)
+            else:
+                known = await service.index.locate(digests)
             new = [i for i in new if i.digest not in known]
         if new:
             # Compressed here, beside the committer writing the previous batch.
@@ -814,13 +993,13 @@ class _PacksBlobWriter(BlobWriter):
                 fut = service._inflight.get(digest)
                 if fut is not None:
                     await asyncio.shield(fut)
-                elif await service._locations.get(digest) is None:
+                elif not await service._present(digest):
                     await service._wait(service._submit([_Item(digest, data)]))
                 self._digest = digest
                 return digest
             await self._flush(final=True)
             digest = B3Digest(self._hasher.digest())
-            if len(self._chunks) > 1 and await service._records.get(digest) is None:
+            if len(self._chunks) > 1 and not await service._present(digest):
                 # Only now: every chunk it lists is committed.
                 record = encode_record(self._chunks)
                 await service._wait(service._submit((), [(bytes(digest), record)]))

@@ -33,6 +33,7 @@ import time
 import obstore
 from obstore.exceptions import BaseError
 from obstore.store import S3Store
+from typing_extensions import override
 
 from tvix.castore.blobservice.packs.format import MAGIC
 from tvix.castore.blobservice.packs.index import SQLiteIndex
@@ -78,14 +79,38 @@ class PackStorage(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and locks."""
 
+    # -- compaction ----------------------------------------------------------------------------
+
+    def compactor(self) -> PackStorage:
+        """Another appender to this storage that only ever writes new packs (for
+        compaction: it must not take over a pack being compacted)."""
+        raise NotImplementedError
+
+    def claim(self, pack: str) -> object | None:
+        """Keep writers from appending to ``pack`` until :meth:`unclaim`; ``None``
+        when a writer holds it (it is skipped this time)."""
+        return True
+
+    def unclaim(self, claim: object) -> None:  # noqa: B027 - optional hook
+        """Let go of a :meth:`claim`."""
+
+    @abc.abstractmethod
+    def delete(self, pack: str) -> None:
+        """Delete ``pack`` (the index no longer knows it); absent is fine."""
+
+    def reclaim(self) -> None:  # noqa: B027 - optional hook
+        """Delete packs a crash left that the index never learnt of."""
+
 
 class LocalPacks(PackStorage):
     """Pack files below ``root/packs`` (see the module docs)."""
 
-    def __init__(self, root: str, index: SQLiteIndex) -> None:
+    def __init__(self, root: str, index: SQLiteIndex, *, take_over: bool = True) -> None:
+        self.root = root
         self.dir = os.path.join(root, "packs")
         os.makedirs(self.dir, exist_ok=True)
         self._index = index
+        self._take_over = take_over
         self._read_fds: dict[str, int] = {}
         self._lock = threading.Lock()
         # The pack this service appends to (touched by the writer thread only).
@@ -139,7 +164,7 @@ class LocalPacks(PackStorage):
             self._reclaimed = True
             self._reclaim()
         for info in sorted(self._index.packs_sync(), key=lambda p: p.size):
-            if info.size >= limit:
+            if info.size >= limit or not self._take_over:
                 break
             fd = self._try_lock(self.path(info.name), os.O_RDWR)
             if fd is None:
@@ -264,6 +289,34 @@ class LocalPacks(PackStorage):
         for fd in fds.values():
             os.close(fd)
 
+    @override
+    def compactor(self) -> LocalPacks:
+        return LocalPacks(self.root, self._index, take_over=False)
+
+    @override
+    def claim(self, pack: str) -> object | None:
+        return self._try_lock(self.path(pack), os.O_RDWR)
+
+    @override
+    def unclaim(self, claim: object) -> None:
+        assert isinstance(claim, int)
+        os.close(claim)
+
+    @override
+    def delete(self, pack: str) -> None:
+        with self._lock:
+            fd = self._read_fds.pop(pack, None)
+        if fd is not None:
+            # A reader of this process still on it fails and looks the chunk up again.
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(pack))
+        _fsync_dir(self.dir)
+
+    @override
+    def reclaim(self) -> None:
+        self._reclaim()
+
 
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -318,6 +371,20 @@ class S3Packs(PackStorage):
         if len(data) != end - start:
             raise StorageError(f"S3: pack {key} is shorter than its index says (damaged)")
         return data
+
+    @override
+    def compactor(self) -> S3Packs:
+        return self  # every append is a new object
+
+    @override
+    def delete(self, pack: str) -> None:
+        key = self.key(pack)
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            pass
+        except (BaseError, OSError) as e:
+            raise StorageError(f"S3: deleting {key} failed: {_first_line(e)}") from e
 
     def listing(self) -> dict[str, int]:
         out: dict[str, int] = {}
