@@ -31,6 +31,9 @@ class PathInfoService(abc.ABC):
     supports_list: ClassVar[bool] = True
     """Whether :meth:`list` can enumerate the stored PathInfos."""
 
+    supports_delete: ClassVar[bool] = False
+    """Whether :meth:`delete` and :meth:`list_added` work (garbage collection)."""
+
     @abc.abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:
         """The PathInfo of the store path whose hash part decodes to ``digest``, or ``None``.
@@ -54,6 +57,23 @@ class PathInfoService(abc.ABC):
         :attr:`supports_list` is false.
         """
         raise ListNotSupportedError(f"{type(self).__name__} cannot list PathInfos")
+
+    async def delete(self, digest: bytes) -> bool:
+        """Remove the PathInfo of ``digest``; whether there was one.
+
+        Durable when it returns. Only the PathInfo goes: what it refers to
+        stays until a garbage collection finds nothing else refers to it.
+        Raises :class:`NotImplementedError` without :attr:`supports_delete`,
+        :class:`InvalidPathInfoError` if ``digest`` is not 20 bytes.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete PathInfos")
+
+    def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        """Every stored PathInfo with when it was last put (unix seconds; 0 if unknown).
+
+        Raises :class:`NotImplementedError` without :attr:`supports_delete`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not know when PathInfos came")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and handles; the service is unusable afterwards."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+
+from typing_extensions import override
 
 from tvix.castore.url import ServiceURL
 from tvix.store.pathinfo import PathInfo
@@ -14,8 +17,11 @@ __all__ = ["MemoryPathInfoService"]
 class MemoryPathInfoService(PathInfoService):
     """PathInfos held in a dict. Lost when the process ends."""
 
+    supports_delete = True
+
     def __init__(self) -> None:
         self._infos: dict[bytes, PathInfo] = {}
+        self._added: dict[bytes, float] = {}
 
     @classmethod
     def from_url(cls, url: ServiceURL) -> MemoryPathInfoService:
@@ -30,7 +36,19 @@ class MemoryPathInfoService(PathInfoService):
 
     async def put(self, info: PathInfo) -> PathInfo:
         self._infos[info.store_path.digest] = info
+        self._added[info.store_path.digest] = time.time()
         return info
+
+    @override
+    async def delete(self, digest: bytes) -> bool:
+        key = check_digest(digest)
+        self._added.pop(key, None)
+        return self._infos.pop(key, None) is not None
+
+    @override
+    async def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        for key, info in list(self._infos.items()):
+            yield info, self._added.get(key, 0.0)
 
     async def list(self) -> AsyncIterator[PathInfo]:
         for info in list(self._infos.values()):
