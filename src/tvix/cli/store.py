@@ -29,6 +29,7 @@ from tvix.cli.common import (
 from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
+from tvix.cli.gc import add_gc_commands
 from tvix.cli.mount import add_mount_command
 from tvix.nixcompat import nixbase32
 from tvix.store.importer import import_path
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
 
+    add_gc_commands(command)
     add_mount_command(sub)
     return parser
 
