@@ -159,7 +159,7 @@ class PackIndex(abc.ABC):
         """
         raise NotImplementedError
 
-    async def sweep(self, live: set[bytes], cutoff: int, *, dry_run: bool = False) -> SweepResult:
+    async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
         """Delete the blob records and chunks no longer needed, in one transaction.
 
         Kept: records of ``live`` blobs, records seen at or after ``cutoff``,
@@ -425,7 +425,7 @@ class SQLiteIndex(PackIndex):
         return present
 
     @override
-    async def sweep(self, live: set[bytes], cutoff: int, *, dry_run: bool = False) -> SweepResult:
+    async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
         conn = self.conn()
         result = SweepResult()
         try:

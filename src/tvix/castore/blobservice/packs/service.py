@@ -514,7 +514,7 @@ class PacksBlobService(BlobService):
     async def sweep(self, live: Set[bytes], cutoff: float, *, dry_run: bool = False) -> BlobSweep:
         """Only the index changes: the bytes stay in their packs until :meth:`compact`."""
         self._check_gc()
-        r = await self.index.sweep(set(live), int(cutoff), dry_run=dry_run)
+        r = await self.index.sweep(set(live), cutoff, dry_run=dry_run)
         return BlobSweep(r.records, r.chunks, r.bytes)
 
     def _check_gc(self) -> None:
@@ -538,6 +538,7 @@ class PacksBlobService(BlobService):
         result = CompactResult()
         output = self.storage.compactor()
         try:
+            await loop.run_in_executor(self._writer, self._let_go)
             await loop.run_in_executor(self._writer, output.reclaim)
             for info in await self.index.packs():
                 body = info.size - len(MAGIC)
@@ -564,6 +565,11 @@ class PacksBlobService(BlobService):
             if output is not self.storage:
                 await loop.run_in_executor(self._writer, output.close)
         return result
+
+    def _let_go(self) -> None:
+        """Commit what this service appended and let its pack go (in the writer thread)."""
+        self._sync_unsynced([])
+        self.storage.let_go()
 
     async def _compact_pack(self, pack: str, output: PackStorage) -> int:
         loop = asyncio.get_running_loop()

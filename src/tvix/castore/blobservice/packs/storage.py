@@ -94,6 +94,10 @@ class PackStorage(abc.ABC):
     def unclaim(self, claim: object) -> None:  # noqa: B027 - optional hook
         """Let go of a :meth:`claim`."""
 
+    def let_go(self) -> None:  # noqa: B027 - optional hook
+        """Stop appending to the current pack (everything appended is committed),
+        so that it can be compacted; the next append picks a pack anew."""
+
     @abc.abstractmethod
     def delete(self, pack: str) -> None:
         """Delete ``pack`` (the index no longer knows it); absent is fine."""
@@ -288,6 +292,10 @@ class LocalPacks(PackStorage):
             fds, self._read_fds = self._read_fds, {}
         for fd in fds.values():
             os.close(fd)
+
+    @override
+    def let_go(self) -> None:
+        self._release()
 
     @override
     def compactor(self) -> LocalPacks:
