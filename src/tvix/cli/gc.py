@@ -22,6 +22,7 @@ from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.gc import (
     DEFAULT_GRACE,
+    DEFAULT_MAX_UNUSED,
     DEFAULT_THRESHOLD,
     GCReport,
     Pins,
@@ -112,6 +113,7 @@ async def run_gc(
     grace: float = DEFAULT_GRACE,
     keep_younger_than: float | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    max_unused: float = DEFAULT_MAX_UNUSED,
     dry_run: bool = False,
 ) -> GCReport:
     """One GC of the store ``s`` whose GC state is in ``data_dir``."""
@@ -126,6 +128,7 @@ async def run_gc(
             grace=grace,
             keep_younger_than=keep_younger_than,
             threshold=threshold,
+            max_unused=max_unused,
             dry_run=dry_run,
         )
     finally:
@@ -175,6 +178,7 @@ async def cmd_gc(args: argparse.Namespace) -> int:
             grace=args.grace,
             keep_younger_than=args.keep_younger_than,
             threshold=args.threshold,
+            max_unused=args.max_unused,
             dry_run=args.dry_run,
         )
     freed = None if args.dry_run else before - data_dir_usage(str(data_dir))
@@ -246,4 +250,12 @@ def add_gc_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         default=DEFAULT_THRESHOLD,
         metavar="FRACTION",
         help=f"compact packs less than this fraction live (default {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--max-unused",
+        type=float,
+        default=DEFAULT_MAX_UNUSED,
+        metavar="FRACTION",
+        help="then compact the most dead packs while dead bytes exceed this fraction of all "
+        f"pack bytes (default {DEFAULT_MAX_UNUSED})",
     )

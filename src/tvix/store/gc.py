@@ -74,6 +74,7 @@ from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = [
     "DEFAULT_GRACE",
+    "DEFAULT_MAX_UNUSED",
     "DEFAULT_THRESHOLD",
     "GCBusyError",
     "GCError",
@@ -86,8 +87,10 @@ __all__ = [
 
 DEFAULT_GRACE = 3600.0
 """Seconds an object written or refreshed stays safe from a GC without a root."""
-DEFAULT_THRESHOLD = 0.8
+DEFAULT_THRESHOLD = 0.5
 """Packs with less than this fraction live are compacted."""
+DEFAULT_MAX_UNUSED = 0.05
+"""More packs are compacted while dead bytes exceed this fraction of all pack bytes."""
 
 
 class GCError(StoreError):
@@ -275,6 +278,7 @@ async def collect(
     grace: float = DEFAULT_GRACE,
     keep_younger_than: float | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    max_unused: float = DEFAULT_MAX_UNUSED,
     dry_run: bool = False,
 ) -> GCReport:
     """Collect the garbage of a store (see the module docs); what went, or would.
@@ -311,7 +315,7 @@ async def collect(
         report.blobs_live = len(live_blobs)
         report.blobs = await blobs.sweep(live_blobs, cutoff, dry_run=dry_run)
         if isinstance(blobs, PacksBlobService):
-            report.compaction = await blobs.compact(threshold, dry_run=dry_run)
+            report.compaction = await blobs.compact(threshold, max_unused, dry_run=dry_run)
         report.seconds = time.time() - start
     return report
 

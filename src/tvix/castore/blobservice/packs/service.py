@@ -71,6 +71,7 @@ from tvix.castore.blobservice.packs.format import (
 from tvix.castore.blobservice.packs.index import (
     Entry,
     PackIndex,
+    PackInfo,
     SQLiteIndex,
     decode_record,
     encode_record,
@@ -523,12 +524,18 @@ class PacksBlobService(BlobService):
                 f"{type(self.index).__name__}: this pack index has no garbage collection"
             )
 
-    async def compact(self, threshold: float, *, dry_run: bool = False) -> CompactResult:
-        """Rewrite the packs whose live fraction is below ``threshold``.
+    async def compact(
+        self, threshold: float, max_unused: float = 1.0, *, dry_run: bool = False
+    ) -> CompactResult:
+        """Rewrite the packs whose live fraction is below ``threshold``, then, while
+        dead bytes exceed ``max_unused`` of all pack bytes, the next most dead packs.
 
-        Each such pack (one no writer is appending to) has its live entries
-        copied into new packs, durably, then its index rows switched to the
-        copies in one transaction, then the pack deleted. Packs with nothing
+        The first rule reclaims mostly dead packs at a low copying cost; the
+        second bounds the waste of the whole store (restic's ``--max-unused``)
+        when deletions are spread thinly over many packs. Each pack chosen
+        (one no writer is appending to) has its live entries copied into new
+        packs, durably, then its index rows switched to the copies in one
+        transaction, then the pack deleted. Packs with nothing
         live are just deleted. A crash at any point leaves every chunk
         indexed in a pack that holds it; a pack the index forgot or never
         learnt of is deleted by the next compaction (or writer).
@@ -538,12 +545,10 @@ class PacksBlobService(BlobService):
         result = CompactResult()
         output = self.storage.compactor()
         try:
-            await loop.run_in_executor(self._writer, self._let_go)
-            await loop.run_in_executor(self._writer, output.reclaim)
-            for info in await self.index.packs():
-                body = info.size - len(MAGIC)
-                if info.live > 0 and body > 0 and info.live / body >= threshold:
-                    continue
+            if not dry_run:
+                await loop.run_in_executor(self._writer, self._let_go)
+                await loop.run_in_executor(self._writer, output.reclaim)
+            for info in self._choose(await self.index.packs(), threshold, max_unused):
                 if dry_run:
                     result.packs += 1
                     result.moved += info.live
@@ -565,6 +570,28 @@ class PacksBlobService(BlobService):
             if output is not self.storage:
                 await loop.run_in_executor(self._writer, output.close)
         return result
+
+    @staticmethod
+    def _choose(infos: list[PackInfo], threshold: float, max_unused: float) -> list[PackInfo]:
+        """The packs to compact (see :meth:`compact`), most dead first."""
+
+        def live_fraction(info: PackInfo) -> float:
+            body = info.size - len(MAGIC)
+            return info.live / body if body > 0 else 1.0
+
+        total = sum(i.size for i in infos)
+        dead = sum(i.size - len(MAGIC) - i.live for i in infos)
+        chosen = []
+        for info in sorted(infos, key=live_fraction):
+            fraction = live_fraction(info)
+            if fraction >= 1.0:
+                break
+            if info.live == 0 or fraction < threshold or dead > max_unused * total:
+                chosen.append(info)
+                waste = info.size - len(MAGIC) - info.live
+                dead -= waste
+                total -= waste
+        return chosen
 
     def _let_go(self) -> None:
         """Commit what this service appended and let its pack go (in the writer thread)."""
