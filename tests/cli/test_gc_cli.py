@@ -170,3 +170,57 @@ def test_gc_killed_repeatedly_loses_nothing_and_converges(
     ours, scratch = _pack_bytes(data_dir), _pack_bytes(fresh)
     assert ours <= scratch * 1.02 + 4096, (ours, scratch)
     assert not list((data_dir / "packs" / "packs").glob("*.tmp"))
+
+
+def test_daemon_collects_periodically_beside_a_cli_gc(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
+    env["TVIX_STORE_DATA_DIR"] = str(data_dir)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvix.cli.store",
+            "daemon",
+            "--listen-address",
+            f"unix://{tmp_path}/d.sock",
+            "--gc-interval",
+            "1",
+            "--gc-grace",
+            "0",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert "listening on" in line, line
+        url = f"grpc+unix://{tmp_path}/d.sock"
+        remote = {
+            "BLOB_SERVICE_ADDR": url,
+            "DIRECTORY_SERVICE_ADDR": url,
+            "PATH_INFO_SERVICE_ADDR": url,
+        }
+        (a_tree, b_tree), a_unique = _trees(tmp_path, 2)
+        a = _import(tvix_store, a_tree, remote)
+        b = _import(tvix_store, b_tree, remote)
+        full = _pack_bytes(data_dir)
+        # Deleting on the data directory while the daemon serves it: its GC frees A.
+        tvix_store("delete", a)
+        deadline = time.monotonic() + 30
+        while _pack_bytes(data_dir) > full - 0.9 * a_unique and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _pack_bytes(data_dir) <= full - 0.9 * a_unique
+        assert tvix_store("dump-path", b, env=remote).stdout == nix.dump(b_tree)
+        # A GC from the command line beside the daemon's: it runs, or is refused.
+        for _ in range(3):
+            cli = tvix_store("gc", "--grace", "0", check=False)
+            assert cli.returncode == 0 or b"another garbage collection" in cli.stderr
+        assert tvix_store("dump-path", b, env=remote).stdout == nix.dump(b_tree)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "all intact" in tvix_store("verify").stderr.decode()
