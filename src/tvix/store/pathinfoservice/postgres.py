@@ -17,9 +17,11 @@ iteration ends (or the iterator is closed).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from google.protobuf.message import DecodeError
+from typing_extensions import override
 
 from tvix._proto import store_pb2
 from tvix.castore.directoryservice.postgres import PostgresDatabase
@@ -38,6 +40,10 @@ MIGRATIONS = [
         digest BYTEA PRIMARY KEY CHECK (octet_length(digest) = 20),
         data BYTEA NOT NULL
     )
+    """,
+    # 2: when each PathInfo was put, for garbage collection's retention by age.
+    """
+    ALTER TABLE pathinfos ADD COLUMN added BIGINT NOT NULL DEFAULT 0
     """,
 ]
 
@@ -58,6 +64,8 @@ def _decode(digest: bytes, data: bytes) -> PathInfo:
 class PostgresPathInfoService(PathInfoService):
     """PathInfos in one table of a PostgreSQL database (see the module docs)."""
 
+    supports_delete = True
+
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
 
@@ -76,10 +84,11 @@ class PostgresPathInfoService(PathInfoService):
         data = pathinfo_to_proto(info).SerializeToString(deterministic=True)
         async with self._db.connection() as conn:
             await conn.execute(
-                "INSERT INTO pathinfos (digest, data) VALUES ($1, $2) "
-                "ON CONFLICT (digest) DO UPDATE SET data = EXCLUDED.data",
+                "INSERT INTO pathinfos (digest, data, added) VALUES ($1, $2, $3) "
+                "ON CONFLICT (digest) DO UPDATE SET data = EXCLUDED.data, added = EXCLUDED.added",
                 info.store_path.digest,
                 data,
+                int(time.time()),
             )
         return info
 
@@ -89,6 +98,21 @@ class PostgresPathInfoService(PathInfoService):
                 "SELECT digest, data FROM pathinfos", prefetch=LIST_PREFETCH
             ):
                 yield _decode(row[0], row[1])
+
+    @override
+    async def delete(self, digest: bytes) -> bool:
+        key = check_digest(digest)
+        async with self._db.connection() as conn:
+            status = await conn.execute("DELETE FROM pathinfos WHERE digest = $1", key)
+        return bool(status != "DELETE 0")
+
+    @override
+    async def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        async with self._db.connection() as conn, conn.transaction(readonly=True):
+            async for row in conn.cursor(
+                "SELECT digest, data, added FROM pathinfos", prefetch=LIST_PREFETCH
+            ):
+                yield _decode(row[0], row[1]), float(row[2])
 
     async def close(self) -> None:
         await self._db.close()

@@ -41,6 +41,7 @@ import asyncio
 import bisect
 import io
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +112,9 @@ AHEAD = 1
 # (seconds): a refresh is a write, so a busy store writes each row at most
 # once a minute. A GC's grace period must be longer (see tvix.store.gc).
 REFRESH_SLACK = 60
+# A pack object the index does not know is deleted by compaction once older
+# than this (seconds): a commit follows its PUT within moments.
+ORPHAN_AGE = 3600
 # Bytes of live entries compaction copies per new-pack append.
 COMPACT_BATCH = 16 * MIB
 
@@ -548,6 +552,8 @@ class PacksBlobService(BlobService):
             if not dry_run:
                 await loop.run_in_executor(self._writer, self._let_go)
                 await loop.run_in_executor(self._writer, output.reclaim)
+                if not self._local:
+                    await self._reclaim_remote()
             for info in self._choose(await self.index.packs(), threshold, max_unused):
                 if dry_run:
                     result.packs += 1
@@ -592,6 +598,20 @@ class PacksBlobService(BlobService):
                 dead -= waste
                 total -= waste
         return chosen
+
+    async def _reclaim_remote(self) -> None:
+        """Delete pack objects the index never learnt of (a crash between a pack's PUT
+        and its index commit) once they are older than :data:`ORPHAN_AGE`."""
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self._io, self.storage.listing)
+        indexed = {p.name for p in await self.index.packs()}
+        for name in stored.keys() - indexed:
+            try:
+                born = int(name.partition("-")[0], 16)
+            except ValueError:
+                continue  # not one of ours
+            if time.time() - born > ORPHAN_AGE:
+                await loop.run_in_executor(self._io, self.storage.delete, name)
 
     def _let_go(self) -> None:
         """Commit what this service appended and let its pack go (in the writer thread)."""
