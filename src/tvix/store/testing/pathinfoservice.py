@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -69,3 +70,25 @@ class PathInfoServiceTests:
         listed = {i.store_path: i async for i in path_info_service.list()}
         for info in infos:
             assert listed[info.store_path].nar_sha256 == info.nar_sha256
+
+    async def test_delete(self, path_info_service: PathInfoService) -> None:
+        info = path_info(21)
+        await path_info_service.put(info)
+        if not path_info_service.supports_delete:
+            with pytest.raises(NotImplementedError):
+                await path_info_service.delete(info.store_path.digest)
+            return
+        assert await path_info_service.delete(info.store_path.digest)
+        assert await path_info_service.get(info.store_path.digest) is None
+        assert not await path_info_service.delete(info.store_path.digest)
+        with pytest.raises(InvalidPathInfoError, match="20 bytes"):
+            await path_info_service.delete(b"\0" * 19)
+
+    async def test_list_added(self, path_info_service: PathInfoService) -> None:
+        if not path_info_service.supports_delete:
+            return
+        before = time.time()
+        info = path_info(22)
+        await path_info_service.put(info)
+        added = {i.store_path: t async for i, t in path_info_service.list_added()}
+        assert before - 1 <= added[info.store_path] <= time.time() + 1
