@@ -108,3 +108,20 @@ async def test_upload_spanning_a_gc_on_postgres(remote: Remote, tmp_path: Path) 
             await putter.put(d)
     await remote.infos.put(old)
     assert await remote.problems() == []
+
+
+async def test_reader_follows_a_compacted_chunk_on_s3(remote: Remote, tmp_path: Path) -> None:
+    a = await import_path(remote.blobs, remote.dirs, remote.infos, _tree(tmp_path / "a", 1))
+    b = await import_path(remote.blobs, remote.dirs, remote.infos, _tree(tmp_path / "b", 2))
+    assert isinstance(b.node, DirectoryNode)
+    files = [f.digest async for d in remote.dirs.get_recursive(b.node.digest) for f in d.files]
+    stale = await remote.blobs.index.locate(files)  # the single-chunk blobs
+    digests = list(stale)
+    before = await remote.blobs.read_many(digests)
+    await remote.infos.delete(a.store_path.digest)
+    await collect(remote.blobs, remote.dirs, remote.infos, lock=remote.lock, grace=0, threshold=1.0)
+    moved = await remote.blobs.index.locate(digests)
+    assert any(moved[d] != stale[d] for d in digests)
+    # Reading at the old locations (a reader that looked up before the compaction).
+    got = await remote.blobs._read([(d, stale[d]) for d in digests])
+    assert [bytes(c) for c in got] == before

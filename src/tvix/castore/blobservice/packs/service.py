@@ -433,6 +433,22 @@ class PacksBlobService(BlobService):
         wanted: Sequence[tuple[bytes, Location]],
         after: Callable[[list[Chunk]], None] | None = None,
     ) -> list[Chunk]:
+        try:
+            return await self._read_once(wanted, after)
+        except (StorageError, IntegrityError):
+            if isinstance(self.index, SQLiteIndex) or not self.index.supports_gc:
+                raise  # the SQLite index is asked again in _read_sync already
+            # Compaction may have moved the chunks (their pack object deleted).
+            fresh = await self.index.locate(list({d for d, _loc in wanted}))
+            if all(fresh.get(d) == loc for d, loc in wanted):
+                raise
+            return await self._read_once([(d, fresh.get(d, loc)) for d, loc in wanted], after)
+
+    async def _read_once(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
         if self._closed:
             raise StorageError("packs blob service is closed")
         loop = asyncio.get_running_loop()
