@@ -164,6 +164,7 @@ def describe(report: GCReport, freed_on_disk: int | None = None) -> list[str]:
             + (f"; the data directory shrank by {_mib(freed_on_disk)}" if freed_on_disk else "")
             + f" in {report.seconds:.1f} s"
         )
+    lines.append(", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items()))
     return lines
 
 

@@ -193,6 +193,8 @@ class GCReport:
     blobs: BlobSweep = field(default_factory=BlobSweep)
     compaction: CompactResult = field(default_factory=CompactResult)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent marking, sweeping and compacting."""
     damaged: list[str] = field(default_factory=list)
     """Store paths whose root Directory is missing (reported; the GC went on)."""
 
@@ -298,11 +300,14 @@ async def collect(
         if keep_younger_than is not None:
             report.paths = await _retain(path_infos, pinned, keep_younger_than, start, dry_run)
         gone = {p.digest for p in report.paths}
+        t = time.time()
         live_dirs, live_blobs = await _mark(
             directories,
             (i async for i in path_infos.list() if i.store_path.digest not in gone),
             report,
         )
+        report.phases["mark"] = time.time() - t
+        t = time.time()
         swept = await directories.sweep(live_dirs, cutoff, dry_run=dry_run)
         report.directories = swept.deleted
         # Directories that stay though unmarked (young ones and those below
@@ -314,8 +319,11 @@ async def collect(
         report.directories_live = len(live_dirs) + len(swept.kept)
         report.blobs_live = len(live_blobs)
         report.blobs = await blobs.sweep(live_blobs, cutoff, dry_run=dry_run)
+        report.phases["sweep"] = time.time() - t
+        t = time.time()
         if isinstance(blobs, PacksBlobService):
             report.compaction = await blobs.compact(threshold, max_unused, dry_run=dry_run)
+        report.phases["compact"] = time.time() - t
         report.seconds = time.time() - start
     return report
 
