@@ -175,6 +175,12 @@ def test_gc_killed_repeatedly_loses_nothing_and_converges(
 def test_daemon_collects_periodically_beside_a_cli_gc(
     tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
 ) -> None:
+    # Imported before the daemon starts: its GC runs with grace 0, which is only
+    # for a store nobody else writes to meanwhile.
+    (a_tree, b_tree), a_unique = _trees(tmp_path, 2)
+    a = _import(tvix_store, a_tree)
+    b = _import(tvix_store, b_tree)
+    full = _pack_bytes(data_dir)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
     env["TVIX_STORE_DATA_DIR"] = str(data_dir)
     proc = subprocess.Popen(
@@ -203,10 +209,6 @@ def test_daemon_collects_periodically_beside_a_cli_gc(
             "DIRECTORY_SERVICE_ADDR": url,
             "PATH_INFO_SERVICE_ADDR": url,
         }
-        (a_tree, b_tree), a_unique = _trees(tmp_path, 2)
-        a = _import(tvix_store, a_tree, remote)
-        b = _import(tvix_store, b_tree, remote)
-        full = _pack_bytes(data_dir)
         # Deleting on the data directory while the daemon serves it: its GC frees A.
         tvix_store("delete", a)
         deadline = time.monotonic() + 30
@@ -224,3 +226,6 @@ def test_daemon_collects_periodically_beside_a_cli_gc(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert "all intact" in tvix_store("verify").stderr.decode()
+    refused = tvix_store("gc", "--grace", "10", check=False)
+    assert refused.returncode == 1
+    assert "at least 120 s" in refused.stderr.decode()

@@ -76,6 +76,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_UNUSED",
     "DEFAULT_THRESHOLD",
+    "MIN_GRACE",
     "GCBusyError",
     "GCError",
     "GCLock",
@@ -87,6 +88,9 @@ __all__ = [
 
 DEFAULT_GRACE = 3600.0
 """Seconds an object written or refreshed stays safe from a GC without a root."""
+MIN_GRACE = 120.0
+"""The shortest grace period that protects writers: twice the services' refresh
+slack (60 s), so a refresh is never what decides."""
 DEFAULT_THRESHOLD = 0.5
 """Packs with less than this fraction live are compacted."""
 DEFAULT_MAX_UNUSED = 0.05
@@ -289,8 +293,11 @@ async def collect(
     Raises :class:`GCBusyError` when another GC holds it, :class:`GCError`
     when a service cannot delete (then nothing is changed).
     """
-    if grace < 0:
-        raise GCError("the grace period cannot be negative")
+    if grace != 0 and grace < MIN_GRACE:
+        raise GCError(
+            f"the grace period must be at least {MIN_GRACE:.0f} s (objects found present are "
+            "refreshed at most once a minute), or 0 when nothing writes to the store meanwhile"
+        )
     _check(blobs, directories, path_infos, keep_younger_than is not None)
     report = GCReport(dry_run)
     with GCLock(lock):
