@@ -360,7 +360,7 @@ def _s3_section(report: Report, tree: Path) -> None:
 
     from support.servers import postgresql, seaweedfs
 
-    from tvix.castore.blobservice.packs import storage
+    from tvix.castore.blobservice.packs import _storage as storage
     from tvix.store.composition import Composition
     from tvix.store.importer import import_path
 

@@ -29,11 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import WORK, default_tree, table, tree_stats
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support.servers import postgresql, seaweedfs
-
+from tests.support.servers import postgresql, seaweedfs
 from tvix.castore.directoryservice.postgres import PostgresDirectoryService
 from tvix.castore.nodes import Node
 from tvix.store.composition import Composition

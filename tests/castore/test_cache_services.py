@@ -1,37 +1,33 @@
-"""The cache combinators of castore: conformance over several backends, read-through, trust."""
+"""The cache combinators of castore: read-through, trust (their conformance runs are in the
+*_conformance modules)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tvix.castore import blobservice, directoryservice
+from tvix.castore import blobservice
 from tvix.castore.blobservice import (
     BlobReader,
-    BlobService,
     BlobWriter,
     BytesBlobReader,
     MemoryBlobService,
     read_all,
     write_all,
 )
-from tvix.castore.blobservice.base import ChunkMeta
 from tvix.castore.blobservice.cache import COPY_BLOCK, CacheBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import (
-    DirectoryPutter,
     DirectoryService,
     MemoryDirectoryService,
-    SQLiteDirectoryService,
 )
-from tvix.castore.directoryservice.cache import CacheDirectoryService, verified_closure
+from tvix.castore.directoryservice.cache import CacheDirectoryService
+from tvix.castore.directoryservice.graph import verified_closure
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.nodes import DirectoryNode
-from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import (
     BLOB_A,
     BLOB_A_DIGEST,
@@ -47,42 +43,6 @@ from tvix.castore.testing.fixtures import (
 )
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-class _ReadThroughBlobs(BlobService):
-    """Writes go to the cache's far only, reads through the cache: so the conformance
-    suite exercises every read on the miss path (fill near from far, then serve)."""
-
-    def __init__(self, cache: CacheBlobService) -> None:
-        self.cache = cache
-
-    async def has(self, digest: B3Digest) -> bool:
-        return await self.cache.has(digest)
-
-    async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        return await self.cache.open_read(digest)
-
-    def open_write(self) -> BlobWriter:
-        return self.cache.far.open_write()
-
-    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        return await self.cache.chunks(digest)
-
-
-class _ReadThroughDirectories(DirectoryService):
-    """As :class:`_ReadThroughBlobs`, for Directories."""
-
-    def __init__(self, cache: CacheDirectoryService) -> None:
-        self.cache = cache
-
-    async def get(self, digest: B3Digest) -> Directory | None:
-        return await self.cache.get(digest)
-
-    def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
-        return self.cache.get_recursive(root)
-
-    def put_multiple_start(self) -> DirectoryPutter:
-        return self.cache.far.put_multiple_start()
 
 
 class _CorruptBlobs(MemoryBlobService):
@@ -137,41 +97,6 @@ class _FailingCloseWriter(BlobWriter):
 class _FailingWriteBlobs(MemoryBlobService):
     def open_write(self) -> BlobWriter:
         return _FailingCloseWriter()
-
-
-# -- BlobService conformance -----------------------------------------------------------------
-
-
-class TestCacheBlobServiceMemory(BlobServiceTests):
-    @pytest.fixture
-    def blob_service(self) -> BlobService:
-        return CacheBlobService(MemoryBlobService(), MemoryBlobService())
-
-
-class TestCacheBlobServiceMemoryOverObjectStore(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        far = blobservice.from_url(f"objectstore+file://{tmp_path}/blobs")
-        yield CacheBlobService(MemoryBlobService(), far)
-        await far.close()
-
-
-class TestCacheBlobServiceObjectStoreOverMemory(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        near = blobservice.from_url("objectstore+memory://")
-        yield CacheBlobService(near, MemoryBlobService())
-        await near.close()
-
-
-class TestCacheBlobServiceReadThrough(BlobServiceTests):
-    """Every read a miss: near empty, far an object store with small chunks."""
-
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        far = blobservice.from_url("objectstore+memory://?avg_chunk_size=65536")
-        yield _ReadThroughBlobs(CacheBlobService(MemoryBlobService(), far))
-        await far.close()
 
 
 # -- BlobService cache behaviour -------------------------------------------------------------
@@ -256,41 +181,6 @@ async def test_blob_chunks_from_far_and_chunk_reads_fill_near() -> None:
     # Near now answers for the chunk (as a whole blob of its own).
     assert await cache.chunks(chunks[0].digest) == []
     await far.close()
-
-
-# -- DirectoryService conformance ------------------------------------------------------------
-
-
-class TestCacheDirectoryServiceMemory(DirectoryServiceTests):
-    @pytest.fixture
-    def directory_service(self) -> DirectoryService:
-        return CacheDirectoryService(MemoryDirectoryService(), MemoryDirectoryService())
-
-
-class TestCacheDirectoryServiceMemoryOverSQLite(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
-        far = directoryservice.from_url(f"sqlite://{tmp_path}/dirs.sqlite")
-        yield CacheDirectoryService(MemoryDirectoryService(), far)
-        await far.close()
-
-
-class TestCacheDirectoryServiceSQLiteOverMemory(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        near = SQLiteDirectoryService(":memory:")
-        yield CacheDirectoryService(near, MemoryDirectoryService())
-        await near.close()
-
-
-class TestCacheDirectoryServiceReadThrough(DirectoryServiceTests):
-    """Every read a miss: near empty, far SQLite."""
-
-    @pytest.fixture
-    async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        far = SQLiteDirectoryService(":memory:")
-        yield _ReadThroughDirectories(CacheDirectoryService(MemoryDirectoryService(), far))
-        await far.close()
 
 
 # -- DirectoryService cache behaviour --------------------------------------------------------

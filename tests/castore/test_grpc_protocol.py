@@ -4,6 +4,7 @@ aborted uploads, and clients facing a server that lies."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from test_grpc_support import ChunkedMemoryBlobService, running_server, unix_listen
 
+from tests.support.grpc import ChunkedMemoryBlobService, running_server, unix_listen
 from tvix._proto import castore_pb2_grpc
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import MESSAGE_SIZE, VERIFY_WINDOW, GRPCBlobService
@@ -52,6 +53,8 @@ from tvix.castore.testing.fixtures import (
     b3,
     big_blob,
 )
+from tvix.store.grpc import GRPCPathInfoServiceWrapper
+from tvix.store.pathinfoservice import MemoryPathInfoService
 
 Context = Any
 
@@ -151,6 +154,11 @@ async def test_invalid_closures(channel: grpc.aio.Channel) -> None:
     code, details = await put(unsorted)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not sorted" in details
+    # An empty file whose digest is another blob's would render as empty and cat as that blob.
+    empty_but_not = pb.Directory(files=[pb.FileNode(name=b"e", digest=BLOB_A_DIGEST, size=0)])
+    code, details = await put(empty_but_not)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "size 0 contradicts its digest" in details
     # Nothing of a rejected stream is stored, not even its valid leaves.
     code, _ = await put(msg(DIRECTORY_WITH_KEEP), msg(DIRECTORY_A))  # disconnected
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -340,6 +348,7 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
 """
 
 
+@pytest.mark.e2e
 async def test_client_process_dying_mid_put_stores_nothing(tmp_path: Path) -> None:
     backend = ChunkedMemoryBlobService()
     async with running_server(unix_listen(tmp_path), [GRPCBlobServiceWrapper(backend)]) as srv:
@@ -614,7 +623,7 @@ COMPLICATED_BFS = [DIRECTORY_COMPLICATED, DIRECTORY_C, DIRECTORY_WITH_KEEP]
         (DIRECTORY_B, [DIRECTORY_B, DIRECTORY_A, DIRECTORY_WITH_KEEP], "no Directory received"),
         (DIRECTORY_B, [DIRECTORY_B, DIRECTORY_A, DIRECTORY_A], "a second time"),
         (DIRECTORY_COMPLICATED, COMPLICATED_BFS[:2], "without 1 Directories"),
-        (LIAR, [LIAR, DIRECTORY_WITH_KEEP], "of size 1, referred to with size 42"),
+        (LIAR, [LIAR, DIRECTORY_WITH_KEEP], "of size 2, referred to with size 42"),
         (DIRECTORY_B, [DIRECTORY_B, UNSORTED], "invalid Directory.*not sorted"),
     ],
     ids=["wrong-root", "unreferenced", "twice", "truncated", "wrong-size", "invalid"],
@@ -665,3 +674,45 @@ async def test_wrong_put_root_is_caught(scripted: Any) -> None:
     servicer.put_root = DIRECTORY_B.digest
     with pytest.raises(IntegrityError, match="answered root"):
         await client.put(DIRECTORY_A)
+
+
+# Every method whose request is one message (not a stream), for each service.
+UNARY_METHODS = [
+    "/tvix.castore.v1.BlobService/Stat",
+    "/tvix.castore.v1.BlobService/Read",
+    "/tvix.castore.v1.DirectoryService/Get",
+    "/tvix.store.v1.PathInfoService/Get",
+    "/tvix.store.v1.PathInfoService/Put",
+    "/tvix.store.v1.PathInfoService/CalculateNAR",
+    "/tvix.store.v1.PathInfoService/List",
+]
+
+
+@pytest.mark.parametrize("method", UNARY_METHODS)
+async def test_undecodable_request_is_invalid_argument(
+    tmp_path: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not the request message: INVALID_ARGUMENT and one log line, no traceback."""
+    caplog.set_level(logging.WARNING)
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    servicers = [
+        *castore_servicers(blobs, dirs),
+        GRPCPathInfoServiceWrapper(MemoryPathInfoService(), blobs, dirs),
+    ]
+    async with (
+        running_server(unix_listen(tmp_path), servicers) as srv,
+        grpc.aio.insecure_channel(srv.address) as ch,
+    ):
+        # A field 1 of wire type 2 whose length runs past the end.
+        garbage = b"\x0a\xff\xff\x03abc"
+        if method.endswith(("Read", "DirectoryService/Get", "List")):
+            call: Any = ch.unary_stream(method)(garbage)
+        else:
+            call = ch.unary_unary(method)(garbage)
+        code, details = await _code_of(call)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "request is not a valid tvix." in details
+    # (grpc's asyncio teardown of an earlier test may log on the asyncio logger: not ours.)
+    ours = [r for r in caplog.records if r.name.startswith(("tvix", "grpc"))]
+    assert not [r for r in ours if r.exc_info], "no traceback in the log"
+    assert len([r for r in caplog.records if "undecodable" in r.getMessage()]) == 1

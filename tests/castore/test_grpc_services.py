@@ -1,9 +1,10 @@
-"""The gRPC clients against a real grpc.aio server, through the conformance suites.
+"""The gRPC clients against a real grpc.aio server, beyond the conformance suites.
 
 Servers run in-process on real sockets (a unix socket under tmp_path, or TCP
-on 127.0.0.1 with a free port), backed by memory services, by a backend that
-lists chunks (so the client's chunk-by-chunk read path runs the suite), and
-by the chunking object store.
+on 127.0.0.1 with a free port). The suites themselves run against the clients
+in front of memory services, a backend that lists chunks (so the client's
+chunk-by-chunk read path runs the suite) and the chunking object store: see
+the *_conformance modules.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_grpc_support import ChunkedMemoryBlobService, running_server, unix_listen
 
+from tests.support.grpc import ChunkedMemoryBlobService, running_server, unix_listen
 from tvix.castore import blobservice, directoryservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
 from tvix.castore.blobservice.grpc import GRPCBlobService
-from tvix.castore.directoryservice import DirectoryService, MemoryDirectoryService
-from tvix.castore.directoryservice.grpc import GRPCDirectoryService
-from tvix.castore.errors import InvalidURLError, StorageError, ValidationError
+from tvix.castore.directoryservice import MemoryDirectoryService
+from tvix.castore.errors import StorageError, ValidationError
 from tvix.castore.grpc import (
     GRPCBlobServiceWrapper,
     GRPCDirectoryServiceWrapper,
@@ -29,74 +29,7 @@ from tvix.castore.grpc import (
     parse_listen_address,
 )
 from tvix.castore.proto import pb
-from tvix.castore.testing import BlobServiceTests, DirectoryServiceTests
 from tvix.castore.testing.fixtures import BLOB_B, BLOB_B_DIGEST, DIRECTORY_A, b3
-from tvix.castore.url import ServiceURL
-
-
-async def _blob_client(listen: str, backend: BlobService) -> AsyncIterator[BlobService]:
-    async with running_server(listen, castore_servicers(backend, MemoryDirectoryService())) as srv:
-        client = blobservice.from_url(srv.url)
-        assert isinstance(client, GRPCBlobService)
-        yield client
-        await client.close()
-
-
-async def _directory_client(listen: str) -> AsyncIterator[DirectoryService]:
-    servicers = castore_servicers(MemoryBlobService(), MemoryDirectoryService())
-    async with running_server(listen, servicers) as srv:
-        client = directoryservice.from_url(srv.url)
-        assert isinstance(client, GRPCDirectoryService)
-        yield client
-        await client.close()
-
-
-class TestGRPCBlobServiceUnix(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async for client in _blob_client(unix_listen(tmp_path), MemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceTCP(BlobServiceTests):
-    @pytest.fixture
-    async def blob_service(self) -> AsyncIterator[BlobService]:
-        async for client in _blob_client("127.0.0.1:0", MemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceChunked(BlobServiceTests):
-    """The server lists chunks: the client reads and verifies chunk by chunk."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        async for client in _blob_client(unix_listen(tmp_path), ChunkedMemoryBlobService()):
-            yield client
-
-
-class TestGRPCBlobServiceObjectStore(BlobServiceTests):
-    """In front of the content-defined chunking backend, the daemon's default."""
-
-    @pytest.fixture
-    async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
-        backend = blobservice.from_url("objectstore+memory://")
-        async for client in _blob_client(unix_listen(tmp_path), backend):
-            yield client
-        await backend.close()
-
-
-class TestGRPCDirectoryServiceUnix(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
-        async for client in _directory_client(unix_listen(tmp_path)):
-            yield client
-
-
-class TestGRPCDirectoryServiceTCP(DirectoryServiceTests):
-    @pytest.fixture
-    async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        async for client in _directory_client("127.0.0.1:0"):
-            yield client
 
 
 class _CountingReads(GRPCBlobServiceWrapper):
@@ -115,7 +48,8 @@ async def test_chunked_read_fetches_only_touched_chunks(tmp_path: Path) -> None:
     counting = _CountingReads(backend)
     servicers = [counting, GRPCDirectoryServiceWrapper(MemoryDirectoryService())]
     async with running_server(unix_listen(tmp_path), servicers) as srv:
-        client = GRPCBlobService.from_url(ServiceURL.parse(srv.url))
+        client = blobservice.from_url(srv.url)
+        assert isinstance(client, GRPCBlobService)
         await write_all(client, BLOB_B)
         chunks = await client.chunks(BLOB_B_DIGEST)
         assert chunks is not None
@@ -133,47 +67,6 @@ async def test_chunked_read_fetches_only_touched_chunks(tmp_path: Path) -> None:
 
 
 # --- URLs -------------------------------------------------------------------
-
-VALID_URLS = [
-    ("grpc+http://localhost:8000", "localhost:8000"),
-    ("grpc+http://127.0.0.1:1", "127.0.0.1:1"),
-    ("grpc+http://[::1]:8000", "[::1]:8000"),
-    ("grpc+http://[::1]:8000/", "[::1]:8000"),
-    ("grpc+unix:///run/tvix/store.sock", "unix:/run/tvix/store.sock"),
-]
-
-INVALID_URLS = [
-    ("grpc+http://localhost", "port is required"),
-    ("grpc+http://localhost:", "port is required"),
-    ("grpc+http://localhost:99999", "out of range"),
-    ("grpc+http://localhost:0", "out of range"),
-    ("grpc+http://localhost:x", "port is required"),
-    ("grpc+http://::1:8000", "port is required"),
-    ("grpc+http://user@localhost:8000", "port is required"),
-    ("grpc+http://", "host:port is required"),
-    ("grpc+http://localhost:8000/some/path", "no path expected"),
-    ("grpc+http://localhost:8000?wait-connect=1", "unknown option"),
-    ("grpc+unix:///run/s.sock?foo=bar", r"unknown option\(s\) foo"),
-    ("grpc+unix://", "a path is required"),
-    ("grpc+unix://host/run/s.sock", "no host expected"),
-    ("grpc+https://localhost:443", "unknown scheme"),
-]
-
-
-@pytest.mark.parametrize(("url", "target"), VALID_URLS)
-@pytest.mark.parametrize("kind", [blobservice, directoryservice])
-def test_valid_urls(url: str, target: str, kind: object) -> None:
-    # Built outside any event loop: the channel is made at first use.
-    svc = kind.from_url(url)  # type: ignore[attr-defined]
-    assert svc.address == url
-    assert svc._channel.target == target
-
-
-@pytest.mark.parametrize(("url", "message"), INVALID_URLS)
-@pytest.mark.parametrize("kind", [blobservice, directoryservice])
-def test_invalid_urls(url: str, message: str, kind: object) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        kind.from_url(url)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

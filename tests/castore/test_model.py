@@ -27,9 +27,12 @@ from tvix.castore.testing.fixtures import (
     DIRECTORY_COMPLICATED,
     DIRECTORY_WITH_KEEP,
     EMPTY_BLOB_DIGEST,
+    b3,
 )
 
 D = EMPTY_BLOB_DIGEST
+# For files with contents: only the empty blob has the empty blob's digest.
+F = b3(b"contents")
 
 
 def test_known_digests() -> None:
@@ -54,25 +57,78 @@ def test_encoding_matches_protobuf_deterministic(directory: Directory) -> None:
 def test_encoding_of_large_values() -> None:
     d = Directory(
         directories=[DirectoryNode(b"d", D, 2**40)],
-        files=[FileNode(b"f", D, 2**64 - 1, True), FileNode(b"g", D, 300)],
+        files=[FileNode(b"f", F, 2**64 - 1, True), FileNode(b"g", F, 300)],
         symlinks=[SymlinkNode(b"s" * 200, b"t" * 1000)],
     )
     m = pb.Directory(
         directories=[pb.DirectoryNode(name=b"d", digest=D, size=2**40)],
         files=[
-            pb.FileNode(name=b"f", digest=D, size=2**64 - 1, executable=True),
-            pb.FileNode(name=b"g", digest=D, size=300),
+            pb.FileNode(name=b"f", digest=F, size=2**64 - 1, executable=True),
+            pb.FileNode(name=b"g", digest=F, size=300),
         ],
         symlinks=[pb.SymlinkNode(name=b"s" * 200, target=b"t" * 1000)],
     )
     assert d.encode() == m.SerializeToString(deterministic=True)
 
 
-def test_size_counts_all_entries_below() -> None:
-    assert DIRECTORY_WITH_KEEP.size == 1
-    assert DIRECTORY_C.size == 2 + 1 + 1
-    # c (4) + keep (1) + 5 own entries.
-    assert DIRECTORY_COMPLICATED.size == 5 + DIRECTORY_C.size + DIRECTORY_WITH_KEEP.size
+def test_size_as_upstream_computes_it() -> None:
+    """``2·entries + Σ`` child sizes: every tvix-store since August 2024 and snix."""
+    assert DIRECTORY_WITH_KEEP.size == 2
+    assert DIRECTORY_C.size == 2 * 2 + 2 * DIRECTORY_WITH_KEEP.size
+    assert DIRECTORY_COMPLICATED.size == 2 * 5 + DIRECTORY_C.size + DIRECTORY_WITH_KEEP.size
+
+
+def test_upstream_known_answers() -> None:
+    """Upstream's fixtures, built as ingestion builds them, have upstream's digests."""
+    empty = Directory()
+    with_keep = Directory(files=[FileNode(b".keep", EMPTY_BLOB_DIGEST, 0)])
+    assert with_keep.digest.hex() == (
+        "8b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e"
+    )
+    complicated = Directory(
+        directories=[DirectoryNode(b"keep", with_keep.digest, with_keep.size)],
+        files=[FileNode(b".keep", EMPTY_BLOB_DIGEST, 0)],
+        symlinks=[SymlinkNode(b"aa", b"/nix/store/somewhereelse")],
+    )
+    assert with_keep.size == 2
+    assert complicated.digest.hex() == (
+        "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
+    )
+    b = Directory(directories=[DirectoryNode(b"a", empty.digest, empty.size)])
+    assert empty.size == 0
+    assert b.digest.hex() == "8701f4722d8dae7f2c40fa003331b8437a3825f9e1bfd3a77998c64cc226b9cc"
+    d = Directory(
+        directories=[
+            DirectoryNode(b"a", empty.digest, empty.size),
+            DirectoryNode(b"b", b.digest, b.size),
+        ]
+    )
+    assert b.size == 2
+    assert d.digest.hex() == "76cd8b55b37333961c1778ba997e57df92e219926ae5a66c414b810331a77603"
+
+
+@pytest.mark.parametrize(
+    ("directory", "documented", "upstream", "newest"),
+    [
+        # entries + Σ, 2·entries + Σ, files + symlinks + 2·directories + Σ
+        (Directory(), 0, 0, 0),
+        (DIRECTORY_WITH_KEEP, 1, 2, 1),
+        # Two directories of size 2 each (Σ = 4).
+        (DIRECTORY_C, 2 + 4, 4 + 4, 4 + 4),
+        # Directories of sizes 8 and 2, two files, a symlink (Σ = 10).
+        (DIRECTORY_COMPLICATED, 5 + 10, 10 + 10, 3 + 4 + 10),
+    ],
+)
+def test_every_known_size_rule_is_accepted(
+    directory: Directory, documented: int, upstream: int, newest: int
+) -> None:
+    """Closures written under any rule a known writer uses stay valid; nothing else is."""
+    assert directory.size == upstream
+    for size in (documented, upstream, newest):
+        assert directory.accepts_size(size), size
+    others = {documented, upstream, newest}
+    for size in range(max(others) + 3):
+        assert directory.accepts_size(size) == (size in others), size
 
 
 @pytest.mark.parametrize(
@@ -86,7 +142,9 @@ def test_size_counts_all_entries_below() -> None:
         (lambda: FileNode(b"a", b"\0" * 31, 0), "digest length: 31"),
         (lambda: DirectoryNode(b"a", b"\0" * 33, 0), "digest length: 33"),
         (lambda: FileNode(b"a", D, -1), "uint64"),
-        (lambda: FileNode(b"a", D, 2**64), "uint64"),
+        (lambda: FileNode(b"a", F, 2**64), "uint64"),
+        (lambda: FileNode(b"a", F, 0), "size 0 contradicts its digest"),
+        (lambda: FileNode(b"a", D, 1), "size 1 contradicts its digest"),
         (lambda: SymlinkNode(b"a", b""), "empty target"),
         (lambda: SymlinkNode(b"a", b"x\0y"), "NUL"),
         (
@@ -164,7 +222,7 @@ def test_invalid_wire_directory_rejected() -> None:
 
 @pytest.mark.parametrize(
     "node",
-    [FileNode(b"f", D, 3, True), DirectoryNode(b"d", D, 7), SymlinkNode(b"s", b"\xfftarget")],
+    [FileNode(b"f", F, 3, True), DirectoryNode(b"d", D, 7), SymlinkNode(b"s", b"\xfftarget")],
 )
 def test_node_round_trip(node: FileNode | DirectoryNode | SymlinkNode) -> None:
     assert node_from_proto(node_to_proto(node)) == node

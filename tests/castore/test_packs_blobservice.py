@@ -13,7 +13,7 @@ import pytest
 
 from tvix.castore.blobservice import BlobService, from_url, read_all, write_all
 from tvix.castore.blobservice.packs import PacksBlobService, PacksFileConfig, PacksS3Config
-from tvix.castore.blobservice.packs.format import HEADER_SIZE, MAGIC, coalesce
+from tvix.castore.blobservice.packs._format import HEADER_SIZE, MAGIC, coalesce
 from tvix.castore.errors import IntegrityError, InvalidURLError
 from tvix.castore.testing import BlobServiceTests
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST, b3, big_blob
@@ -291,7 +291,7 @@ async def test_neighbouring_chunks_read_at_once(tmp_path: Path) -> None:
 
 
 def test_coalesce_limits() -> None:
-    from tvix.castore.blobservice.packs.format import Location
+    from tvix.castore.blobservice.packs._format import Location
 
     locs = [
         Location("a", 100, 50, 50, 0),
@@ -371,18 +371,29 @@ def test_invalid_url_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
-def test_config_from_mapping() -> None:
-    assert PacksFileConfig.from_mapping({"path": "/d", "zstd": False}) == PacksFileConfig(
+def test_config_settings() -> None:
+    """The composition table of each type: every URL option, the required ones required."""
+    file_keys = PacksFileConfig.settings()
+    assert set(file_keys) == {"path", "zstd", "avg_chunk_size", "pack_size"}
+    assert [k for k, v in file_keys.items() if v.required] == ["path"]
+    s3_keys = PacksS3Config.settings()
+    assert set(s3_keys) == {
+        "bucket",
+        "index",
+        "prefix",
+        "endpoint",
+        "region",
+        "allow_http",
+        "zstd",
+        "avg_chunk_size",
+        "pack_size",
+    }
+    assert sorted(k for k, v in s3_keys.items() if v.required) == ["bucket", "index"]
+    assert PacksFileConfig.from_settings({"path": "/d", "zstd": False}) == PacksFileConfig(
         "/d", zstd=False
     )
-    with pytest.raises(InvalidURLError, match=r"unknown setting.*colour"):
-        PacksFileConfig.from_mapping({"path": "/d", "colour": "red"})
-    with pytest.raises(InvalidURLError, match="missing setting 'path'"):
-        PacksFileConfig.from_mapping({})
-    with pytest.raises(InvalidURLError, match="'pack_size' must be"):
-        PacksFileConfig.from_mapping({"path": "/d", "pack_size": "big"})
-    with pytest.raises(InvalidURLError, match="missing setting 'index'"):
-        PacksS3Config.from_mapping({"bucket": "b"})
+    with pytest.raises(InvalidURLError, match="pack_size must be at least"):
+        PacksFileConfig.from_settings({"path": "/d", "pack_size": 10})
 
 
 async def test_large_blob_across_packs_is_synced_before_each_pack_is_let_go(
@@ -422,5 +433,25 @@ async def test_aborted_large_blob_leaves_nothing_visible(tmp_path: Path) -> None
         # A later small write syncs and indexes what was appended (valid chunks).
         await write_all(svc, BLOB_A)
         assert await svc.verify_storage() == []
+    finally:
+        await svc.close()
+
+
+async def test_a_damaged_blob_fails_only_its_own_readers(tmp_path: Path) -> None:
+    """Blobs opened together are read together; damage in one fails only that one."""
+    import asyncio
+
+    svc = _open(tmp_path, "?zstd=false")
+    files = [big_blob(2000, seed=i) for i in range(20)]
+    for data in files:
+        await write_all(svc, data)
+    loc = (await svc.index.locate([b3(files[7])]))[b3(files[7])]
+    with (tmp_path / "packs" / f"{loc.pack}.pack").open("r+b") as f:
+        f.seek(loc.offset + 10)
+        f.write(b"!!!")
+    try:
+        got = await asyncio.gather(*(read_all(svc, b3(d)) for d in files), return_exceptions=True)
+        assert isinstance(got[7], IntegrityError)
+        assert [g for i, g in enumerate(got) if i != 7] == files[:7] + files[8:]
     finally:
         await svc.close()

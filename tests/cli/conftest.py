@@ -1,4 +1,4 @@
-"""Fixtures for the command-line tests: the real Nix and a CLI runner."""
+"""Fixtures for the command-line tests: a CLI runner, a Nix closure in binary caches."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.nix import nix  # noqa: F401
-from support.services import Run
+
+from tests.support.fixtures import closure
+from tests.support.services import Run
 
 
 @pytest.fixture
@@ -45,3 +46,6 @@ def tvix_store(data_dir: Path) -> Run:
         return proc
 
     return run
+
+
+__all__ = ["closure", "data_dir", "tvix_store"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -12,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Run
+
+from tests.support.nix import Nix
+from tests.support.services import Run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
@@ -35,6 +37,38 @@ def _chunks(data_dir: Path) -> set[bytes]:
         return {r[0] for r in db.execute("SELECT digest FROM chunks")}
     finally:
         db.close()
+
+
+def _wait_for_lock(lock: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until the GC ``proc`` holds its lock (its work begins), or has ended."""
+    while proc.poll() is None:
+        if lock.exists():
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        time.sleep(0.005)
+
+
+def _snapshot(data_dir: Path) -> tuple[object, ...]:
+    """What a GC changes: pack files and their sizes, and the index's rows."""
+    packs = sorted((p.name, p.stat().st_size) for p in (data_dir / "packs" / "packs").iterdir())
+    db = sqlite3.connect(data_dir / "packs" / "index.sqlite")
+    try:
+        rows = db.execute("SELECT count(*), sum(pack) FROM chunks").fetchone()
+    finally:
+        db.close()
+    dirs = sqlite3.connect(data_dir / "directories.sqlite")
+    try:
+        (ndirs,) = dirs.execute("SELECT count(*) FROM directories").fetchone()
+    finally:
+        dirs.close()
+    return (tuple(packs), rows, ndirs)
 
 
 def _trees(root: Path, count: int, seed: int = 7) -> tuple[list[Path], int]:
@@ -133,30 +167,40 @@ def test_gc_killed_repeatedly_loses_nothing_and_converges(
     env = {"BLOB_SERVICE_ADDR": SMALL_PACKS.format(data_dir)}
     trees, _ = _trees(tmp_path, 8)
     paths = [_import(tvix_store, t, env) for t in trees]
-    live = dict(zip(paths, trees, strict=True))
+    live = dict(zip(paths[3:], trees[3:], strict=True))
+    churn = trees[:3]  # imported and deleted again before each GC: work to be killed in
     for p in paths[:3]:
         tvix_store("delete", p, env=env)
-        del live[p]
     rng = random.Random(15)
     killed = 0
-    for attempt in range(14):
-        if attempt == 7:
-            # More garbage half way: a store the killed GCs left behind keeps working.
-            for p in paths[3:5]:
-                tvix_store("delete", p, env=env)
-                del live[p]
+    mid_work = 0  # kills after the GC had changed something (not during start-up)
+    delay = 0.3  # after the GC took its lock; adapted so most are killed mid-way
+    attempts = 0
+    while killed < 10 and attempts < 40:
+        attempts += 1
+        if attempts > 1:
+            again = _import(tvix_store, churn[attempts % 3], env)
+            tvix_store("delete", again, env=env)
+        before = _snapshot(data_dir)
         proc = _start_gc(data_dir, env)
-        time.sleep(rng.uniform(0.3, 1.2))  # the interpreter starts in ~0.3 s
+        _wait_for_lock(data_dir / "gc.lock", proc)
+        time.sleep(rng.uniform(0, delay))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+            proc.wait()
             killed += 1
+            mid_work += _snapshot(data_dir) != before
+            delay *= 1.1
+        else:
+            delay *= 0.7
         proc.wait()
         verified = tvix_store("verify", env=env)
         assert "all intact" in verified.stderr.decode()
-        if attempt % 4 == 3:
+        if attempts % 5 == 0:
             for p, tree in live.items():
                 assert tvix_store("dump-path", p, env=env).stdout == nix.dump(tree)
     assert killed >= 10, f"only {killed} of the GCs were killed mid-way"
+    assert mid_work >= 3, f"only {mid_work} of {killed} kills came after the GC changed anything"
 
     # The next GC finishes the job: as small as a store that only ever held the rest.
     tvix_store("gc", "--grace", "0", "--threshold", "1", env=env)

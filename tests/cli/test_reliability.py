@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 
 import blake3
-from support.services import Run
-from support.trees import make_tree
+import pytest
+
+from tests.support.services import Run
+from tests.support.trees import make_tree
+
+pytestmark = pytest.mark.e2e
 
 
 def _damage_chunk(data_dir: Path, content: bytes) -> None:
@@ -78,6 +82,17 @@ def _start_import(data_dir: Path, path: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _wait_for_pack_bytes(proc: subprocess.Popen[bytes], root: Path, n: int) -> None:
+    """Return once the packs below ``root`` hold ``n`` bytes (or ``proc`` ended); fail
+    after 60 s."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        if root.exists() and sum(p.stat().st_size for p in root.glob("*.pack")) >= n:
+            return
+        assert time.monotonic() < deadline, f"the import wrote fewer than {n} bytes in 60 s"
+        time.sleep(0.02)
+
+
 def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
     tree = tmp_path / "big"
     tree.mkdir()
@@ -93,15 +108,12 @@ def test_sigkill_mid_import(tvix_store: Run, tmp_path: Path, data_dir: Path) -> 
     (small / "a").write_bytes(b"a")
     small_path = tvix_store("import", small).stdout.decode().strip()
 
-    for attempt, delay in enumerate((0.2, 1.0)):
+    # Killed at two points of the import, each decided by what it has written (not by
+    # how long it ran): as soon as its first chunk is in a pack, and once it has
+    # written 4 MiB (well into the small files or the large one).
+    for attempt, nbytes in enumerate((len(b"TVIXPCK1") + 1, 4 << 20)):
         proc = _start_import(data_dir, tree)
-        # Kill once the import is visibly under way (blobs are being written).
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            if any((data_dir / "packs" / "packs").glob("*.pack")):
-                break
-        time.sleep(delay)
+        _wait_for_pack_bytes(proc, data_dir / "packs" / "packs", nbytes)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Run
-from support.trees import make_tree
 
-pytestmark = pytest.mark.nix
+from tests.support.fixtures import Closure
+from tests.support.nix import Nix
+from tests.support.services import Run
+from tests.support.trees import make_tree
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def test_help(tvix_store: Run) -> None:
@@ -155,3 +159,118 @@ path = "meta/pathinfo.sqlite"
     proc = tvix_store("import", "--store-composition", comp, tree, check=False)
     assert proc.returncode == 1
     assert "blobservices.default: unknown key 'foo'" in proc.stderr.decode()
+
+
+def test_no_command_prints_the_commands_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tvix.cli.store"], capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    for command in ("daemon", "import", "copy", "path-info", "dump-path", "mount"):
+        assert command in err
+
+
+def test_verbose_after_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tvix.cli.store", "path-info", "-vv",
+            "--data-dir", str(tmp_path), "/nix/store/" + "0" * 32 + "-x",
+        ],
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert b" DEBUG " in proc.stderr
+
+
+def test_list_path_info_sizes_and_closures_as_nix(tvix_store: Run, closure: Closure) -> None:
+    """``list``/``path-info`` with -r/-s/-S print what ``nix path-info -rsS`` prints."""
+    tvix_store(
+        "copy", "--from", closure.cache_url("none"), "--trusted-public-keys", closure.public,
+        closure.built, closure.flat,
+    )  # fmt: skip
+    nix_out = closure.nix.run(
+        "nix", "--extra-experimental-features", "nix-command", "path-info", "-rsS", closure.built
+    ).stdout.decode()
+    want = {line.split()[0]: line.split()[1:] for line in nix_out.splitlines()}
+    got_lines = tvix_store("path-info", "-rsS", closure.built).stdout.decode().splitlines()
+    assert {line.split()[0]: line.split()[1:] for line in got_lines} == want
+    listed = tvix_store("list").stdout.decode().split()
+    assert sorted(listed) == sorted([*want, closure.flat])
+    human = tvix_store("list", "-s", "-h", closure.tree).stdout.decode()
+    assert human.split()[1].endswith(("K", "M"))
+    as_json = json.loads(tvix_store("list", "--json", "-r", closure.built).stdout)
+    assert {p["path"]: p["closureSize"] for p in as_json} == {
+        path: int(sizes[1]) for path, sizes in want.items()
+    }
+    # The present paths are printed even when one is not; the missing one is an error.
+    missing = "/nix/store/" + "0" * 32 + "-missing"
+    proc = tvix_store("path-info", "-s", closure.tree, missing, check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.decode().split()[0] == closure.tree
+    assert f"{missing} is not in the store" in proc.stderr.decode()
+
+
+def test_info_counts_what_is_shared(tvix_store: Run, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        tree = tmp_path / name
+        tree.mkdir()
+        (tree / "shared").write_bytes(b"the same bytes in both trees\n" * 1000)
+        (tree / "own").write_text(name)
+    tvix_store("import", tmp_path / "a", tmp_path / "b")
+    out = tvix_store("info").stdout.decode()
+    assert "store paths:         2" in out
+    assert "files:               4 " in out
+    assert "distinct blobs:      3 " in out
+    assert "deduplication:       1.99x" in out or "deduplication:       2.00x" in out
+    assert "bytes stored:" in out
+
+
+def test_verify_shows_progress_only_on_a_terminal(
+    tvix_store: Run, tmp_path: Path, data_dir: Path
+) -> None:
+    import pty
+
+    tree = make_tree(tmp_path / "tree", big_size=8 << 20)
+    tvix_store("import", tree)
+    env = {**os.environ, "TVIX_STORE_DATA_DIR": str(data_dir)}
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tvix.cli.store", "verify"],
+            stderr=secondary, stdout=subprocess.PIPE, env=env, timeout=120,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    assert b"verifying: 1 store paths" in seen, seen
+    assert b"MB checked" in seen
+    quiet = tvix_store("verify")
+    assert b"verifying:" not in quiet.stderr
+    assert b"verified 1 store paths: all intact" in quiet.stderr
+
+
+def test_import_flat_as_nix_store_add_file(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:
+    f = tmp_path / "tool.sh"
+    f.write_bytes(b"#!/bin/sh\necho hi\n" * 3000)
+    f.chmod(0o755)
+    want = (
+        nix.run("nix", "--extra-experimental-features", "nix-command", "store", "add-file", f)
+        .stdout.decode()
+        .strip()
+    )
+    got = tvix_store("import", "--flat", f).stdout.decode().strip()
+    assert got == want
+    assert tvix_store("dump-path", got).stdout == nix.dump(nix.store_file(want))
+    info = json.loads(tvix_store("path-info", "--json", got).stdout)[0]
+    assert info["ca"].startswith("fixed:sha256:")
+    assert tvix_store("import", "--flat", tmp_path, check=False).returncode == 1

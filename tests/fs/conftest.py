@@ -6,8 +6,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from mounting import FUSE_DEVICE, Imported, MountProcess, Store, import_paths, mounted
-from support.trees import make_tree
+
+from tests.fs.mounting import FUSE_DEVICE, Imported, MountProcess, Store, import_paths, mounted
+from tests.support.trees import make_tree
 
 
 @pytest.fixture(autouse=True)

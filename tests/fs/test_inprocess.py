@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from mounting import InProcessMount
-from support.trees import make_tree
 
+from tests.fs.mounting import InProcessMount
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import BlobReader, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -28,13 +28,27 @@ from tvix.store.pathinfoservice import from_url as path_info_service
 
 
 class SlowBlobs(MemoryBlobService):
-    """Takes ``delay`` seconds to open a blob (a far-away store)."""
+    """While ``together`` > 0, opens a blob only once ``together`` opens wait at the same
+    time (a far-away store that answers nobody before everybody asked): requests served
+    one after another never get there. Then every open is answered at once again."""
 
-    delay = 0.0
+    together: ClassVar[int] = 0
+    _waiting: ClassVar[int] = 0
+    _all_there: ClassVar[asyncio.Event | None] = None
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        await asyncio.sleep(self.delay)
+        if SlowBlobs.together:
+            if SlowBlobs._all_there is None:
+                SlowBlobs._all_there = asyncio.Event()  # in the serving loop
+            SlowBlobs._waiting += 1
+            if SlowBlobs._waiting >= SlowBlobs.together:
+                SlowBlobs._all_there.set()
+            await SlowBlobs._all_there.wait()
         return await super().open_read(digest)
+
+    @classmethod
+    def reset(cls, together: int = 0) -> None:
+        cls.together, cls._waiting, cls._all_there = together, 0, None
 
 
 class HangingDirectories(MemoryDirectoryService):
@@ -104,6 +118,7 @@ def test_inode_table_counts_lookups() -> None:
     assert table.get(ROOT_INODE) is table.root
 
 
+@pytest.mark.e2e
 def test_forget_releases_inodes_and_numbers_stay(tmp_path: Path) -> None:
     drop_caches = Path("/proc/sys/vm/drop_caches")
     if not os.access(drop_caches, os.W_OK):
@@ -117,16 +132,30 @@ def test_forget_releases_inodes_and_numbers_stay(tmp_path: Path) -> None:
         root = tmp_path / "mnt" / names["tree"]
         before = lstat_all(root)
         assert len(mount.fs.inodes) > len(before)  # every entry, plus the root
-        # Dentries and inodes dropped: the kernel forgets them and so must we.
-        deadline = time.monotonic() + 10
-        while len(mount.fs.inodes) > 1 and time.monotonic() < deadline:
+        # Dentries and inodes dropped: the kernel forgets them and so must we. Its
+        # FORGETs arrive asynchronously (and a parent only after its children), so
+        # wait for the table to shrink to the root: an event set by the table itself,
+        # in the serving thread, dropping caches again while it has not happened.
+        table = mount.fs.inodes
+        only_root = threading.Event()
+        forget = table.forget
+
+        def forget_and_tell(ino: int, nlookup: int) -> None:
+            forget(ino, nlookup)
+            if len(table) == 1:
+                only_root.set()
+
+        table.forget = forget_and_tell  # type: ignore[method-assign]
+        for _ in range(100):
             drop_caches.write_text("2")
-            time.sleep(0.1)
+            if only_root.wait(0.1):
+                break
         assert len(mount.fs.inodes) == 1  # only the root is left
         # Looked up afresh, every entry gets the number it had.
         assert lstat_all(root) == before
 
 
+@pytest.mark.e2e
 def test_a_hanging_service_fails_the_request_not_the_mount(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree", big_size=1000)
     mount, names = serve_tree(tree, tmp_path / "mnt", FsOptions(request_timeout=1.0))
@@ -146,6 +175,7 @@ def test_a_hanging_service_fails_the_request_not_the_mount(tmp_path: Path) -> No
         assert (store_root / "regular.txt").read_bytes() == b"hello\n"
 
 
+@pytest.mark.e2e
 def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -156,7 +186,7 @@ def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
         store_root = tmp_path / "mnt" / names["tree"]
         for i in range(8):
             os.stat(store_root / f"f{i}")  # names resolved; only the opens are slow
-        SlowBlobs.delay = 1.0
+        SlowBlobs.reset(together=8)
         try:
             results: dict[int, bytes] = {}
 
@@ -171,7 +201,8 @@ def test_slow_requests_are_served_concurrently(tmp_path: Path) -> None:
                 t.join(30)
             elapsed = time.monotonic() - start
         finally:
-            SlowBlobs.delay = 0.0
+            SlowBlobs.reset()
+        # Eight opens were waiting at once (or none would have been answered)...
         assert results == {i: f"file {i}".encode() for i in range(8)}
-        # Eight one-second waits, overlapped rather than one after another.
+        # ...and nothing waited for a timeout.
         assert elapsed < 4, elapsed

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import blake3
 import pytest
-from mounting import (
+
+from tests.fs.mounting import (
     Imported,
     MountProcess,
     Store,
@@ -26,11 +27,12 @@ from mounting import (
     mount_options,
     mounted,
 )
-
 from tvix.castore.digest import B3Digest
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
+
+pytestmark = pytest.mark.e2e
 
 BLOB_XATTR = "user.tvix.castore.blob.digest"
 DIRECTORY_XATTR = "user.tvix.castore.directory.digest"
@@ -328,6 +330,15 @@ def test_signal_unmounts(imported: Imported, tmp_path: Path, sig: signal.Signals
 def test_bad_mountpoint(imported: Imported, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tvix.cli.store", "mount", *imported.store.args, tmp_path / "nope"],
+        capture_output=True,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "does not exist (create the directory)" in proc.stderr.decode()
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvix.cli.store", "mount", *imported.store.args, tmp_path / "file"],
         capture_output=True,
         env=cli_env(),
         timeout=60,

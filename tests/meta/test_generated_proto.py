@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = [
     f"{name}{suffix}"
-    for name in ("castore", "store")
+    for name in ("castore", "store", "snix_castore", "snix_store", "grpc_reflection_v1")
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-]
+] + ["snix_castore.proto", "snix_store.proto"]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:

@@ -1,3 +1,3 @@
 """Fixtures for tests/nar_bridge (defined in nar_bridge_support, which the tests import by name)."""
 
-from nar_bridge_support import *  # noqa: F403
+from tests.nar_bridge.nar_bridge_support import *  # noqa: F403

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.nix import nix as nix  # the session fixture, re-exported for these tests
+
+from tests.support.nix import Nix
 
 _ENV_VARS = (
     "BLOB_SERVICE_ADDR",
@@ -168,7 +168,7 @@ class Closure:
 @pytest.fixture(scope="session")
 def closure(nix: Nix, tmp_path_factory: pytest.TempPathFactory) -> Closure:
     """A small closure in the session's Nix chroot store."""
-    from support.trees import make_tree
+    from tests.support.trees import make_tree
 
     tree = nix.add(make_tree(tmp_path_factory.mktemp("closure") / "nb-tree", big_size=300_000))
     text = nix.add_text("nb-text", "refers to the tree", [tree])

@@ -7,11 +7,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from nar_bridge_support import Closure, Run, StartBridge
-from support.nix import Nix
-from support.trees import make_tree
 
-pytestmark = pytest.mark.nix
+from tests.nar_bridge.nar_bridge_support import Closure, Run, StartBridge
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
 def _copy_from(nix: Nix, url: str, dest: Path, path: str, *options: str) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import zstandard
-from support.nix import Nix
-from support.trees import make_tree
 
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
@@ -31,10 +31,10 @@ from tvix.cli.common import CLIError
 from tvix.cli.nar_bridge import ListenAddress
 from tvix.nar_bridge import BasicAuth, decode_castore_nar, encode_castore_nar, load_credentials
 from tvix.nar_bridge.errors import BadRequest, RangeNotSatisfiable, UnsupportedMediaType
-from tvix.nar_bridge.nar import LayoutCache, NarLayout, render_full, render_range
 from tvix.nar_bridge.server import parse_range
 from tvix.nar_bridge.upload import NarBody
 from tvix.store.nar import render_nar
+from tvix.store.nar.seekable import LayoutCache, NarLayout, render_full, render_range
 
 
 async def _layout(tree: Path) -> tuple[MemoryBlobService, NarLayout]:
@@ -281,6 +281,7 @@ def test_listen_address(text: str, expected: object) -> None:
         assert ListenAddress.parse(text) == expected
 
 
+@pytest.mark.e2e
 def test_cli_help_and_unix_socket(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
     out = subprocess.run(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.nix import nix  # noqa: F401
-from support.trees import make_tree
+
+from tests.support.trees import make_tree
 
 
 @pytest.fixture

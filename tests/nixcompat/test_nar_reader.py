@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import NARError, NarWriter, dump_path
 from tvix.nixcompat.nar import (
     Contents,

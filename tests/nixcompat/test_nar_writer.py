@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import NARError, NarWriter, dump_path, nixbase32
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import (
     CAHash,
     NarInfo,

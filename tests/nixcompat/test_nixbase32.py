@@ -6,8 +6,8 @@ import hashlib
 import random
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import Nixbase32Error, nixbase32
 
 EMPTY_SHA256_NIX32 = "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"

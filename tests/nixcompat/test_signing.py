@@ -6,8 +6,8 @@ import base64
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import (
     InvalidKeyError,
     Signature,

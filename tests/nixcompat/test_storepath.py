@@ -9,8 +9,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
 
+from tests.support.nix import Nix
 from tvix.nixcompat import (
     STORE_DIR,
     CAHash,

@@ -1,49 +1,21 @@
-"""The PathInfo combinators: cache, LRU, signing; conformance and their own behaviour."""
+"""The PathInfo combinators: cache, LRU, signing; their own behaviour (their conformance runs
+are in test_pathinfoservice_conformance.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
-from tvix.castore.errors import IntegrityError, InvalidURLError, ValidationError
+from tests.support.services import Unlistable
+from tvix.castore.errors import IntegrityError, ValidationError
 from tvix.nixcompat.signing import SigningKey
-from tvix.store import pathinfoservice
-from tvix.store.errors import ListNotSupportedError
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice import MemoryPathInfoService, PathInfoService
+from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.cache import CachePathInfoService
 from tvix.store.pathinfoservice.lru import LRUPathInfoService
 from tvix.store.pathinfoservice.signing import SigningPathInfoService
-from tvix.store.pathinfoservice.sqlite import SQLitePathInfoService
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import DUMMY_KEY, path_info
 
 KEY = SigningKey.generate("cache.example.org-1")
-
-
-class _ReadThrough(PathInfoService):
-    """Puts go to the cache's far only, gets through the cache: every get is a miss first."""
-
-    def __init__(self, cache: CachePathInfoService) -> None:
-        self.cache = cache
-
-    async def get(self, digest: bytes) -> PathInfo | None:
-        return await self.cache.get(digest)
-
-    async def put(self, info: PathInfo) -> PathInfo:
-        return await self.cache.far.put(info)
-
-    def list(self) -> AsyncIterator[PathInfo]:
-        return self.cache.list()
-
-
-class _Unlistable(MemoryPathInfoService):
-    supports_list = False
-
-    def list(self) -> AsyncIterator[PathInfo]:
-        raise ListNotSupportedError("no")
 
 
 class _WrongAnswers(MemoryPathInfoService):
@@ -51,57 +23,6 @@ class _WrongAnswers(MemoryPathInfoService):
 
     async def get(self, digest: bytes) -> PathInfo | None:
         return path_info(999)
-
-
-# -- conformance -----------------------------------------------------------------------------
-
-
-class TestCachePathInfoServiceMemory(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return CachePathInfoService(MemoryPathInfoService(), MemoryPathInfoService())
-
-
-class TestCachePathInfoServiceLRUOverSQLite(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
-        far = SQLitePathInfoService(str(tmp_path / "pathinfo.sqlite"))
-        yield CachePathInfoService(LRUPathInfoService(4), far)
-        await far.close()
-
-
-class TestCachePathInfoServiceReadThrough(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self) -> AsyncIterator[PathInfoService]:
-        far = SQLitePathInfoService(":memory:")
-        yield _ReadThrough(CachePathInfoService(MemoryPathInfoService(), far))
-        await far.close()
-
-
-class TestCachePathInfoServiceUnlistableFar(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return CachePathInfoService(MemoryPathInfoService(), _Unlistable())
-
-
-class TestLRUPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return LRUPathInfoService(100)
-
-
-class TestSigningPathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    def path_info_service(self) -> PathInfoService:
-        return SigningPathInfoService(MemoryPathInfoService(), KEY)
-
-
-class TestSigningOverCache(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self) -> AsyncIterator[PathInfoService]:
-        far = SQLitePathInfoService(":memory:")
-        yield SigningPathInfoService(CachePathInfoService(LRUPathInfoService(3), far), KEY)
-        await far.close()
 
 
 # -- cache -----------------------------------------------------------------------------------
@@ -151,7 +72,7 @@ async def test_cache_lists_far_only() -> None:
     await far.put(path_info(2))
     assert [i.store_path async for i in cache.list()] == [path_info(2).store_path]
     assert cache.supports_list
-    assert not CachePathInfoService(near, _Unlistable()).supports_list
+    assert not CachePathInfoService(near, Unlistable()).supports_list
 
 
 # -- LRU -------------------------------------------------------------------------------------
@@ -190,30 +111,6 @@ def test_lru_rejects_bad_capacity(capacity: object) -> None:
         LRUPathInfoService(capacity)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("url", "capacity"), [("lru://?capacity=5", 5), ("lru:///?capacity=1", 1)])
-def test_lru_url(url: str, capacity: int) -> None:
-    svc = pathinfoservice.from_url(url)
-    assert isinstance(svc, LRUPathInfoService)
-    assert svc.capacity == capacity
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("lru://", "capacity is required"),
-        ("lru://?capacity=0", "positive"),
-        ("lru://?capacity=-3", "positive"),
-        ("lru://?capacity=ten", "integer"),
-        ("lru://host?capacity=1", "no host"),
-        ("lru:///path?capacity=1", "no path"),
-        ("lru://?capacity=1&size=2", "size"),
-    ],
-)
-def test_lru_url_invalid(url: str, message: str) -> None:
-    with pytest.raises(InvalidURLError, match=message):
-        pathinfoservice.from_url(url)
-
-
 # -- signing ---------------------------------------------------------------------------------
 
 
@@ -249,4 +146,4 @@ async def test_signing_reads_pass_through_unsigned() -> None:
     await inner.put(info)
     assert await svc.get(info.store_path.digest) == info
     assert [i async for i in svc.list()] == [info]
-    assert not SigningPathInfoService(_Unlistable(), KEY).supports_list
+    assert not SigningPathInfoService(Unlistable(), KEY).supports_list

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tvix.castore import blobservice
 from tvix.castore.blobservice import BlobService, MemoryBlobService, read_all, write_all
-from tvix.castore.blobservice.cache import CacheBlobService
+from tvix.castore.blobservice.cache import CacheBlobService, CacheConfig
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
+from tvix.castore.composition import EmptyConfig, Registry, ServiceConfig
 from tvix.castore.directoryservice import MemoryDirectoryService, SQLiteDirectoryService
 from tvix.castore.directoryservice.cache import CacheDirectoryService
 from tvix.castore.errors import ValidationError
+from tvix.castore.race import RaceConfig
 from tvix.castore.testing.fixtures import BLOB_B, BLOB_B_DIGEST, DIRECTORY_WITH_KEEP
 from tvix.nixcompat.signing import SigningKey
-from tvix.store.composition import (
-    KINDS,
-    TYPES,
-    BuildContext,
-    Composition,
-    CompositionError,
-    ServiceType,
-    Setting,
-)
+from tvix.store import pathinfoservice
+from tvix.store.composition import KINDS, BuildContext, Composition, CompositionError
 from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.pathinfoservice.cache import CachePathInfoService
 from tvix.store.pathinfoservice.lru import LRUPathInfoService
@@ -159,7 +158,16 @@ async def test_cached_local_wiring_and_persistence(tmp_path: Path) -> None:
         assert got.verify([KEY.to_public()])
 
 
-async def test_shared_service_built_once_and_closed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextmanager
+def _registered(registry: Registry, name: str, config: type[ServiceConfig]) -> Iterator[None]:
+    registry.register(name, config)
+    try:
+        yield
+    finally:
+        registry.unregister(name)
+
+
+async def test_shared_service_built_once_and_closed_once() -> None:
     closed: list[str] = []
 
     class Recording(MemoryBlobService):
@@ -170,12 +178,6 @@ async def test_shared_service_built_once_and_closed_once(monkeypatch: pytest.Mon
         async def close(self) -> None:
             closed.append(self.name)
 
-    def build(ctx: BuildContext, settings: dict[str, Any]) -> BlobService:
-        return Recording(ctx.name)
-
-    def build_cache(ctx: BuildContext, settings: dict[str, Any]) -> BlobService:
-        return RecordingCache(ctx.name, settings["near"], settings["far"])
-
     class RecordingCache(CacheBlobService):
         def __init__(self, name: str, near: BlobService, far: BlobService) -> None:
             super().__init__(near, far)
@@ -184,25 +186,33 @@ async def test_shared_service_built_once_and_closed_once(monkeypatch: pytest.Mon
         async def close(self) -> None:
             closed.append(self.name)
 
-    monkeypatch.setitem(TYPES["blobservices"], "recording", ServiceType({}, build))
-    monkeypatch.setitem(
-        TYPES["blobservices"],
-        "recording-cache",
-        ServiceType({"near": Setting("ref"), "far": Setting("ref")}, build_cache),
-    )
-    composition = Composition.from_dict(
-        {
-            "blobservices": {
-                "default": {"type": "recording-cache", "near": "n1", "far": "shared"},
-                "other": {"type": "recording-cache", "near": "n2", "far": "shared"},
-                "shared": {"type": "recording"},
-                "n1": {"type": "recording"},
-                "n2": {"type": "recording"},
+    @dataclass(frozen=True)
+    class RecordingConfig(EmptyConfig):
+        def build(self, ctx: BuildContext) -> BlobService:
+            return Recording(ctx.name)
+
+    @dataclass(frozen=True)
+    class RecordingCacheConfig(CacheConfig):
+        def build(self, ctx: BuildContext) -> BlobService:
+            return RecordingCache(ctx.name, ctx.service(self.near), ctx.service(self.far))
+
+    with (
+        _registered(blobservice.registry, "recording", RecordingConfig),
+        _registered(blobservice.registry, "recording-cache", RecordingCacheConfig),
+    ):
+        composition = Composition.from_dict(
+            {
+                "blobservices": {
+                    "default": {"type": "recording-cache", "near": "n1", "far": "shared"},
+                    "other": {"type": "recording-cache", "near": "n2", "far": "shared"},
+                    "shared": {"type": "recording"},
+                    "n1": {"type": "recording"},
+                    "n2": {"type": "recording"},
+                }
             }
-        }
-    )
-    default = composition.blob_service()
-    other = composition.blob_service("other")
+        )
+        default = composition.blob_service()
+        other = composition.blob_service("other")
     assert isinstance(default, CacheBlobService)
     assert isinstance(other, CacheBlobService)
     assert default.far is other.far
@@ -216,65 +226,69 @@ async def test_shared_service_built_once_and_closed_once(monkeypatch: pytest.Mon
     assert len(closed) == 5, "close is idempotent"
 
 
-def test_extension_types_with_name_lists_and_other_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extension_types_with_name_lists_and_other_kinds() -> None:
     """What later types need: a list of names (race) and the default blob service (nix)."""
     seen: dict[str, Any] = {}
 
-    def build_race(ctx: BuildContext, settings: dict[str, Any]) -> BlobService:
-        seen["sources"] = settings["sources"]
-        return MemoryBlobService()
+    @dataclass(frozen=True)
+    class ListConfig(RaceConfig):
+        def build(self, ctx: BuildContext) -> BlobService:
+            seen["sources"] = self.source_services(ctx)
+            return MemoryBlobService()
 
-    def build_nix(ctx: BuildContext, settings: dict[str, Any]) -> MemoryPathInfoService:
-        seen["blobs"] = ctx.blob_service()
-        seen["directories"] = ctx.directory_service()
-        return MemoryPathInfoService()
+    @dataclass(frozen=True)
+    class IngestingConfig(EmptyConfig):
+        def build(self, ctx: BuildContext) -> MemoryPathInfoService:
+            seen["blobs"] = ctx.blob_service()
+            seen["directories"] = ctx.directory_service()
+            return MemoryPathInfoService()
 
-    monkeypatch.setitem(
-        TYPES["blobservices"], "race", ServiceType({"sources": Setting("refs")}, build_race)
-    )
-    monkeypatch.setitem(TYPES["pathinfoservices"], "nix", ServiceType({}, build_nix))
-    composition = Composition.from_toml(
-        """
-        [blobservices.default]
-        type = "race"
-        sources = ["a", "b"]
-        [blobservices.a]
-        type = "memory"
-        [blobservices.b]
-        type = "memory"
-        [directoryservices.default]
-        type = "memory"
-        [pathinfoservices.default]
-        type = "nix"
-        """.replace("\n        ", "\n")
-    )
-    infos = composition.path_info_service()
-    assert isinstance(infos, MemoryPathInfoService)
-    assert seen["sources"] == [composition.blob_service("a"), composition.blob_service("b")]
-    assert seen["blobs"] is composition.blob_service()
-    assert seen["directories"] is composition.directory_service()
-
-    with pytest.raises(CompositionError, match=r"blobservices\.default: sources refers to 'c'"):
-        Composition.from_dict(
-            {
-                "blobservices": {
-                    "default": {"type": "race", "sources": ["a", "c"]},
-                    "a": {"type": "memory"},
-                }
-            }
-        )
-    with pytest.raises(
-        CompositionError, match=r"^cycle: blobservices\.a -> blobservices\.default -> "
+    with (
+        _registered(blobservice.registry, "list", ListConfig),
+        _registered(pathinfoservice.registry, "ingesting", IngestingConfig),
     ):
-        Composition.from_dict(
-            {
-                "blobservices": {
-                    "default": {"type": "race", "sources": ["x", "a"]},
-                    "a": {"type": "cache", "near": "x", "far": "default"},
-                    "x": {"type": "memory"},
-                }
-            }
+        composition = Composition.from_toml(
+            """
+            [blobservices.default]
+            type = "list"
+            sources = ["a", "b"]
+            [blobservices.a]
+            type = "memory"
+            [blobservices.b]
+            type = "memory"
+            [directoryservices.default]
+            type = "memory"
+            [pathinfoservices.default]
+            type = "ingesting"
+            """.replace("\n            ", "\n")
         )
+        infos = composition.path_info_service()
+        assert isinstance(infos, MemoryPathInfoService)
+        assert seen["sources"] == [composition.blob_service("a"), composition.blob_service("b")]
+        assert seen["blobs"] is composition.blob_service()
+        assert seen["directories"] is composition.directory_service()
+
+        with pytest.raises(CompositionError, match=r"blobservices\.default: sources refers to 'c'"):
+            Composition.from_dict(
+                {
+                    "blobservices": {
+                        "default": {"type": "list", "sources": ["a", "c"]},
+                        "a": {"type": "memory"},
+                    }
+                }
+            )
+        with pytest.raises(
+            CompositionError, match=r"^cycle: blobservices\.a -> blobservices\.default -> "
+        ):
+            Composition.from_dict(
+                {
+                    "blobservices": {
+                        "default": {"type": "list", "sources": ["x", "a"]},
+                        "a": {"type": "cache", "near": "x", "far": "default"},
+                        "x": {"type": "memory"},
+                    }
+                }
+            )
 
 
 async def test_from_urls() -> None:
@@ -477,3 +491,94 @@ def test_module_docs_example_is_valid() -> None:
     example = doc[doc.index("    # A local cache") : doc.index("Types (see")]
     composition = Composition.from_toml(textwrap.dedent(example))
     assert composition.names("pathinfoservices") == ["cached", "db", "default", "recent"]
+
+
+# -- one config per backend: a URL's options are keys of its table ---------------------------
+
+
+async def test_url_options_as_keys(tmp_path: Path) -> None:
+    """``objectstore`` takes its URL's options as keys: the same service either way."""
+    by_keys = Composition.from_toml(
+        f'[blobservices.default]\ntype = "objectstore"\nurl = "objectstore+file://{tmp_path}/a"\n'
+        "zstd = false\navg_chunk_size = 65536\n"
+    )
+    by_url = Composition.from_toml(
+        '[blobservices.default]\ntype = "url"\n'
+        f'url = "objectstore+file://{tmp_path}/b?zstd=false&avg_chunk_size=65536"\n'
+    )
+    compressible = b"tvix " * 100_000
+    for composition, where in ((by_keys, "a"), (by_url, "b")):
+        async with composition:
+            blobs = composition.blob_service()
+            assert isinstance(blobs, ObjectStoreBlobService)
+            digest = await write_all(blobs, compressible)
+            chunks = await blobs.chunks(digest)
+            assert chunks is not None
+            assert len(chunks) >= 3, "64 KiB chunks (at most 128 KiB), not the default 256 KiB"
+        # zstd = false: the chunks are stored as they are, not compressed.
+        stored = sum(
+            p.stat().st_size for p in (tmp_path / where / "chunks").rglob("*") if p.is_file()
+        )
+        assert stored >= len(compressible)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            'type = "objectstore"\nurl = "objectstore+memory://?zstd=true"\nzstd = false',
+            r"^blobservices\.default: invalid service URL .*option\(s\) zstd given both",
+        ),
+        (
+            'type = "objectstore"\nurl = "objectstore+memory://"\navg_chunk_size = 10',
+            r"^blobservices\.default: invalid service URL .*avg_chunk_size must be within",
+        ),
+        (
+            'type = "objectstore"\nurl = "objectstore+memory://"\nendpoint = "http://x"',
+            r"^blobservices\.default: invalid service URL .*unknown option\(s\) endpoint",
+        ),
+    ],
+    ids=["twice", "out-of-range", "option-of-another-flavour"],
+)
+def test_url_options_as_keys_checked_when_built(table: str, message: str) -> None:
+    composition = Composition.from_toml(f"[blobservices.default]\n{table}\n")
+    with pytest.raises(CompositionError, match=message):
+        composition.blob_service()
+
+
+def test_url_option_keys_are_typed_and_listed() -> None:
+    with pytest.raises(CompositionError, match=r"key 'zstd' must be a boolean, not string"):
+        Composition.from_toml(
+            '[blobservices.default]\ntype = "objectstore"\nurl = "objectstore+memory://"\n'
+            'zstd = "no"\n'
+        )
+    with pytest.raises(
+        CompositionError,
+        match=r"unknown key 'zstandard' for type 'objectstore' \(allowed: allow_http, "
+        r"avg_chunk_size, endpoint, region, url, zstd\)",
+    ):
+        Composition.from_toml(
+            '[blobservices.default]\ntype = "objectstore"\nurl = "objectstore+memory://"\n'
+            "zstandard = false\n"
+        )
+
+
+def test_one_registry_per_kind_serves_urls_and_types() -> None:
+    """Every URL scheme belongs to a composition type of the same registry."""
+    for kind, registry in Composition.REGISTRIES.items():
+        assert registry.kind == kind
+        for scheme in registry.schemes:
+            assert scheme in registry.type_schemes(registry.type_for_scheme(scheme)), scheme
+        assert {"memory", "grpc", "cache", "race"} <= set(registry.types), kind
+    assert Composition.REGISTRIES["pathinfoservices"].types == [
+        "cache",
+        "grpc",
+        "lru",
+        "memory",
+        "nix",
+        "postgresql",
+        "race",
+        "signing",
+        "sqlite",
+        "trusted",
+    ]

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from support.nix import Nix
-from support.services import Services
 
+from tests.support.nix import Nix
+from tests.support.services import Services
 from tvix.castore import DirectoryNode
+from tvix.castore.errors import StorageError
 from tvix.castore.ingest import ingest_path
 from tvix.nixcompat import nixbase32
 from tvix.nixcompat.errors import NARError
@@ -125,7 +126,7 @@ async def test_hostile_nar_stores_nothing(
 async def test_render_missing_blob_fails(tree: Path, services: Services) -> None:
     node = await ingest_path(services.blobs, services.dirs, tree)
     services.blobs._blobs.clear()
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(StorageError, match=r"blob [0-9a-f]{64} \(b'big.bin'\) is missing"):
         await _render(services, node)
 
 

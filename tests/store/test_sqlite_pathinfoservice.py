@@ -1,33 +1,14 @@
-"""The SQLite PathInfo service: the conformance suite, persistence, listing."""
+"""The SQLite PathInfo service: persistence, listing (its conformance runs are in
+test_pathinfoservice_conformance.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tvix.store import pathinfoservice
-from tvix.store.pathinfoservice import PathInfoService
 from tvix.store.pathinfoservice.sqlite import SQLitePathInfoService
-from tvix.store.testing import PathInfoServiceTests
 from tvix.store.testing.fixtures import path_info
-
-
-class TestSQLitePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url(f"sqlite://{tmp_path}/pathinfo.sqlite")
-        yield svc
-        await svc.close()
-
-
-class TestInMemorySQLitePathInfoService(PathInfoServiceTests):
-    @pytest.fixture
-    async def path_info_service(self) -> AsyncIterator[PathInfoService]:
-        svc = pathinfoservice.from_url("sqlite://")
-        yield svc
-        await svc.close()
 
 
 async def test_persists_across_instances(tmp_path: Path) -> None:
@@ -52,23 +33,10 @@ async def test_list_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     await svc.close()
 
 
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("sqlite://host/x.db", "no host"),
-        ("sqlite:///x.db?foo=1", "foo"),
-        ("sqlite:///tmp/", "directory"),
-    ],
-)
-def test_invalid_urls(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        pathinfoservice.from_url(url)
-
-
-async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
+async def test_damaged_row_is_an_integrity_error(tmp_path: Path) -> None:
     import sqlite3
 
-    from tvix.castore.errors import StorageError
+    from tvix.castore.errors import IntegrityError
 
     db = tmp_path / "p.sqlite"
     svc = SQLitePathInfoService(str(db))
@@ -80,6 +48,6 @@ async def test_damaged_row_is_a_storage_error(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     svc = SQLitePathInfoService(str(db))
-    with pytest.raises(StorageError, match="is damaged"):
+    with pytest.raises(IntegrityError, match="is damaged"):
         await svc.get(info.store_path.digest)
     await svc.close()

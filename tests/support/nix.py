@@ -5,11 +5,8 @@ store under one temporary directory: it
 never reads ``/etc/nix`` and never writes to ``/nix``. Logical store paths
 stay ``/nix/store/...``, so hashes are the real ones.
 
-Use the session fixture from a conftest.py::
-
-    from support.nix import nix  # noqa: F401
-
-and mark the tests ``@pytest.mark.nix``. The fixture fails (it does not
+The session fixture ``nix`` is available everywhere (``tests/conftest.py``
+imports it); mark the tests ``@pytest.mark.nix``. The fixture fails (it does not
 skip) when nix is not installed: the test command installs it.
 """
 

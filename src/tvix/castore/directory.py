@@ -10,6 +10,7 @@ from typing import Any
 
 import blake3
 
+from tvix.castore._protowire import encode_varint
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import ValidationError
 from tvix.castore.nodes import MAX_SIZE, DirectoryNode, FileNode, Node, SymlinkNode
@@ -19,22 +20,8 @@ __all__ = ["Directory"]
 _by_name = attrgetter("name")
 
 
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [bytes([i]) for i in range(0x80)]
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    return tag + encode_varint(len(payload)) + payload
 
 
 def _check_sorted(kind: str, nodes: tuple[Node, ...]) -> None:
@@ -64,8 +51,10 @@ class Directory:
     _encoded: bytes | None
     _digest: B3Digest | None
     size: int
-    """Entries below this directory: its own entries plus each child
-    directory's ``size``. This is the ``size`` of a DirectoryNode pointing here."""
+    """The ``size`` a DirectoryNode pointing here gets, computed as every
+    upstream tvix-store (since August 2024) and snix do: ``2·entries + Σ`` the
+    child directories' sizes (each entry counts once, and once more; see
+    :meth:`accepts_size` for the other rules in use)."""
 
     def __init__(
         self,
@@ -92,7 +81,7 @@ class Directory:
             if len(names) != len(dirs) + len(fls) + len(syms):
                 dup = _first_duplicate(dirs, fls, syms)
                 raise ValidationError(f"invalid Directory: duplicate name {dup!r}")
-        size = len(dirs) + len(fls) + len(syms) + sum(d.size for d in dirs)
+        size = 2 * (len(dirs) + len(fls) + len(syms)) + sum(d.size for d in dirs)
         if size > MAX_SIZE:
             raise ValidationError("invalid Directory: size overflows a uint64")
         setattr_ = object.__setattr__
@@ -130,14 +119,14 @@ class Directory:
             parts: list[bytes] = []
             append = parts.append
             for d in self.directories:
-                body = b"\x0a" + _varint(len(d.name)) + d.name + b"\x12\x20" + d.digest
+                body = b"\x0a" + encode_varint(len(d.name)) + d.name + b"\x12\x20" + d.digest
                 if d.size:
-                    body += b"\x18" + _varint(d.size)
+                    body += b"\x18" + encode_varint(d.size)
                 append(_field(b"\x0a", body))
             for f in self.files:
-                body = b"\x0a" + _varint(len(f.name)) + f.name + b"\x12\x20" + f.digest
+                body = b"\x0a" + encode_varint(len(f.name)) + f.name + b"\x12\x20" + f.digest
                 if f.size:
-                    body += b"\x18" + _varint(f.size)
+                    body += b"\x18" + encode_varint(f.size)
                 if f.executable:
                     body += b"\x20\x01"
                 append(_field(b"\x12", body))
@@ -156,6 +145,28 @@ class Directory:
             digest = B3Digest(blake3.blake3(self.encode()).digest())
             object.__setattr__(self, "_digest", digest)
         return digest
+
+    def accepts_size(self, size: int) -> bool:
+        """Whether a DirectoryNode pointing here may give ``size`` as its size.
+
+        Every rule a known writer uses is accepted, so closures written by
+        any of them stay valid (``Σ`` is the sum of the child directories'
+        sizes as this Directory gives them):
+
+        - ``entries + Σ``: the protocol's documented rule, which tvix-store
+          before August 2024 and this project before adopting upstream's
+          wrote;
+        - ``2·entries + Σ``: what upstream computes since then (:attr:`size`);
+        - ``files + symlinks + 2·directories + Σ``: what the newest snix
+          sources move to.
+        """
+        entries = len(self.directories) + len(self.files) + len(self.symlinks)
+        below = self.size - 2 * entries
+        return size in (
+            self.size,
+            entries + below,
+            len(self.files) + len(self.symlinks) + 2 * len(self.directories) + below,
+        )
 
     def nodes(self) -> Iterator[Node]:
         """Every entry, directories, files and symlinks merged in name order."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from tvix.castore.digest import B3Digest
+from tvix.castore.digest import EMPTY_BLOB_DIGEST, B3Digest
 from tvix.castore.errors import ValidationError
 
 __all__ = ["MAX_SIZE", "DirectoryNode", "FileNode", "Node", "SymlinkNode", "validate_name"]
@@ -42,7 +42,11 @@ def _check_size(name: bytes, size: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class FileNode:
-    """A regular file: its name, the blake3 digest and size of its contents."""
+    """A regular file: its name, the blake3 digest and size of its contents.
+
+    The two must agree where they can be checked without the blob: a file of
+    size 0 has the empty blob's digest, and a file with that digest has size 0.
+    """
 
     name: bytes
     digest: B3Digest
@@ -53,6 +57,12 @@ class FileNode:
         validate_name(self.name)
         object.__setattr__(self, "digest", _digest(self.digest))
         _check_size(self.name, self.size)
+        if (self.size == 0) != (self.digest == EMPTY_BLOB_DIGEST):
+            raise ValidationError(
+                f"invalid file {self.name!r}: size {self.size} contradicts its digest "
+                f"{self.digest.hex()} (only the empty blob, "
+                f"{EMPTY_BLOB_DIGEST.hex()[:12]}..., has size 0)"
+            )
 
     def renamed(self, name: bytes) -> FileNode:
         """The same file under another name."""

@@ -75,8 +75,10 @@ def directory_from_bytes(data: bytes) -> Directory:
 
 
 def directory_to_proto(d: Directory) -> pb.Directory:
-    """The wire message of a Directory (parsed from its canonical encoding: cheaper
-    than building it field by field)."""
+    """The wire message of a Directory.
+
+    Parsed from its canonical encoding: cheaper than building it field by field.
+    """
     m = pb.Directory()
     m.ParseFromString(d.encode())
     return m

@@ -1,4 +1,4 @@
-"""Service URLs: parsing, strict option checking, and the scheme registries.
+"""Service URLs: parsing and strict option checking.
 
 Every backend is built from a URL. A backend takes what it needs from a
 :class:`ServiceURL` and rejects anything else (unknown query options, a host
@@ -7,17 +7,13 @@ or a path it has no use for) with :class:`InvalidURLError` naming it.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from tvix.castore.errors import InvalidURLError
 
-__all__ = ["Registry", "ServiceURL"]
-
-T = TypeVar("T")
+__all__ = ["ServiceURL"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,36 @@ class ServiceURL:
             raise InvalidURLError(f"invalid service URL {self.raw!r}: a path is required")
         return self.path
 
+    def with_params(self, extra: Mapping[str, object]) -> ServiceURL:
+        """This URL with ``extra`` options added (booleans as ``true``/``false``).
+
+        Raises :class:`InvalidURLError` for an option the URL already has.
+        """
+        if not extra:
+            return self
+        twice = sorted(set(extra) & set(self.params))
+        if twice:
+            raise InvalidURLError(
+                f"invalid service URL {self.raw!r}: option(s) {', '.join(twice)} given both "
+                "in the URL and as keys"
+            )
+        params = dict(self.params)
+        for key, value in extra.items():
+            params[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        raw = urlunsplit((self.scheme, self.host, quote(self.path), urlencode(params), ""))
+        return ServiceURL(raw, self.scheme, self.host, self.path, params)
+
+    def bool_param(self, key: str, default: bool) -> bool:
+        """A boolean option (``true``/``false``, ``1``/``0``), ``default`` when absent."""
+        value = self.params.get(key)
+        if value is None:
+            return default
+        if value in ("true", "1"):
+            return True
+        if value in ("false", "0"):
+            return False
+        raise InvalidURLError(f"invalid service URL {self.raw!r}: {key} must be true or false")
+
     def int_param(self, key: str, default: int) -> int:
         """An integer option, ``default`` when absent."""
         value = self.params.get(key)
@@ -81,47 +107,3 @@ class ServiceURL:
             raise InvalidURLError(
                 f"invalid service URL {self.raw!r}: {key} must be an integer"
             ) from None
-
-
-Factory = Callable[[ServiceURL], T]
-
-
-class Registry(Generic[T]):
-    """Maps URL schemes to backend factories for one kind of service.
-
-    Factories may be given as ``"module:attribute[.attribute]"`` strings, imported on
-    first use, so the registry can name backends whose dependencies are heavy
-    or that live in layers above it.
-    """
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._factories: dict[str, Factory[T] | str] = {}
-
-    def register(self, scheme: str, factory: Factory[T] | str) -> None:
-        """Build services of ``scheme`` with ``factory`` (replacing any earlier one)."""
-        self._factories[scheme] = factory
-
-    @property
-    def schemes(self) -> list[str]:
-        """The registered schemes, sorted."""
-        return sorted(self._factories)
-
-    def from_url(self, url: str) -> T:
-        """Build the service ``url`` names; raises :class:`InvalidURLError`."""
-        parsed = ServiceURL.parse(url)
-        factory = self._factories.get(parsed.scheme)
-        if factory is None:
-            raise InvalidURLError(
-                f"invalid {self.kind} URL {url!r}: unknown scheme {parsed.scheme!r} "
-                f"(known: {', '.join(self.schemes)})"
-            )
-        if isinstance(factory, str):
-            module, _, attr = factory.partition(":")
-            target: object = importlib.import_module(module)
-            for part in attr.split("."):
-                target = getattr(target, part)
-            factory = target  # type: ignore[assignment]
-            self._factories[parsed.scheme] = factory
-        assert callable(factory)
-        return factory(parsed)

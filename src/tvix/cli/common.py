@@ -1,4 +1,4 @@
-"""What every command shares: service addresses, the run loop, errors, progress."""
+"""What every command shares: service addresses, trust options, the run loop, errors, progress."""
 
 from __future__ import annotations
 
@@ -18,20 +18,26 @@ from tvix.castore.blobservice import BlobService
 from tvix.castore.directoryservice import DirectoryService
 from tvix.castore.errors import CastoreError
 from tvix.nixcompat.errors import NixCompatError
+from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
 from tvix.store.composition import Composition
 from tvix.store.errors import StoreError
 from tvix.store.pathinfoservice import PathInfoService
+from tvix.store.pathinfoservice.trust import TrustedPathInfoService
 
 __all__ = [
     "CLIError",
     "Progress",
     "Services",
+    "UsageError",
     "add_service_args",
+    "add_trust_args",
     "default_data_dir",
     "local_blob_url",
     "local_store_urls",
     "open_services",
     "run",
+    "trusted_keys",
+    "trusted_services",
 ]
 
 log = logging.getLogger("tvix")
@@ -41,9 +47,16 @@ class CLIError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
 
 
+class UsageError(CLIError):
+    """Options that do not go together: printed as one line, exit code 2 (as argparse's)."""
+
+
 def default_data_dir() -> Path:
-    """``$TVIX_STORE_DATA_DIR``, else ``$XDG_DATA_HOME/tvix-store``, else
-    ``~/.local/share/tvix-store``."""
+    """The data directory.
+
+    ``$TVIX_STORE_DATA_DIR``, else ``$XDG_DATA_HOME/tvix-store``, else
+    ``~/.local/share/tvix-store``.
+    """
     env = os.environ.get("TVIX_STORE_DATA_DIR")
     if env:
         return Path(env)
@@ -82,10 +95,18 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     """The options naming the three services (each also an environment variable)."""
     g = parser.add_argument_group(
         "store",
-        "Where the store is. Client commands talk to the daemon at grpc+http://[::1]:8000 "
-        "unless a data directory is given (then they open the embedded store there "
-        "themselves); the daemon serves the embedded store in the data directory. Any "
-        "service given by address replaces its part.",
+        "Where the store is. By default every command opens the embedded store in the data "
+        "directory itself, as nix does with /nix/store; several processes (a daemon, a "
+        "mount, commands) may share one data directory. --store points all three services "
+        "at a daemon instead. Any service given by address replaces its part.",
+    )
+    g.add_argument(
+        "--store",
+        default=os.environ.get("TVIX_STORE_ADDR") or None,
+        metavar="URL",
+        help="the whole store at one place: a daemon (grpc+unix:///path.sock, "
+        "grpc+http://host:port, grpc+https://host:port?ca=...) or a data directory (a path) "
+        "(env TVIX_STORE_ADDR)",
     )
     g.add_argument(
         "--data-dir",
@@ -116,87 +137,245 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_trust_args(
+    parser: argparse.ArgumentParser,
+    *,
+    title: str = "trust",
+    description: str | None = None,
+    no_check_sigs: bool = False,
+    verify_nar: bool = False,
+) -> None:
+    """The trust options of commands reading PathInfos from sources they do not control.
+
+    ``--trusted-public-keys`` (env ``TVIX_TRUSTED_PUBLIC_KEYS``; ``None``
+    when not given), and, when asked for, ``--no-check-sigs`` and
+    ``--verify-nar``. Read them with :func:`trusted_keys`; what they mean is
+    a :class:`~tvix.store.trust.TrustPolicy`.
+    """
+    g = parser.add_argument_group(
+        title,
+        description
+        or "Blobs and directories verify themselves; PathInfos are only as good as their "
+        "signatures. With trusted keys, a PathInfo is used only when one of its signatures "
+        "verifies against one of them.",
+    )
+    g.add_argument(
+        "--trusted-public-keys",
+        default=os.environ.get("TVIX_TRUSTED_PUBLIC_KEYS") or None,
+        metavar="KEYS",
+        help="space-separated public keys (name:base64, as in Nix's trusted-public-keys); "
+        "PathInfos not signed by one of them are refused (env TVIX_TRUSTED_PUBLIC_KEYS)",
+    )
+    if no_check_sigs:
+        g.add_argument(
+            "--no-check-sigs",
+            action="store_true",
+            help="trust the source: do not require signatures (hashes are still checked)",
+        )
+    if verify_nar:
+        g.add_argument(
+            "--verify-nar",
+            action="store_true",
+            help="also recompute the NAR hash of each accepted PathInfo from the content its "
+            "root node points to (reads every blob once more) and refuse a mismatch: the "
+            "signature does not cover the root node",
+        )
+
+
+def trusted_keys(args: argparse.Namespace) -> dict[str, VerifyingKey] | None:
+    """The keys ``--trusted-public-keys`` names (``None`` when not given); :class:`CLIError`."""
+    if args.trusted_public_keys is None:
+        return None
+    try:
+        return parse_public_keys(args.trusted_public_keys)
+    except NixCompatError as e:
+        raise CLIError(f"--trusted-public-keys: {e}") from None
+
+
 @dataclass
 class Services:
-    """The three services a command works with."""
+    """The three services a command works with, and where they are (for messages)."""
 
     blobs: BlobService
     directories: DirectoryService
     path_infos: PathInfoService
+    where: str = ""
 
 
+#: Where upstream's client commands look for a daemon; ours open the local store
+#: unless told (``--store``), and use this only as the example in messages.
 DAEMON_URL = "grpc+http://[::1]:8000"
+
+# Service URL schemes whose data lives only as long as the process.
+_EPHEMERAL = ("memory://", "objectstore+memory://")
+
+
+def _store_urls(store: str) -> tuple[tuple[str, str, str], Path | None]:
+    """The three URLs ``--store`` names, and the data directory when it names one."""
+    if store.startswith("grpc+"):
+        return (store, store, store), None
+    if "://" in store and not store.startswith("file://"):
+        raise UsageError(
+            f"--store {store}: expected a daemon (grpc+unix:///path.sock, grpc+http://host:port, "
+            "grpc+https://host:port) or a data directory"
+        )
+    data_dir = Path(store.removeprefix("file://")).expanduser()
+    return local_store_urls(data_dir), data_dir
+
+
+def _refuse_vanishing_paths(urls: tuple[str, str, str]) -> None:
+    """Refuse to record store paths whose contents are gone when the command ends."""
+    blob, directory, path_info = urls
+    if path_info.startswith(_EPHEMERAL):
+        return
+    for kind, url in (("blob", blob), ("directory", directory)):
+        if url.startswith(_EPHEMERAL):
+            raise CLIError(
+                f"the {kind} service {url} forgets everything when this command ends, but the "
+                f"PathInfo service {path_info} keeps what is put: its store paths would refer "
+                "to contents that are gone (use persistent services, or memory:// for all three)"
+            )
 
 
 @contextlib.asynccontextmanager
-async def open_services(
-    args: argparse.Namespace, *, local: bool = False
-) -> AsyncIterator[Services]:
+async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
     """Build the services the options name; close them afterwards.
 
     A composition file gives all three (its ``default`` of each kind);
-    otherwise each address given replaces its default. The default is the
-    embedded store in the data directory when ``local`` (the daemon) or when
-    a data directory is asked for (``--data-dir``, ``TVIX_STORE_DATA_DIR``);
-    otherwise it is the daemon at ``grpc+http://[::1]:8000``, as upstream's
-    client commands do.
+    ``--store`` names a daemon or a data directory for all three; otherwise
+    the embedded store in the data directory (``--data-dir``, else
+    :func:`default_data_dir`). Each ``--*-service-addr`` given replaces its
+    part. Raises :class:`CLIError` for contradicting options, and for a mix
+    that would record store paths whose contents vanish.
     """
+    explicit_addrs = (
+        args.blob_service_addr,
+        args.directory_service_addr,
+        args.path_info_service_addr,
+    )
     if args.store_composition is not None:
-        if any((args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)):
-            raise CLIError("--store-composition excludes the --*-service-addr options")
+        if any(explicit_addrs) or args.store is not None:
+            raise UsageError(
+                "--store-composition excludes --store and the --*-service-addr options"
+            )
+        if args.data_dir is not None:
+            raise UsageError(
+                "--data-dir and --store-composition name two different stores: give one "
+                "(a composition can name sqlite and objectstore files in any directory)"
+            )
         composition = Composition.from_file(args.store_composition)
+        where = f"the composition {args.store_composition}"
     else:
-        asked = args.data_dir is not None or bool(os.environ.get("TVIX_STORE_DATA_DIR"))
-        data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-        if local or asked:
-            defaults = local_store_urls(data_dir)
+        data_dir: Path | None = args.data_dir if args.data_dir is not None else default_data_dir()
+        if args.store is not None:
+            if args.data_dir is not None:
+                raise UsageError("--store and --data-dir name two stores: give one")
+            defaults, data_dir = _store_urls(args.store)
         else:
-            defaults = (DAEMON_URL, DAEMON_URL, DAEMON_URL)
+            assert data_dir is not None
+            defaults = local_store_urls(data_dir)
         urls = (
             args.blob_service_addr or defaults[0],
             args.directory_service_addr or defaults[1],
             args.path_info_service_addr or defaults[2],
         )
-        if any(u in local_store_urls(data_dir) for u in urls):
+        _refuse_vanishing_paths(urls)
+        if data_dir is not None and any(u in local_store_urls(data_dir) for u in urls):
             data_dir.mkdir(parents=True, exist_ok=True)
         log.debug("services: blob=%s directory=%s path-info=%s", *urls)
         composition = Composition.from_urls(*urls)
+        if data_dir is not None and urls == local_store_urls(data_dir):
+            where = f"the data directory {data_dir}"
+        elif len(set(urls)) == 1:
+            where = urls[0]
+        else:
+            where = f"blobs {urls[0]}, directories {urls[1]}, path infos {urls[2]}"
     async with composition:
-        yield Services(*composition.build_all())
+        yield Services(*composition.build_all(), where=where)
 
 
-class Progress:
-    """A one-line progress report on stderr, only when stderr is a terminal."""
+def trusted_services(args: argparse.Namespace, services: Services) -> Services:
+    """``services`` with the PathInfo service wrapped in a trust check when keys are given.
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    For commands with ``add_trust_args(..., verify_nar=True)``.
+    """
+    keys = trusted_keys(args)
+    if keys is None:
+        if args.verify_nar:
+            raise CLIError(
+                "--verify-nar needs --trusted-public-keys (an unsigned NAR hash "
+                "vouches for nothing)"
+            )
+        return services
+    if not keys:
+        raise CLIError("--trusted-public-keys names no key: every store path would be refused")
+    checked = TrustedPathInfoService(
+        services.path_infos,
+        keys.values(),
+        verify_nar=args.verify_nar,
+        blob_service=services.blobs,
+        directory_service=services.directories,
+    )
+    return Services(services.blobs, services.directories, checked)
+
+
+class StatusLine:
+    """One line of status on stderr, redrawn at most every 0.1 s, only on a terminal."""
+
+    def __init__(self) -> None:
         self.enabled = sys.stderr.isatty()
-        self.files = 0
-        self.nbytes = 0
         self._last = 0.0
         self._start = time.monotonic()
 
-    def advance(self, files: int, nbytes: int) -> None:
-        self.files += files
-        self.nbytes += nbytes
+    def rate(self, nbytes: int) -> float:
+        """MB/s since the line was made."""
+        return nbytes / max(time.monotonic() - self._start, 1e-6) / 1e6
+
+    def show(self, render: Callable[[], str]) -> None:
+        """Redraw the line with what ``render`` says, unless it was drawn just now."""
         now = time.monotonic()
         if self.enabled and now - self._last > 0.1:
             self._last = now
-            rate = self.nbytes / max(now - self._start, 1e-6) / 1e6
-            sys.stderr.write(
-                f"\r\x1b[K{self.what}: {self.files:,} files, {self.nbytes / 1e6:,.1f} MB "
-                f"({rate:,.0f} MB/s)"
-            )
+            sys.stderr.write(f"\r\x1b[K{render()}")
             sys.stderr.flush()
 
-    def done(self) -> None:
+    def clear(self) -> None:
+        """Erase the line, if it was drawn."""
         if self.enabled and self._last:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 
 
+class Progress:
+    """Files and bytes written so far, on a :class:`StatusLine`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.files = 0
+        self.nbytes = 0
+        self._line = StatusLine()
+
+    def advance(self, files: int, nbytes: int) -> None:
+        """``files`` more files with ``nbytes`` more bytes were written."""
+        self.files += files
+        self.nbytes += nbytes
+        self._line.show(
+            lambda: (
+                f"{self.what}: {self.files:,} files, {self.nbytes / 1e6:,.1f} MB "
+                f"({self._line.rate(self.nbytes):,.0f} MB/s)"
+            )
+        )
+
+    def done(self) -> None:
+        """The work is over: erase the line."""
+        self._line.clear()
+
+
 def setup_logging(verbosity: int) -> None:
-    """Log to stderr: warnings by default, info with -v, debug with -vv (or env TVIX_LOG)."""
+    """Log to stderr: warnings by default, info with -v, debug with -vv (or env TVIX_LOG).
+
+    grpc's own logging (its C core) is shown only with -vvv (see :mod:`tvix.cli`).
+    """
     level = os.environ.get("TVIX_LOG", "").upper() or (
         "DEBUG" if verbosity > 1 else "INFO" if verbosity == 1 else "WARNING"
     )
@@ -223,6 +402,9 @@ def run(prog: str, main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except UsageError as e:
+        print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
+        return 2
     except (CLIError, CastoreError, StoreError, NixCompatError, OSError) as e:
         log.debug("failure", exc_info=True)
         print(f"{prog}: error: {e}", file=sys.stderr)

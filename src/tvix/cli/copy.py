@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tvix.castore.errors import InvalidURLError
-from tvix.cli.common import CLIError, Services, open_services
-from tvix.nixcompat.errors import NixCompatError
-from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
+from tvix.cli.common import (
+    Services,
+    StatusLine,
+    UsageError,
+    add_trust_args,
+    open_services,
+    trusted_keys,
+)
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.composition import Composition
 from tvix.store.copy import (
@@ -46,10 +49,9 @@ from tvix.store.copy import (
     PathSource,
     StoreSource,
     copy_closure,
-    import_reference_graph,
-    parse_reference_graph,
 )
 from tvix.store.pathinfo import PathInfo
+from tvix.store.reference_graph import import_reference_graph, parse_reference_graph
 from tvix.store.resolve import parse_path
 
 __all__ = ["add_arguments", "cmd_copy"]
@@ -89,18 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --reference-graph: read /nix/store/... under DIR (a chroot store's root)",
     )
-    trust = p.add_argument_group("trust (--from)")
-    trust.add_argument(
-        "--trusted-public-keys",
-        default=os.environ.get("TVIX_TRUSTED_PUBLIC_KEYS", ""),
-        metavar="KEYS",
-        help="space-separated name:base64 public keys; input-addressed paths need a "
-        "signature by one of them (env TVIX_TRUSTED_PUBLIC_KEYS)",
-    )
-    trust.add_argument(
-        "--no-check-sigs",
-        action="store_true",
-        help="trust the source: do not require signatures (hashes are still checked)",
+    add_trust_args(
+        p,
+        title="trust (--from)",
+        description="Input-addressed paths need a signature by one of the trusted keys; "
+        "content-addressed ones pass without, their content checked against their address.",
+        no_check_sigs=True,
     )
     p.add_argument(
         "-j",
@@ -113,16 +109,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One line on stderr while copying, only when stderr is a terminal."""
+    """Paths copied of those known so far, and bytes, on a :class:`StatusLine`."""
 
     def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
         self.known = 0
         self.copied = 0
         self.present = 0
         self.nbytes = 0
-        self._last = 0.0
-        self._start = time.monotonic()
+        self._line = StatusLine()
 
     def discovered(self, path: StorePath) -> None:
         self.known += 1
@@ -137,27 +131,15 @@ class _Progress:
         self._show()
 
     def _show(self) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self._last > 0.1:
-            self._last = now
-            rate = self.nbytes / max(now - self._start, 1e-6) / 1e6
-            sys.stderr.write(
-                f"\r\x1b[Kcopying: {self.copied + self.present}/{self.known} paths, "
-                f"{self.nbytes / 1e6:,.1f} MB ({rate:,.1f} MB/s)"
+        self._line.show(
+            lambda: (
+                f"copying: {self.copied + self.present}/{self.known} paths, "
+                f"{self.nbytes / 1e6:,.1f} MB ({self._line.rate(self.nbytes):,.1f} MB/s)"
             )
-            sys.stderr.flush()
+        )
 
     def finish(self) -> None:
-        if self.enabled and self._last:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-def _keys(text: str) -> list[VerifyingKey]:
-    try:
-        return list(parse_public_keys(text).values())
-    except NixCompatError as e:
-        raise CLIError(f"--trusted-public-keys: {e}") from None
+        self._line.clear()
 
 
 def _store_paths(texts: list[str]) -> list[StorePath]:
@@ -165,14 +147,14 @@ def _store_paths(texts: list[str]) -> list[StorePath]:
     for text in texts:
         path, sub = parse_path(text)
         if sub:
-            raise CLIError(f"{text}: copy takes store paths, not paths inside them")
+            raise UsageError(f"{text}: copy takes store paths, not paths inside them")
         out.append(path)
     return out
 
 
 @contextlib.asynccontextmanager
 async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[PathSource]:
-    keys = _keys(args.trusted_public_keys)
+    keys = list((trusted_keys(args) or {}).values())
     require = not args.no_check_sigs
     if args.from_store_composition is not None:
         composition = Composition.from_file(args.from_store_composition)
@@ -211,20 +193,23 @@ async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[Pat
 def _check_args(args: argparse.Namespace) -> None:
     sources = [a for a in (args.source, args.from_store_composition, args.reference_graph) if a]
     if len(sources) != 1:
-        raise CLIError("give exactly one of --from, --from-store-composition and --reference-graph")
+        raise UsageError(
+            "give exactly one of --from, --from-store-composition and --reference-graph"
+        )
     if args.reference_graph is not None:
         if args.paths:
-            raise CLIError("--reference-graph copies the closure the file lists: no STOREPATHs")
+            raise UsageError("--reference-graph copies the closure the file lists: no STOREPATHs")
     else:
         if not args.paths:
-            raise CLIError("no STOREPATH to copy")
+            raise UsageError("no STOREPATH to copy")
         if args.store_root is not None:
-            raise CLIError("--store-root only applies to --reference-graph")
+            raise UsageError("--store-root only applies to --reference-graph")
     if args.jobs < 1:
-        raise CLIError("--jobs must be positive")
+        raise UsageError("--jobs must be positive")
 
 
 async def cmd_copy(args: argparse.Namespace) -> int:
+    """``tvix-store copy``: copy closures from --from, or ingest a --reference-graph."""
     _check_args(args)
     progress = _Progress()
     try:

@@ -9,9 +9,12 @@ import os
 import signal
 import sys
 
-from tvix.cli.common import Services, open_services
+from tvix.castore.errors import ValidationError
+from tvix.castore.grpc.server import ServerTLS, build_server, castore_servicers
+from tvix.cli.common import CLIError, Services, UsageError, open_services
 from tvix.cli.gc import data_dir_of, describe, parse_duration, run_gc
 from tvix.store.gc import DEFAULT_GRACE, GCBusyError
+from tvix.store.grpc import GRPCPathInfoServiceWrapper
 
 __all__ = ["add_arguments", "cmd_daemon"]
 
@@ -32,7 +35,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="host:port, [ipv6]:port or unix:///path.sock to listen on "
         f"(env TVIX_STORE_LISTEN_ADDRESS; default {DEFAULT_LISTEN}: loopback only, the "
-        "protocol has no authentication)",
+        "protocol has no authentication unless --tls-client-ca is given)",
+    )
+    tls = p.add_argument_group("TLS (clients then use grpc+https://HOST:PORT)")
+    tls.add_argument(
+        "--tls-cert",
+        default=os.environ.get("TVIX_STORE_TLS_CERT"),
+        metavar="FILE",
+        help="serve TLS with this PEM certificate chain (env TVIX_STORE_TLS_CERT; needs --tls-key)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        default=os.environ.get("TVIX_STORE_TLS_KEY"),
+        metavar="FILE",
+        help="the PEM private key of --tls-cert (env TVIX_STORE_TLS_KEY)",
+    )
+    tls.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("TVIX_STORE_TLS_CLIENT_CA"),
+        metavar="FILE",
+        help="require client certificates signed by this PEM CA (mutual TLS; "
+        "env TVIX_STORE_TLS_CLIENT_CA)",
     )
     p.add_argument(
         "--gc-interval",
@@ -67,24 +90,41 @@ async def _collect_every(args: argparse.Namespace, s: Services) -> None:
             log.info("gc: %s", line)
 
 
-async def cmd_daemon(args: argparse.Namespace) -> int:
-    # Imported here, so that other commands do not pay for importing gRPC.
-    from tvix.castore.grpc.server import build_server, castore_servicers
-    from tvix.store.grpc import GRPCPathInfoServiceWrapper
+def server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    """The TLS settings the options give; :class:`CLIError` for an incomplete set."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    try:
+        return ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except ValidationError as e:
+        raise CLIError(str(e)) from None
 
-    async with open_services(args, local=True) as s:
+
+async def cmd_daemon(args: argparse.Namespace) -> int:
+    """``tvix-store daemon``: serve the store over gRPC until SIGINT or SIGTERM."""
+    tls = server_tls(args)
+    async with open_services(args) as s:
         servicers = [
             *castore_servicers(s.blobs, s.directories),
             GRPCPathInfoServiceWrapper(s.path_infos, s.blobs, s.directories),
         ]
-        server = build_server(args.listen_address, servicers)
+        server = build_server(args.listen_address, servicers, tls=tls)
         await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"tvix-store: listening on {server.url}", file=sys.stderr, flush=True)
-        log.info("serving %s on %s", ", ".join(server.service_names), server.address)
+        print(
+            f"tvix-store: listening on {server.url} (serving {s.where}"
+            + (", client certificates required)" if args.tls_client_ca else ")"),
+            file=sys.stderr,
+            flush=True,
+        )
+        log.info("services: %s", ", ".join(server.service_names))
         gc = None
         if args.gc_interval is not None:
             gc = asyncio.ensure_future(_collect_every(args, s))
@@ -94,4 +134,5 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
             await asyncio.gather(gc, return_exceptions=True)
         log.info("shutting down; calls in flight get %.0f s", GRACE)
         await server.stop(GRACE)
+    print("tvix-store: stopped", file=sys.stderr, flush=True)
     return 0

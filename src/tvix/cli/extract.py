@@ -1,29 +1,28 @@
 """``tvix-store extract``: write store paths out to disk, optionally trusting only signed ones.
 
-:func:`add_trust_arguments` and :func:`trusted_services` are meant for every
-command that reads PathInfos from sources it does not control.
+The trust options and :func:`trusted_services` are defined in
+:mod:`tvix.cli.common`, for every command that reads PathInfos from sources
+it does not control.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from tvix.cli.common import (
     CLIError,
     Progress,
-    Services,
     add_service_args,
+    add_trust_args,
     open_services,
     run,
     setup_logging,
+    trusted_services,
 )
-from tvix.nixcompat.signing import parse_public_keys
 from tvix.store.extract import extract_node, extract_store_paths, path_info_closure
-from tvix.store.pathinfoservice.trust import TrustedPathInfoService
 from tvix.store.resolve import parse_path, resolve
 
 __all__ = ["add_arguments", "add_trust_arguments", "cmd_extract", "trusted_services"]
@@ -32,49 +31,8 @@ log = logging.getLogger("tvix.extract")
 
 
 def add_trust_arguments(p: argparse.ArgumentParser) -> None:
-    """``--trusted-public-keys`` and ``--verify-nar``."""
-    g = p.add_argument_group(
-        "trust",
-        "Blobs and directories verify themselves; PathInfos are only as good as their "
-        "signatures. With trusted keys, a PathInfo is used only when one of its signatures "
-        "verifies against one of them.",
-    )
-    g.add_argument(
-        "--trusted-public-keys",
-        default=os.environ.get("TVIX_TRUSTED_PUBLIC_KEYS") or None,
-        metavar="KEYS",
-        help="space-separated public keys (name:base64, as in Nix's trusted-public-keys); "
-        "PathInfos not signed by one of them are refused (env TVIX_TRUSTED_PUBLIC_KEYS)",
-    )
-    g.add_argument(
-        "--verify-nar",
-        action="store_true",
-        help="also recompute the NAR hash of each accepted PathInfo from the content its "
-        "root node points to (reads every blob once more) and refuse a mismatch: the "
-        "signature does not cover the root node",
-    )
-
-
-def trusted_services(args: argparse.Namespace, services: Services) -> Services:
-    """``services`` with the PathInfo service wrapped in a signature check when keys are given."""
-    if args.trusted_public_keys is None:
-        if args.verify_nar:
-            raise CLIError(
-                "--verify-nar needs --trusted-public-keys (an unsigned NAR hash "
-                "vouches for nothing)"
-            )
-        return services
-    keys = parse_public_keys(args.trusted_public_keys)
-    if not keys:
-        raise CLIError("--trusted-public-keys names no key: every store path would be refused")
-    checked = TrustedPathInfoService(
-        services.path_infos,
-        keys.values(),
-        verify_nar=args.verify_nar,
-        blob_service=services.blobs,
-        directory_service=services.directories,
-    )
-    return Services(services.blobs, services.directories, checked)
+    """``--trusted-public-keys`` and ``--verify-nar``: :func:`~tvix.cli.common.add_trust_args`."""
+    add_trust_args(p, verify_nar=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def cmd_extract(args: argparse.Namespace) -> int:
+    """``tvix-store extract``: write a store path's tree (or closure) to DEST."""
     async with open_services(args) as opened:
         s = trusted_services(args, opened)
         progress = Progress(f"extracting {args.path}")

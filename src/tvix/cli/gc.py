@@ -48,8 +48,15 @@ def parse_duration(text: str) -> float:
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:
-    """The data directory the GC state (lock, pins) of this store lives in."""
-    path: Path = args.data_dir if args.data_dir is not None else default_data_dir()
+    """The data directory the GC state (lock, pins) of this store lives in.
+
+    The one ``--store`` names, else ``--data-dir``, else the default.
+    """
+    store = getattr(args, "store", None)
+    if store is not None and not store.startswith("grpc+"):
+        path = Path(store.removeprefix("file://")).expanduser()
+    else:
+        path = args.data_dir if args.data_dir is not None else default_data_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -69,7 +76,7 @@ async def _open(args: argparse.Namespace) -> AsyncIterator[tuple[Services, Pins,
     data_dir = data_dir_of(args)
     pins = Pins(str(data_dir / "gc.sqlite"))
     try:
-        async with open_services(args, local=True) as s:
+        async with open_services(args) as s:
             yield s, pins, data_dir
     finally:
         await pins.close()
@@ -172,7 +179,7 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     """``tvix-store gc``."""
     data_dir = data_dir_of(args)
     before = data_dir_usage(str(data_dir))
-    async with open_services(args, local=True) as s:
+    async with open_services(args) as s:
         report = await run_gc(
             s,
             data_dir,

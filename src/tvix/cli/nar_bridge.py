@@ -70,6 +70,7 @@ def _bound_urls(runner: web.AppRunner) -> list[str]:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    """Serve the store as a Nix HTTP binary cache until SIGINT or SIGTERM."""
     address = ListenAddress.parse(args.listen_address)
     signing_key = None
     if args.signing_key_file is not None:
@@ -114,6 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nar-bridge`` command line parser."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Serve a tvix store as a Nix HTTP binary cache. Narinfos are rendered from "
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``nar-bridge`` command: parse ``argv``, serve, return the exit code."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return run(PROG, lambda: serve(args))

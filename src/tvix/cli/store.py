@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import stat
 import sys
@@ -15,24 +13,25 @@ from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.blobservice.packs import PacksBlobService
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.cli import contents, daemon, extract
 from tvix.cli import copy as copy_cmd
-from tvix.cli import daemon, extract
 from tvix.cli.common import (
     CLIError,
     Progress,
     Services,
+    StatusLine,
     add_service_args,
     open_services,
     run,
     setup_logging,
 )
+from tvix.cli.contents import cmd_info, cmd_list, cmd_path_info
 from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.gc import add_gc_commands
 from tvix.cli.mount import add_mount_command
-from tvix.nixcompat import nixbase32
-from tvix.store.importer import import_path
+from tvix.store.importer import import_file_flat, import_path
 from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
@@ -51,8 +50,15 @@ def _write_out(data: bytes) -> None:
 
 
 async def cmd_import(args: argparse.Namespace) -> int:
+    """``tvix-store import``: add local paths to the store, as ``nix-store --add``."""
     async with open_services(args) as s:
         for path in args.paths:
+            if args.flat:
+                info = await import_file_flat(
+                    s.blobs, s.directories, s.path_infos, path, name=args.name
+                )
+                print(info.store_path.absolute_path, flush=True)
+                continue
             progress = Progress(f"importing {path}")
             try:
                 info = await import_path(
@@ -69,46 +75,8 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _path_info_json(info: PathInfo) -> dict[str, object]:
-    # Shaped like `nix path-info --json`: SRI NAR hash, full reference paths sorted.
-    out: dict[str, object] = {
-        "path": info.store_path.absolute_path,
-        "narHash": "sha256-" + base64.b64encode(info.nar_sha256).decode(),
-        "narSize": info.nar_size,
-        "references": sorted(r.absolute_path for r in info.references),
-    }
-    if info.deriver is not None:
-        out["deriver"] = info.deriver.absolute_path
-    if info.signatures:
-        out["signatures"] = sorted(str(s) for s in info.signatures)
-    if info.ca is not None:
-        out["ca"] = str(info.ca)
-    return out
-
-
-async def cmd_path_info(args: argparse.Namespace) -> int:
-    async with open_services(args) as s:
-        infos = [(await resolve(s.path_infos, s.directories, p))[0] for p in args.paths]
-    if args.json:
-        print(json.dumps([_path_info_json(i) for i in infos]))
-        return 0
-    for info in infos:
-        lines = [
-            f"StorePath: {info.store_path.absolute_path}",
-            f"NarHash: sha256:{nixbase32.encode(info.nar_sha256)}",
-            f"NarSize: {info.nar_size}",
-            "References: " + " ".join(sorted(r.base_name for r in info.references)),
-        ]
-        if info.deriver is not None:
-            lines.append(f"Deriver: {info.deriver.base_name}")
-        lines.extend(f"Sig: {s}" for s in sorted(str(s) for s in info.signatures))
-        if info.ca is not None:
-            lines.append(f"CA: {info.ca}")
-        print("\n".join(lines))
-    return 0
-
-
 async def cmd_dump_path(args: argparse.Namespace) -> int:
+    """``tvix-store dump-path``: write the NAR of a store path to stdout."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         async for piece in render_nar(s.blobs, s.directories, node):
@@ -126,6 +94,7 @@ async def _cat_blob(blobs: BlobService, node: FileNode, shown: str) -> None:
 
 
 async def cmd_cat(args: argparse.Namespace) -> int:
+    """``tvix-store cat``: write a regular file in the store to stdout."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         if not isinstance(node, FileNode):
@@ -150,6 +119,7 @@ def _ls_line(node: Node, long: bool) -> str:
 
 
 async def cmd_ls(args: argparse.Namespace) -> int:
+    """``tvix-store ls``: list a directory in the store."""
     async with open_services(args) as s:
         _info, node = await resolve(s.path_infos, s.directories, args.path)
         if not isinstance(node, DirectoryNode):
@@ -166,6 +136,7 @@ async def cmd_ls(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
+    """``tvix-store verify``: print every problem found in store paths; 1 if any."""
     problems = 0
     checked = 0
     async with open_services(args) as s:
@@ -174,11 +145,33 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         else:
             infos = s.path_infos.list()
         seen: set[bytes] = set()
+        line = StatusLine()
+        nbytes = 0
+
+        def read(n: int) -> None:
+            nonlocal nbytes
+            nbytes += n
+            show()
+
+        def show() -> None:
+            line.show(
+                lambda: (
+                    f"verifying: {checked:,} store paths, {len(seen):,} blobs, "
+                    f"{nbytes / 1e6:,.1f} MB checked ({line.rate(nbytes):,.0f} MB/s), "
+                    f"{problems} problems"
+                )
+            )
+
         async for info in infos:
             checked += 1
-            async for problem in verify_path_info(s.blobs, s.directories, info, checked_blobs=seen):
+            show()
+            async for problem in verify_path_info(
+                s.blobs, s.directories, info, checked_blobs=seen, progress=read
+            ):
                 problems += 1
+                line.clear()
                 print(problem, flush=True)
+        line.clear()
         if not args.paths and isinstance(s.blobs, PacksBlobService):
             # The whole store: also every chunk, and that packs and index agree.
             for message in await s.blobs.verify_storage():
@@ -199,6 +192,7 @@ async def _resolve_all(s: Services, paths: list[str]) -> AsyncIterator[PathInfo]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tvix-store`` command line parser, with a subcommand per command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="A content-addressed store for Nix: files stored once by their blake3 "
@@ -211,9 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="log more (-vv: debug; env TVIX_LOG)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # -v after the command too (tvix-store import -v X); counts add up with the global one.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)"
+    )
 
-    def command(name: str, fn: Command, help: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description)
+    def command(
+        name: str, fn: Command, help: str, description: str, **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, parents=[verbose], **kwargs)
         add_service_args(p)
         p.set_defaults(func=fn)
         return p
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--name", help="store path name (default: the base name of PATH)")
+    p.add_argument(
+        "--flat",
+        action="store_true",
+        help="add regular files by the sha256 of their bytes, as `nix store add-file` does",
+    )
 
     p = command(
         "copy",
@@ -256,10 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_path_info,
         "show the metadata of store paths",
         "Show NAR hash and size, references, deriver, signatures and content address of "
-        "each STOREPATH.",
+        "each STOREPATH; with -s/-S their sizes in columns, with -r their closures, as "
+        "`nix path-info` does. Store paths that are present are shown even when others are "
+        "not (those are reported, and the exit code is 1).",
+        conflict_handler="resolve",
     )
-    p.add_argument("paths", nargs="+", metavar="STOREPATH")
-    p.add_argument("--json", action="store_true", help="JSON shaped like nix path-info --json")
+    contents.add_path_info_arguments(p)
+
+    p = command(
+        "list",
+        cmd_list,
+        "list the store paths in the store",
+        "List every store path in the store (or the STOREPATHs given; with -r their closures), "
+        "with -s its NAR size and -S its closure size.",
+        conflict_handler="resolve",
+    )
+    contents.add_list_arguments(p)
+
+    p = command(
+        "info",
+        cmd_info,
+        "show what the store holds and how much sharing saves",
+        "Show the services in use, the number of store paths, their NAR bytes, the distinct "
+        "blobs and directories they share, and for a data directory the bytes on disk: the "
+        "deduplication and compression a content-addressed store buys. Reads every Directory.",
+    )
 
     p = command(
         "dump-path",
@@ -317,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``tvix-store`` command: parse ``argv``, run the command, return the exit code."""
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # No command: what there is to do, as `git` and `nix` answer.
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     return run(PROG, lambda: args.func(args))
 

@@ -39,26 +39,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
 
 import pyfuse3
+from typing_extensions import override
 
-from tvix.castore.blobservice.base import BlobReader, BlobService
+from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
-from tvix.castore.errors import CastoreError, IntegrityError, StorageError
+from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.fs.inodes import ROOT_INODE, Inode, InodeTable
 from tvix.fs.listings import ListingCache
+from tvix.fs.requests import DirHandle, FileHandle, FsOptions, fuse_error, request_handler
 from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import ListNotSupportedError, StoreError
+from tvix.store.errors import ListNotSupportedError
 from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = ["XATTR_BLOB_DIGEST", "XATTR_DIRECTORY_DIGEST", "FsOptions", "TvixStoreFs"]
@@ -73,88 +72,6 @@ _MTIME_NS = 1_000_000_000
 # The I/O size stat() suggests: cat, cp and friends size their buffers by it,
 # and every read request costs a round trip through userspace.
 _BLKSIZE = 1 << 20
-
-S = TypeVar("S", bound="TvixStoreFs")
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class FsOptions:
-    """How the filesystem behaves.
-
-    ``list_root``: list every store path at the root (the PathInfo service
-    must be able to list); without it, reading the root directory is
-    ``EPERM``, while looking up names in it works. ``show_xattr``: expose the
-    digests as extended attributes. ``request_timeout``: seconds a request may
-    wait for the services before it fails with ``EIO``. ``cache_timeout``:
-    seconds the kernel may cache names and attributes.
-    ``max_cached_directory_entries``: entries of fetched Directories kept in
-    memory (summed over Directories).
-    """
-
-    list_root: bool = False
-    show_xattr: bool = True
-    request_timeout: float = 60.0
-    cache_timeout: float = 24 * 3600.0
-    max_cached_directory_entries: int = 1_000_000
-
-
-def _fuse_error(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
-
-
-def _handler(
-    fn: Callable[Concatenate[S, P], Awaitable[R]],
-) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
-    """Bound a request handler by the request timeout and map every failure to an errno.
-
-    pyfuse3 lets only ``FUSEError`` through; anything else raised by a handler
-    would end its main loop, so this is the one place where the store's
-    errors become ``EIO`` (and are logged, since the caller only sees the errno).
-    """
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            async with asyncio.timeout(self.options.request_timeout):
-                return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except TimeoutError:
-            log.error("%s: no answer from the store within %ss", name, self.options.request_timeout)
-        except (CastoreError, StoreError, NixCompatError, OSError) as e:
-            log.error("%s: %s", name, e)
-            log.debug("%s failed", name, exc_info=True)
-        except Exception:
-            log.exception("%s: unexpected failure", name)
-        raise _fuse_error(errno.EIO)
-
-    return wrapper
-
-
-class _FileHandle:
-    """An open file: its node and, once read, a reader kept between reads."""
-
-    __slots__ = ("lock", "node", "reader")
-
-    def __init__(self, node: FileNode) -> None:
-        self.node = node
-        self.reader: BlobReader | None = None
-        # Reads of one handle can arrive concurrently (kernel readahead); the
-        # reader has one position, so they take turns.
-        self.lock = asyncio.Lock()
-
-
-class _DirHandle:
-    """An open directory; for the root, the store paths listed when it was first read."""
-
-    __slots__ = ("inode", "root_entries")
-
-    def __init__(self, inode: Inode) -> None:
-        self.inode = inode
-        self.root_entries: tuple[Node, ...] | None = None
 
 
 class TvixStoreFs(pyfuse3.Operations):
@@ -183,8 +100,8 @@ class TvixStoreFs(pyfuse3.Operations):
             directories, self.options.max_cached_directory_entries, self.options.request_timeout
         )
         self._handles = itertools.count(1)
-        self._files: dict[int, _FileHandle] = {}
-        self._dirs: dict[int, _DirHandle] = {}
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
         self._negative = self._negative_entry()
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -198,6 +115,7 @@ class TvixStoreFs(pyfuse3.Operations):
         """
         self._after_init.append(callback)
 
+    @override
     def init(self) -> None:
         # Called by pyfuse3 while the INIT request is being answered, inside the
         # loop; the answer is written before the loop runs anything else.
@@ -253,7 +171,7 @@ class TvixStoreFs(pyfuse3.Operations):
         if inode is None:
             # The kernel only asks about inodes it was told about and has not forgotten.
             log.warning("request for unknown inode %d", ino)
-            raise _fuse_error(errno.ENOENT)
+            raise fuse_error(errno.ENOENT)
         return inode
 
     # -- names ---------------------------------------------------------------------------
@@ -273,10 +191,11 @@ class TvixStoreFs(pyfuse3.Operations):
     async def _children(self, inode: Inode) -> tuple[Node, ...]:
         node = inode.node
         if not isinstance(node, DirectoryNode):
-            raise _fuse_error(errno.ENOTDIR)
+            raise fuse_error(errno.ENOTDIR)
         return (await self.listings.get(node.digest)).entries
 
-    @_handler
+    @override
+    @request_handler
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -288,12 +207,12 @@ class TvixStoreFs(pyfuse3.Operations):
         elif parent.ino == ROOT_INODE:
             node = await self._root_node(name)
             if node is None:
-                raise _fuse_error(errno.ENOENT)  # not cached: it may be added later
+                raise fuse_error(errno.ENOENT)  # not cached: it may be added later
             found = self.inodes.entry(parent, name, node)
         else:
             directory = parent.node
             if not isinstance(directory, DirectoryNode):
-                raise _fuse_error(errno.ENOTDIR)
+                raise fuse_error(errno.ENOTDIR)
             child = (await self.listings.get(directory.digest)).by_name.get(name)
             if child is None:
                 return self._negative  # immutable: the kernel may remember the miss
@@ -301,48 +220,53 @@ class TvixStoreFs(pyfuse3.Operations):
         self.inodes.remember(found)
         return self._attrs(found)
 
+    @override
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Must not raise (it answers no request): there is nothing here that could.
         for ino, nlookup in inode_list:
             self.inodes.forget(ino, nlookup)
 
-    @_handler
+    @override
+    @request_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._inode(inode))
 
-    @_handler
+    @override
+    @request_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._inode(inode).node
         if not isinstance(node, SymlinkNode):
-            raise _fuse_error(errno.EINVAL)
+            raise fuse_error(errno.EINVAL)
         return node.target
 
     # -- directories ---------------------------------------------------------------------
 
-    @_handler
+    @override
+    @request_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entry = self._inode(inode)
         if entry.node is not None and not isinstance(entry.node, DirectoryNode):
-            raise _fuse_error(errno.ENOTDIR)
+            raise fuse_error(errno.ENOTDIR)
         fh = next(self._handles)
-        self._dirs[fh] = _DirHandle(entry)
+        self._dirs[fh] = DirHandle(entry)
         return fh
 
     async def _root_entries(self) -> tuple[Node, ...]:
         if not self.options.list_root:
-            raise _fuse_error(errno.EPERM)
+            raise fuse_error(errno.EPERM)
         try:
             nodes = [info.node async for info in self.path_infos.list()]
         except ListNotSupportedError:
-            raise _fuse_error(errno.EPERM) from None
+            raise fuse_error(errno.EPERM) from None
         nodes.sort(key=lambda n: n.name)
         return tuple(nodes)
 
-    @_handler
+    @override
+    @request_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs.get(fh)
         if handle is None:
-            raise _fuse_error(errno.EBADF)
+            raise fuse_error(errno.EBADF)
         inode = handle.inode
         if inode.ino == ROOT_INODE:
             # One listing per open: offsets into it stay valid while paths are added.
@@ -372,29 +296,32 @@ class TvixStoreFs(pyfuse3.Operations):
                 return
             child.nlookup += 1  # readdirplus: each entry sent is a lookup
 
-    @_handler
+    @override
+    @request_handler
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     # -- files ---------------------------------------------------------------------------
 
-    @_handler
+    @override
+    @request_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise _fuse_error(errno.EROFS)
+            raise fuse_error(errno.EROFS)
         node = self._inode(inode).node
         if not isinstance(node, FileNode):
-            raise _fuse_error(errno.EISDIR if node is None else errno.EINVAL)
+            raise fuse_error(errno.EISDIR if node is None else errno.EINVAL)
         fh = next(self._handles)
-        self._files[fh] = _FileHandle(node)
+        self._files[fh] = FileHandle(node)
         # The contents of an inode never change: cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    @_handler
+    @override
+    @request_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files.get(fh)
         if handle is None:
-            raise _fuse_error(errno.EBADF)
+            raise fuse_error(errno.EBADF)
         node = handle.node
         want = min(size, node.size - off)
         if want <= 0:
@@ -408,7 +335,7 @@ class TvixStoreFs(pyfuse3.Operations):
                 await _close_reader(handle)
                 raise
 
-    async def _read_at(self, handle: _FileHandle, off: int, want: int) -> bytes:
+    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytes:
         reader = handle.reader
         if reader is None:
             reader = await self.blobs.open_read(handle.node.digest)
@@ -438,7 +365,8 @@ class TvixStoreFs(pyfuse3.Operations):
             got += len(data)
         return b"".join(parts)
 
-    @_handler
+    @override
+    @request_handler
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
@@ -446,21 +374,23 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- extended attributes -------------------------------------------------------------
 
-    @_handler
+    @override
+    @request_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.options.show_xattr:
-            raise _fuse_error(errno.ENOSYS)  # the kernel then reports EOPNOTSUPP for good
+            raise fuse_error(errno.ENOSYS)  # the kernel then reports EOPNOTSUPP for good
         node = self._inode(inode).node
         if name == XATTR_BLOB_DIGEST and isinstance(node, FileNode):
             return str(node.digest).encode()
         if name == XATTR_DIRECTORY_DIGEST and isinstance(node, DirectoryNode):
             return str(node.digest).encode()
-        raise _fuse_error(pyfuse3.ENOATTR)
+        raise fuse_error(pyfuse3.ENOATTR)
 
-    @_handler
+    @override
+    @request_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.options.show_xattr:
-            raise _fuse_error(errno.ENOSYS)
+            raise fuse_error(errno.ENOSYS)
         node = self._inode(inode).node
         if isinstance(node, FileNode):
             return [XATTR_BLOB_DIGEST]
@@ -470,7 +400,8 @@ class TvixStoreFs(pyfuse3.Operations):
 
     # -- the filesystem as a whole -------------------------------------------------------
 
-    @_handler
+    @override
+    @request_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = _BLKSIZE
@@ -482,6 +413,7 @@ class TvixStoreFs(pyfuse3.Operations):
     # The mount is read-only, so the kernel refuses these itself; answering
     # EROFS here too keeps the filesystem read-only however it is mounted.
 
+    @override
     async def setattr(
         self,
         inode: int,
@@ -490,29 +422,35 @@ class TvixStoreFs(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def rename(
         self,
         parent_inode_old: int,
@@ -522,31 +460,36 @@ class TvixStoreFs(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
+    @override
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _fuse_error(errno.EROFS)
+        raise fuse_error(errno.EROFS)
 
 
-async def _close_reader(handle: _FileHandle) -> None:
+async def _close_reader(handle: FileHandle) -> None:
     reader, handle.reader = handle.reader, None
     if reader is not None:
         try:

@@ -45,8 +45,11 @@ _MASK = (1 << 63) - 1
 
 
 def derived_inode(parent: int, name: bytes, attempt: int = 0) -> int:
-    """The inode number of entry ``name`` of ``parent`` (``attempt`` > 0: a probe after
-    a collision). Never 0 (no inode) or 1 (the root)."""
+    """The inode number of entry ``name`` of ``parent``.
+
+    ``attempt`` > 0: a probe after a collision. Never 0 (no inode) or 1 (the
+    root).
+    """
     key = parent.to_bytes(8, "little") + name
     if attempt:
         key += b"\0" + attempt.to_bytes(4, "little")

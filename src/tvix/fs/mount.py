@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +67,29 @@ def fuse_options(options: MountOptions) -> set[str]:
     return opts
 
 
+def _check_mountpoint(path: str) -> None:
+    """Refuse a mount point that is missing, not a directory, or a mount that died."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(
+            f"cannot mount at {path}: it does not exist (create the directory)"
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"cannot mount at {path}: a filesystem mounted there has died; "
+                f"unmount it with `fusermount3 -u {path}`"
+            ) from None
+        raise MountError(f"cannot mount at {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"cannot mount at {path}: not a directory")
+    if os.path.ismount(path):
+        log.warning("mounting over %s, which is a mount point already", path)
+    elif os.listdir(path):
+        log.warning("mounting over %s, which is not empty: its entries are hidden meanwhile", path)
+
+
 async def mount(
     blobs: BlobService,
     directories: DirectoryService,
@@ -112,8 +137,7 @@ async def serve(
     """
     options = options if options is not None else MountOptions()
     path = os.path.abspath(mountpoint)
-    if not os.path.isdir(path):
-        raise MountError(f"cannot mount at {path}: not a directory")
+    _check_mountpoint(path)
     if fs.options.list_root and not fs.path_infos.supports_list:
         raise MountError(
             f"cannot list the root: {type(fs.path_infos).__name__} cannot list its store paths"

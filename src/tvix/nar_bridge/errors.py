@@ -50,34 +50,50 @@ class HTTPError(Exception):
 
 
 class BadRequest(HTTPError):
+    """400 Bad Request."""
+
     status = 400
 
 
 class Unauthorized(HTTPError):
+    """401 Unauthorized."""
+
     status = 401
 
 
 class Forbidden(HTTPError):
+    """403 Forbidden."""
+
     status = 403
 
 
 class NotFound(HTTPError):
+    """404 Not Found."""
+
     status = 404
 
 
 class Conflict(HTTPError):
+    """409 Conflict."""
+
     status = 409
 
 
 class PayloadTooLarge(HTTPError):
+    """413 Payload Too Large."""
+
     status = 413
 
 
 class UnsupportedMediaType(HTTPError):
+    """415 Unsupported Media Type."""
+
     status = 415
 
 
 class RangeNotSatisfiable(HTTPError):
+    """416 Range Not Satisfiable."""
+
     status = 416
 
 

@@ -4,7 +4,8 @@
 ``GET|HEAD /nix-cache-info``              ``StoreDir``, ``WantMassQuery``, ``Priority``
 ``GET|HEAD /<hash>.narinfo``              the PathInfo as Nix renders a narinfo
                                           (``Compression: none``, signed when a key is set)
-``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`), with
+``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
+                                          ``/nar/snix-castore/<node>`` too), with
                                           ``Range`` support (206/416)
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
@@ -48,10 +49,10 @@ from tvix.nar_bridge.errors import (
     is_unexpected,
     status_for,
 )
-from tvix.nar_bridge.nar import LayoutCache, render_full, render_range
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
+    SNIX_CASTORE_NAR_PREFIX,
     NarFileName,
     decode_castore_nar,
     encode_castore_nar,
@@ -62,6 +63,7 @@ from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import ingest_nar_stream
+from tvix.store.nar.seekable import LayoutCache, render_full, render_range
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -168,7 +170,8 @@ class NarBridge:
         r.add_put("/nix-cache-info", self._put_cache_info, expect_handler=self._expect)
         r.add_get("/{hash}.narinfo", self._get_narinfo)
         r.add_put("/{hash}.narinfo", self._put_narinfo, expect_handler=self._expect)
-        r.add_get("/" + CASTORE_NAR_PREFIX + "{node}", self._get_castore_nar)
+        for prefix in (CASTORE_NAR_PREFIX, SNIX_CASTORE_NAR_PREFIX):
+            r.add_get("/" + prefix + "{node}", self._get_castore_nar)
         r.add_get("/nar/{file}", self._get_nar_file)
         r.add_put("/nar/{file}", self._put_nar, expect_handler=self._expect)
         app.on_cleanup.append(self._cleanup)
@@ -444,16 +447,7 @@ class NarBridge:
             raise BadRequest(
                 f"NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar_size} bytes"
             )
-        return PathInfo(
-            store_path=store_path,
-            node=node.renamed(store_path.base_name.encode()),
-            nar_size=nar_size,
-            nar_sha256=narinfo.nar_hash,
-            references=narinfo.references,
-            signatures=narinfo.signatures,
-            deriver=narinfo.deriver,
-            ca=narinfo.ca,
-        )
+        return PathInfo.from_narinfo(narinfo, node)
 
 
 def _file_name_of(url: str) -> NarFileName | None:

@@ -8,36 +8,30 @@ node, NAR size and sha256) is remembered in a bounded in-memory
 
 The compression is recognised by the body's first bytes, not trusted from
 the file extension (Nix 2.8 names gzip-compressed NARs plain ``.nar``):
-xz, bzip2, gzip and zstd are decoded as they stream, in a worker thread (so
-a slow decompressor never blocks the event loop) that reads the body
-through the loop; each read returns at most what the NAR parser asked for,
-so memory stays bounded whatever the ratio ("zip bombs" included).
+xz, bzip2, gzip and zstd are decoded as they stream by
+:class:`tvix.nixcompat.compression.DecompressingReader`, each decompression
+step in a worker thread (so a slow decompressor never blocks the event
+loop) and bounded in output; each read returns at most what the NAR parser
+asked for, so memory stays bounded whatever the ratio ("zip bombs"
+included).
 """
 
 from __future__ import annotations
 
-import asyncio
-import bz2
 import concurrent.futures
-import gzip
 import hashlib
-import io
-import lzma
-import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import zstandard
 
 from tvix.castore.nodes import Node
 from tvix.nar_bridge.errors import BadRequest, UnsupportedMediaType
 from tvix.nar_bridge.urls import NarFileName
+from tvix.nixcompat.compression import CompressionError, DecompressingReader
 
 __all__ = ["NarBody", "UploadIndex", "UploadedNar"]
 
-# Raw bytes pulled from the body per read of the worker thread.
+# Raw bytes pulled from the body per read.
 _RAW_READ = 1 << 20
 # Magic numbers, longest first where one is a prefix of another.
 _MAGICS: tuple[tuple[bytes, str], ...] = (
@@ -50,17 +44,6 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 )
 _SNIFF = max(len(m) for m, _ in _MAGICS)
 _DECODABLE = {"xz", "bzip2", "gzip", "zstd"}
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    lzma.LZMAError,
-    zlib.error,
-    EOFError,
-    OSError,  # bz2 and gzip report corrupt data as OSError (gzip.BadGzipFile)
-    zstandard.ZstdError,
-)
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _BodyReadError(Exception):
@@ -89,8 +72,7 @@ class NarBody:
         self._hash = hashlib.sha256()
         self._size = 0
         self._prefix = b""
-        self._file: _Readable | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decoded: DecompressingReader | None = None
         #: The compression recognised by :meth:`start` (``none`` for a plain NAR).
         self.compression = "none"
 
@@ -119,25 +101,30 @@ class NarBody:
                 "use compression=xz, zstd, bzip2, gzip or none"
             )
         if self.compression != "none":
-            self._loop = asyncio.get_running_loop()
-            self._file = _open_decoder(
-                self.compression, io.BufferedReader(_BlockingBody(self), _RAW_READ)
+            self._decoded = DecompressingReader(
+                self._raw_chunks(), self.compression, executor=self._executor
             )
+
+    async def _raw_chunks(self) -> AsyncIterator[bytes]:
+        if self._prefix:
+            prefix, self._prefix = self._prefix, b""
+            yield prefix
+        while data := await self._pull(_RAW_READ):
+            yield data
 
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes of the NAR; ``b""`` at its end."""
-        if self._file is None:
+        if self._decoded is None:
             if self._prefix:
                 data, self._prefix = self._prefix[:n], self._prefix[n:]
                 return data
             return await self._unwrap(self._pull(n))
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._file.read, n)
+            return await self._decoded.read(n)
         except _BodyReadError as e:
             raise _cause(e) from None
-        except _DECODE_ERRORS as e:
-            raise BadRequest(f"corrupt {self.compression} data: {e}") from None
+        except CompressionError as e:
+            raise BadRequest(str(e)) from None
 
     async def finish(self) -> tuple[int, bytes]:
         """Consume the rest of the body; its size and sha256 as sent.
@@ -145,6 +132,8 @@ class NarBody:
         Only a compressed body can have bytes left here (the decoders ignore
         what follows the last compressed stream); they count for the file hash.
         """
+        if self._decoded is not None:
+            await self._decoded.aclose()  # its raw stream; the rest is read here
         while await self._unwrap(self._pull(_RAW_READ)):
             pass
         return self._size, self._hash.digest()
@@ -155,48 +144,12 @@ class NarBody:
         except _BodyReadError as e:
             raise _cause(e) from None
 
-    def _pull_blocking(self, n: int) -> bytes:
-        """:meth:`_pull` from the decoding worker thread, run on the event loop."""
-        if self._prefix:
-            data, self._prefix = self._prefix[:n], self._prefix[n:]
-            return data
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(self._pull(n), self._loop).result()
-
 
 def _cause(e: _BodyReadError) -> BaseException:
     # The original error, not a "corrupt data" one: the client's connection failed.
     cause = e.args[0]
     assert isinstance(cause, BaseException)
     return cause
-
-
-class _BlockingBody(io.RawIOBase):
-    """The upload body as a blocking raw file, for the stdlib/zstandard decoders."""
-
-    def __init__(self, body: NarBody) -> None:
-        self._body = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._body._pull_blocking(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _open_decoder(compression: str, raw: io.BufferedReader) -> _Readable:
-    if compression == "xz":
-        return lzma.LZMAFile(raw)
-    if compression == "bzip2":
-        return bz2.BZ2File(raw)
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw)
-    reader: _Readable = zstandard.ZstdDecompressor().stream_reader(
-        raw, read_size=_RAW_READ, read_across_frames=True
-    )
-    return reader
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from tvix.nixcompat import nixbase32
 
 __all__ = [
     "CASTORE_NAR_PREFIX",
+    "SNIX_CASTORE_NAR_PREFIX",
     "NarFileName",
     "decode_castore_nar",
     "encode_castore_nar",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 CASTORE_NAR_PREFIX = "nar/tvix-castore/"
+#: The prefix snix's nar-bridge uses for the same URLs; accepted too.
+SNIX_CASTORE_NAR_PREFIX = "nar/snix-castore/"
 
 # Far above any real node (a symlink target is at most 4 KiB): bounds the work a
 # hostile URL can cause.
@@ -94,6 +97,7 @@ class NarFileName:
 
     @property
     def path(self) -> str:
+        """The URL path, relative to the cache root: ``nar/<file hash>.nar[.ext]``."""
         return f"nar/{nixbase32.encode(self.file_hash)}.nar{self.extension}"
 
 

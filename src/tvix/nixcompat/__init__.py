@@ -1,13 +1,14 @@
 """Nix's formats: nixbase32, store paths, content addresses, NAR, narinfo, signatures.
 
-This package depends on nothing else of ours (only the standard library and
-``cryptography`` for ed25519); the real Nix 2.8 is the authority it is
-tested against.
+This package depends on nothing else of ours (only the standard library,
+``cryptography`` for ed25519 and ``zstandard`` for zstd-compressed NARs);
+the real Nix 2.8 is the authority it is tested against.
 """
 
 from tvix.nixcompat import nar, nixbase32
 from tvix.nixcompat.cahash import CAHash, CAKind
 from tvix.nixcompat.errors import (
+    CompressionError,
     InvalidCAHashError,
     InvalidHashError,
     InvalidKeyError,
@@ -41,6 +42,7 @@ __all__ = [
     "STORE_DIR",
     "CAHash",
     "CAKind",
+    "CompressionError",
     "HashAlgo",
     "InvalidCAHashError",
     "InvalidHashError",

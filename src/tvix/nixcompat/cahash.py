@@ -48,8 +48,10 @@ class CAHash:
 
     @classmethod
     def parse(cls, text: str) -> CAHash:
-        """Parse Nix's spelling: ``fixed:r:<algo>:<hash>``, ``fixed:<algo>:<hash>``
-        or ``text:sha256:<hash>``, the hash in nixbase32, base16 or base64.
+        """Parse Nix's spelling of a content address.
+
+        ``fixed:r:<algo>:<hash>``, ``fixed:<algo>:<hash>`` or
+        ``text:sha256:<hash>``, the hash in nixbase32, base16 or base64.
 
         Raises:
             InvalidCAHashError: any other form, an unknown algorithm or a bad digest.

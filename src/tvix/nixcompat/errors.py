@@ -13,12 +13,14 @@ raised for bad input values::
     ├── NARError                  (also ValueError)
     ├── NarInfoError              (also ValueError)
     ├── InvalidKeyError           (also ValueError)
-    └── SignatureError            (also ValueError)
+    ├── SignatureError            (also ValueError)
+    └── CompressionError          (also ValueError) damaged or unsupported compressed data
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CompressionError",
     "InvalidCAHashError",
     "InvalidHashError",
     "InvalidKeyError",
@@ -65,3 +67,7 @@ class InvalidKeyError(NixCompatError, ValueError):
 
 class SignatureError(NixCompatError, ValueError):
     """A signature in Nix's ``name:base64`` form is malformed."""
+
+
+class CompressionError(NixCompatError, ValueError):
+    """Compressed data is damaged or truncated, or its compression method is not supported."""

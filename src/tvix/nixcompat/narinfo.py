@@ -42,7 +42,8 @@ def fingerprint(
     nar_size: int,
     references: Iterable[StorePath | str],
 ) -> str:
-    """Return the string Nix signs for a store path:
+    """Return the string Nix signs for a store path.
+
     ``1;<store path>;sha256:<nixbase32 NAR hash>;<NAR size>;<refs>``, where
     ``<refs>`` are the full reference paths, sorted, comma-separated.
 
@@ -117,7 +118,7 @@ class NarInfo:
 
     @classmethod
     def parse(cls, text: str | bytes) -> NarInfo:
-        """Parse narinfo *text*: lines ``Key: value``, each ending in ``\\n``.
+        r"""Parse narinfo *text*: lines ``Key: value``, each ending in ``\n``.
 
         Hashes may be ``sha256:`` + nixbase32, base16 or base64, or SRI
         ``sha256-<base64>``. Unknown keys are ignored; ``Deriver:
@@ -204,13 +205,13 @@ class NarInfo:
         )
 
     def render(self) -> str:
-        """Return the narinfo text exactly as Nix writes it.
+        r"""Return the narinfo text exactly as Nix writes it.
 
         Key order ``StorePath``, ``URL``, ``Compression``, ``FileHash``,
         ``FileSize``, ``NarHash``, ``NarSize``, ``References`` (sorted base
         names, the line present even when empty), ``Deriver``, ``System``,
         ``Sig`` (sorted, one per signature), ``CA``; hashes as
-        ``sha256:<nixbase32>``; every line ends in ``\\n``.
+        ``sha256:<nixbase32>``; every line ends in ``\n``.
         """
         lines = [
             f"StorePath: {self.store_path.absolute_path}\n",

@@ -157,8 +157,9 @@ class SigningKey:
 
     @classmethod
     def parse(cls, text: str) -> SigningKey:
-        """Parse ``name:base64(64 bytes)`` (surrounding whitespace, such as a final
-        newline, is ignored).
+        """Parse ``name:base64(64 bytes)``.
+
+        Surrounding whitespace, such as a final newline, is ignored.
 
         Raises:
             InvalidKeyError: not that form, not 64 bytes, or the public half
@@ -223,8 +224,10 @@ def verify_any(
     signatures: Iterable[Signature],
     keys: Mapping[str, VerifyingKey] | Iterable[VerifyingKey],
 ) -> bool:
-    """Return whether at least one of *signatures* is a valid signature of
-    *message* by one of *keys* — Nix's rule for trusting a path.
+    """Return whether any of *signatures* is a valid signature of *message* by *keys*.
+
+    At least one valid signature by one of *keys*: Nix's rule for trusting a
+    path.
     """
     by_name = keys if isinstance(keys, Mapping) else {k.name: k for k in keys}
     data = _to_bytes(message)

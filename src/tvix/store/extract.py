@@ -47,26 +47,31 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import blake3
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
-from tvix.castore.errors import IntegrityError, StorageError
-from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix.castore.nodes import DirectoryNode, Node
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import StoreError
+from tvix.store.concurrency import gather_all
+from tvix.store.errors import ExtractError, NotFoundError
 from tvix.store.nar.render import load_closure
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
-from tvix.store.resolve import NotFoundError
+from tvix.store.tree_writer import (
+    DIRECTORY_MODE,
+    EXECUTABLE_MODE,
+    FILE_MODE,
+    WRITE_THREADS,
+    ExtractProgress,
+    ExtractStats,
+    TreePlan,
+    TreeWriter,
+)
 
 __all__ = [
     "DIRECTORY_MODE",
@@ -80,326 +85,8 @@ __all__ = [
     "path_info_closure",
 ]
 
-FILE_MODE = 0o444
-EXECUTABLE_MODE = 0o555
-DIRECTORY_MODE = 0o755
-
-# Blobs up to this size are fetched whole and written in windows; larger ones streamed.
-SMALL_BLOB = 512 << 10
-# Small blobs being fetched at once.
-FETCH_CONCURRENCY = 32
-# A window: the files one worker-thread job writes.
-WINDOW_FILES = 256
-WINDOW_BYTES = 8 << 20
-# Windows being written at once (the fetching goes on meanwhile): bounds memory
-# to about this many plus one times WINDOW_BYTES.
-WRITES_IN_FLIGHT = 3
-# Writer threads: more than one overlaps filesystem syscalls (which release the GIL).
-WRITE_THREADS = 2
-# Large blobs streamed at once, and the piece size they are streamed in.
-LARGE_CONCURRENCY = 4
-PIECE = 1 << 20
 # Directory closures fetched at once when extracting several store paths.
 CLOSURE_CONCURRENCY = 16
-
-_EMPTY_DIGEST = B3Digest(blake3.blake3(b"").digest())
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-T = TypeVar("T")
-# A blob to write: its digest, its size, and the files to write it to (path, executable).
-_Item = tuple[B3Digest, int, list[tuple[bytes, bool]]]
-
-
-class ExtractError(StoreError):
-    """The destination cannot be used (it exists, or its parent is not a directory)."""
-
-
-class ExtractProgress(Protocol):
-    """Receives progress of an extraction (for a progress bar)."""
-
-    def advance(self, files: int, nbytes: int) -> None:
-        """``files`` more files with ``nbytes`` more bytes were written."""
-
-
-@dataclass
-class ExtractStats:
-    """What an extraction wrote."""
-
-    directories: int = 0
-    files: int = 0
-    symlinks: int = 0
-    nbytes: int = 0
-
-
-# -- planning ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """Every path to create, relative to the temporary top directory."""
-
-    directories: list[bytes] = field(default_factory=list)  # parents before children
-    symlinks: list[tuple[bytes, bytes]] = field(default_factory=list)
-    empty: list[tuple[bytes, bool]] = field(default_factory=list)
-    # (digest, size) -> the files with that content: (path, executable)
-    files: dict[tuple[B3Digest, int], list[tuple[bytes, bool]]] = field(default_factory=dict)
-
-    def add(self, path: bytes, node: Node, closure: dict[B3Digest, Directory]) -> None:
-        """Add ``node`` at ``path`` and, for a directory, everything below it."""
-        stack: list[tuple[bytes, Node]] = [(path, node)]
-        while stack:
-            path, node = stack.pop()
-            if isinstance(node, FileNode):
-                if node.size == 0 and node.digest == _EMPTY_DIGEST:
-                    self.empty.append((path, node.executable))
-                else:
-                    key = (node.digest, node.size)
-                    self.files.setdefault(key, []).append((path, node.executable))
-            elif isinstance(node, SymlinkNode):
-                self.symlinks.append((path, node.target))
-            else:
-                directory = closure.get(node.digest)
-                if directory is None:
-                    raise StorageError(
-                        f"Directory {node.digest.hex()} (at {os.fsdecode(path)}) is missing"
-                    )
-                self.directories.append(path)
-                prefix = path + b"/"
-                stack.extend((prefix + child.name, child) for child in directory.nodes())
-
-    def stats(self) -> ExtractStats:
-        files = len(self.empty) + sum(len(t) for t in self.files.values())
-        nbytes = sum(size * len(t) for (_, size), t in self.files.items())
-        return ExtractStats(len(self.directories), files, len(self.symlinks), nbytes)
-
-
-# -- writing (blocking; runs in worker threads) --------------------------------------------
-
-
-def _make_skeleton(top: int, plan: _Plan) -> None:
-    """Directories, symlinks and empty files, in one pass."""
-    for path in plan.directories:
-        os.mkdir(path, DIRECTORY_MODE, dir_fd=top)
-    for path, target in plan.symlinks:
-        os.symlink(target, path, dir_fd=top)
-    for path, executable in plan.empty:
-        os.close(os.open(path, _NEW_FILE, _mode(executable), dir_fd=top))
-
-
-def _mode(executable: bool) -> int:
-    return EXECUTABLE_MODE if executable else FILE_MODE
-
-
-def _write_fd(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_window(
-    top: int, window: list[tuple[B3Digest, int, list[tuple[bytes, bool]], bytes]]
-) -> None:
-    """Check each blob against its digest, then write it to each of its files."""
-    for digest, _size, targets, data in window:
-        got = blake3.blake3(data).digest()
-        if got != digest:
-            raise IntegrityError(
-                f"blob {digest.hex()} (for {os.fsdecode(targets[0][0])}): "
-                f"received bytes hash to {got.hex()}"
-            )
-        for path, executable in targets:
-            fd = os.open(path, _NEW_FILE, _mode(executable), dir_fd=top)
-            try:
-                _write_fd(fd, data)
-            finally:
-                os.close(fd)
-
-
-def _write_piece(fd: int, data: bytes, hasher: blake3.blake3) -> None:
-    hasher.update(data)
-    _write_fd(fd, data)
-
-
-def _copy_file(top: int, src: bytes, dst: bytes, executable: bool) -> None:
-    with (
-        open(os.open(src, os.O_RDONLY | os.O_CLOEXEC, dir_fd=top), "rb") as fin,
-        open(os.open(dst, _NEW_FILE, _mode(executable), dir_fd=top), "wb") as fout,
-    ):
-        shutil.copyfileobj(fin, fout, PIECE)
-
-
-# -- fetching -----------------------------------------------------------------------------
-
-
-async def _fetch_small(blobs: BlobService, digest: B3Digest, size: int, shown: bytes) -> bytes:
-    reader = await blobs.open_read(digest)
-    if reader is None:
-        raise StorageError(f"blob {digest.hex()} (for {os.fsdecode(shown)}) is missing")
-    parts: list[bytes] = []
-    got = 0
-    async with reader:
-        # Asking for one byte more than expected finds a blob that is too long.
-        while got <= size:
-            part = await reader.read(size + 1 - got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-    if got != size:
-        raise IntegrityError(
-            f"blob {digest.hex()} (for {os.fsdecode(shown)}) has "
-            f"{'more than ' if got > size else ''}{got} bytes, expected {size}"
-        )
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class _Writer:
-    """Fetches the contents of a plan's files and writes them below ``top``."""
-
-    def __init__(
-        self,
-        blobs: BlobService,
-        top: int,
-        pool: ThreadPoolExecutor,
-        progress: ExtractProgress | None,
-    ) -> None:
-        self._blobs = blobs
-        self._top = top
-        self._pool = pool
-        self._progress = progress
-        self._loop = asyncio.get_running_loop()
-
-    def _in_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        return self._loop.run_in_executor(self._pool, fn, *args)
-
-    async def run(self, plan: _Plan) -> None:
-        await self._in_thread(_make_skeleton, self._top, plan)
-        if self._progress is not None and plan.empty:
-            self._progress.advance(len(plan.empty), 0)
-        small: list[_Item] = []
-        large: list[_Item] = []
-        for (digest, size), targets in plan.files.items():
-            (small if size <= SMALL_BLOB else large).append((digest, size, targets))
-        large_slots = asyncio.Semaphore(LARGE_CONCURRENCY)
-
-        async def large_file(item: _Item) -> None:
-            async with large_slots:
-                await self._large(*item)
-
-        await _gather_all([self._small(small), *(large_file(item) for item in large)])
-
-    async def _small(self, small: list[_Item]) -> None:
-        """Fetch the small files' contents with a few workers; write them in windows.
-
-        :data:`FETCH_CONCURRENCY` worker coroutines take the next blob from a
-        shared iterator (cheaper than a task per blob, which showed in
-        profiles); a full window goes to a worker thread while the fetching
-        goes on. At most :data:`WRITES_IN_FLIGHT` windows are being written;
-        fetching waits for a free slot, which bounds memory.
-        """
-        items = iter(small)
-        window: list[tuple[B3Digest, int, list[tuple[bytes, bool]], bytes]] = []
-        window_bytes = 0
-        slots = asyncio.Semaphore(WRITES_IN_FLIGHT)
-        flushing = asyncio.Lock()
-        writes: list[asyncio.Future[None]] = []
-
-        def written(fut: asyncio.Future[None], files: int, nbytes: int) -> None:
-            slots.release()
-            if self._progress is not None and not fut.cancelled() and fut.exception() is None:
-                self._progress.advance(files, nbytes)
-
-        async def flush() -> None:
-            nonlocal window, window_bytes
-            # The slot first, then the window: while one worker waits here the others
-            # keep adding to the same window (and then wait for the lock), so at most
-            # one window beyond those being written is held.
-            await slots.acquire()
-            batch, nbytes = window, window_bytes
-            window, window_bytes = [], 0
-            for done in [w for w in writes if w.done()]:
-                writes.remove(done)
-                done.result()  # a failed window fails the extraction now
-            fut = self._in_thread(_write_window, self._top, batch)
-            files = sum(len(t) for _, _, t, _ in batch)
-            fut.add_done_callback(lambda f: written(f, files, nbytes))
-            writes.append(fut)
-
-        async def worker() -> None:
-            nonlocal window_bytes
-            for digest, size, targets in items:
-                data = await _fetch_small(self._blobs, digest, size, targets[0][0])
-                window.append((digest, size, targets, data))
-                window_bytes += size * len(targets)
-                if len(window) >= WINDOW_FILES or window_bytes >= WINDOW_BYTES:
-                    async with flushing:
-                        if len(window) >= WINDOW_FILES or window_bytes >= WINDOW_BYTES:
-                            await flush()
-
-        try:
-            await _gather_all([worker() for _ in range(FETCH_CONCURRENCY)])
-            if window:
-                await flush()
-            await asyncio.gather(*writes)
-        finally:
-            for w in writes:
-                if w.done() and not w.cancelled():
-                    w.exception()  # retrieved (the first failure is already raised)
-                else:
-                    w.cancel()
-
-    async def _large(self, digest: B3Digest, size: int, targets: list[tuple[bytes, bool]]) -> None:
-        first, executable = targets[0]
-        shown = os.fsdecode(first)
-        reader = await self._blobs.open_read(digest)
-        if reader is None:
-            raise StorageError(f"blob {digest.hex()} (for {shown}) is missing")
-        hasher = blake3.blake3()
-        got = 0
-        async with reader:
-            fd = await self._loop.run_in_executor(
-                self._pool, _open_new, self._top, first, _mode(executable)
-            )
-            try:
-                while got <= size:
-                    piece = await reader.read(min(PIECE, size + 1 - got))
-                    if not piece:
-                        break
-                    got += len(piece)
-                    await self._in_thread(_write_piece, fd, piece, hasher)
-                    if self._progress is not None:
-                        self._progress.advance(0, len(piece))
-            finally:
-                os.close(fd)
-        if got != size:
-            raise IntegrityError(
-                f"blob {digest.hex()} (for {shown}) has "
-                f"{'more than ' if got > size else ''}{got} bytes, expected {size}"
-            )
-        if hasher.digest() != digest:
-            raise IntegrityError(
-                f"blob {digest.hex()} (for {shown}): received bytes hash to {hasher.hexdigest()}"
-            )
-        for path, exe in targets[1:]:
-            await self._in_thread(_copy_file, self._top, first, path, exe)
-        if self._progress is not None:
-            self._progress.advance(len(targets), size * (len(targets) - 1))
-
-
-def _open_new(top: int, path: bytes, mode: int) -> int:
-    return os.open(path, _NEW_FILE, mode, dir_fd=top)
-
-
-async def _gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """Like ``asyncio.gather``, but the first failure cancels (and awaits) the rest."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 # -- placing the result ---------------------------------------------------------------------
@@ -441,7 +128,7 @@ def _place(src: str, dest: Path, is_dir: bool) -> None:
 
 async def _extract(
     blob_service: BlobService,
-    plan: _Plan,
+    plan: TreePlan,
     dest: Path,
     is_dir: bool,
     progress: ExtractProgress | None,
@@ -453,7 +140,7 @@ async def _extract(
         try:
             pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="tvix-extract")
             try:
-                await _Writer(blob_service, top, pool, progress).run(plan)
+                await TreeWriter(blob_service, top, pool, progress).run(plan)
             finally:
                 # Jobs of a failed extraction may still be running: let them end
                 # before the tree is removed.
@@ -495,7 +182,7 @@ async def extract_node(
     closure: dict[B3Digest, Directory] = {}
     if isinstance(node, DirectoryNode):
         closure = await load_closure(directory_service, node.digest)
-    plan = _Plan()
+    plan = TreePlan()
     plan.add(b"out", node, closure)
     return await _extract(blob_service, plan, target, isinstance(node, DirectoryNode), progress)
 
@@ -527,9 +214,9 @@ async def extract_store_paths(
 
     wanted = {n.digest: n for n in roots.values() if isinstance(n, DirectoryNode)}
     closure: dict[B3Digest, Directory] = {}
-    for part in await _gather_all([load(n) for n in wanted.values()]):
+    for part in await gather_all([load(n) for n in wanted.values()]):
         closure.update(part)
-    plan = _Plan()
+    plan = TreePlan()
     plan.directories.append(b"out")
     for store_path, node in roots.items():
         plan.add(b"out/" + store_path.base_name.encode(), node, closure)
@@ -543,7 +230,7 @@ async def path_info_closure(
 
     Breadth-first from the ones given, each store path once; the PathInfos
     of one level are asked for concurrently. Raises
-    :class:`~tvix.store.resolve.NotFoundError` naming a store path that is
+    :class:`~tvix.store.errors.NotFoundError` naming a store path that is
     not in the store (and what refers to it).
     """
     found: dict[StorePath, PathInfo] = {}
@@ -560,7 +247,7 @@ async def path_info_closure(
             return await path_info_service.get(sp.digest)
 
     while level:
-        infos = await _gather_all([get(sp) for sp in level])
+        infos = await gather_all([get(sp) for sp in level])
         following: list[StorePath] = []
         for sp, info in zip(level, infos, strict=True):
             if info is None or info.store_path != sp:

@@ -61,8 +61,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tvix.castore.blobservice.base import BlobService, BlobSweep
-from tvix.castore.blobservice.packs import PacksBlobService
-from tvix.castore.blobservice.packs.service import CompactResult
+from tvix.castore.blobservice.packs import CompactResult, PacksBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.directoryservice.sqlite import SQLiteDatabase

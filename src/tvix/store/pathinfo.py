@@ -107,6 +107,27 @@ class PathInfo:
             for sig in self.signatures
         )
 
+    @classmethod
+    def from_narinfo(cls, narinfo: NarInfo, node: Node) -> PathInfo:
+        """The PathInfo ``narinfo`` describes, its contents at ``node`` (renamed as the path).
+
+        ``node`` must be the root of the NAR the narinfo's ``NarHash`` and
+        ``NarSize`` describe: checking that is the caller's job. The
+        narinfo's references, signatures, deriver and content address are
+        kept; its file fields (``URL``, ``Compression``, ``FileHash``) are
+        about one copy of the NAR and are not.
+        """
+        return cls(
+            store_path=narinfo.store_path,
+            node=node.renamed(narinfo.store_path.base_name.encode()),
+            nar_size=narinfo.nar_size,
+            nar_sha256=narinfo.nar_hash,
+            references=narinfo.references,
+            signatures=narinfo.signatures,
+            deriver=narinfo.deriver,
+            ca=narinfo.ca,
+        )
+
     def to_narinfo(self, url: str | None = None, compression: str = "none") -> NarInfo:
         """The narinfo Nix would serve for this path (uncompressed NAR by default).
 

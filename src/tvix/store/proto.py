@@ -8,7 +8,7 @@ their names, a missing narinfo, bad signatures, deriver or content address.
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from tvix._proto import store_pb2 as pb
@@ -22,7 +22,13 @@ from tvix.nixcompat.storepath import StorePath
 from tvix.store.errors import InvalidPathInfoError
 from tvix.store.pathinfo import PathInfo
 
-__all__ = ["pathinfo_from_proto", "pathinfo_to_proto", "pb"]
+__all__ = [
+    "pathinfo_from_bytes",
+    "pathinfo_from_proto",
+    "pathinfo_to_bytes",
+    "pathinfo_to_proto",
+    "pb",
+]
 
 _CA = pb.NARInfo.CA
 _CA_TO_MODEL = {
@@ -138,3 +144,17 @@ def pathinfo_to_proto(info: PathInfo) -> pb.PathInfo:
         references=[r.digest for r in info.references],
         narinfo=ni,
     )
+
+
+def pathinfo_to_bytes(info: PathInfo) -> bytes:
+    """The deterministic protobuf encoding of ``info``."""
+    return pathinfo_to_proto(info).SerializeToString(deterministic=True)
+
+
+def pathinfo_from_bytes(data: bytes) -> PathInfo:
+    """Decode a PathInfo from its protobuf encoding; raises :class:`InvalidPathInfoError`."""
+    try:
+        message = pb.PathInfo.FromString(data)
+    except DecodeError as e:
+        raise InvalidPathInfoError(f"invalid PathInfo encoding: {e}") from None
+    return pathinfo_from_proto(message)

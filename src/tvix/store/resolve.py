@@ -8,15 +8,11 @@ from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import StorageError
 from tvix.castore.nodes import DirectoryNode, Node
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import StoreError
+from tvix.store.errors import NotFoundError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = ["NotFoundError", "parse_path", "resolve"]
-
-
-class NotFoundError(StoreError):
-    """A store path or a path inside one does not exist."""
 
 
 def parse_path(text: str) -> tuple[StorePath, list[bytes]]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import blake3
-
+from tvix.castore.blobservice import BlobMismatchError, open_verified
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import CastoreError
@@ -30,23 +29,27 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-async def _check_blob(blobs: BlobService, node: FileNode) -> str | None:
+#: Told how many bytes of blobs were read and checked (for a progress display).
+Progress = Callable[[int], None]
+
+
+async def _check_blob(
+    blobs: BlobService, node: FileNode, progress: Progress | None = None
+) -> str | None:
     try:
-        reader = await blobs.open_read(node.digest)
+        reader = await open_verified(blobs, node.digest, size=node.size)
         if reader is None:
             return f"blob {node.digest.hex()} is missing"
-        h = blake3.blake3()
-        size = 0
         async with reader:
-            while chunk := await reader.read(_BLOCK):
-                h.update(chunk)
-                size += len(chunk)
+            while data := await reader.read(_BLOCK):
+                if progress is not None:
+                    progress(len(data))
+    except BlobMismatchError as e:
+        if e.got != node.digest:
+            return f"blob {node.digest.hex()} hashes to {e.got.hex()}"
+        return f"blob {node.digest.hex()} has {e.size} bytes, expected {node.size}"
     except CastoreError as e:
         return f"blob {node.digest.hex()} cannot be read: {e}"
-    if h.digest() != node.digest:
-        return f"blob {node.digest.hex()} hashes to {h.hexdigest()}"
-    if size != node.size:
-        return f"blob {node.digest.hex()} has {size} bytes, expected {node.size}"
     return None
 
 
@@ -56,11 +59,13 @@ async def verify_path_info(
     info: PathInfo,
     *,
     checked_blobs: set[bytes] | None = None,
+    progress: Progress | None = None,
 ) -> AsyncIterator[Problem]:
-    """Yield every problem with the contents of ``info``: missing or damaged
-    Directories and blobs (each with the path it affects), wrong Directory
-    sizes, and, when the contents are complete, a NAR hash or size that
-    differs from the PathInfo's.
+    """Yield every problem with the contents of ``info``.
+
+    Missing or damaged Directories and blobs (each with the path it affects),
+    wrong Directory sizes, and, when the contents are complete, a NAR hash or
+    size that differs from the PathInfo's.
 
     ``checked_blobs`` remembers blobs found intact across calls, so content
     shared between store paths is read once.
@@ -73,7 +78,7 @@ async def verify_path_info(
     root = info.node
     if isinstance(root, FileNode):
         if root.digest not in seen_blobs:
-            problem = await _check_blob(blob_service, root)
+            problem = await _check_blob(blob_service, root, progress)
             if problem is None:
                 seen_blobs.add(root.digest)
             else:
@@ -96,7 +101,7 @@ async def verify_path_info(
             found = True
             yield Problem(path, f"Directory {node.digest.hex()} is missing")
             continue
-        if directory.size != node.size:
+        if not directory.accepts_size(node.size):
             found = True
             yield Problem(path, f"Directory size is {directory.size}, its parent says {node.size}")
         for child in directory.directories:
@@ -104,7 +109,7 @@ async def verify_path_info(
         for f in directory.files:
             if f.digest in seen_blobs:
                 continue
-            problem = await _check_blob(blob_service, f)
+            problem = await _check_blob(blob_service, f, progress)
             if problem is None:
                 seen_blobs.add(f.digest)
             else:

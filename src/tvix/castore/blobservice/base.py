@@ -120,7 +120,9 @@ class BlobService(abc.ABC):
 
     Blobs are immutable: writing the same bytes twice stores them once.
     Absence is a value (``False``/``None``), failures are exceptions
-    (:class:`~tvix.castore.errors.StorageError`). All methods may be called
+    (:class:`~tvix.castore.errors.StorageError`); damaged stored data (bytes
+    that do not match their digest) raises
+    :class:`~tvix.castore.errors.IntegrityError`. All methods may be called
     concurrently. Memory use is bounded regardless of blob size.
 
     Backends with :attr:`supports_gc` remember when each blob (and chunk)
@@ -166,10 +168,7 @@ class BlobService(abc.ABC):
         if reader is None:
             return None
         async with reader:
-            parts = []
-            while chunk := await reader.read(1 << 20):
-                parts.append(chunk)
-        return b"".join(parts)
+            return await reader.read()
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         """The finer chunks the blob is stored as, in order, or ``None`` when absent.

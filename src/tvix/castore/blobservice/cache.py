@@ -7,20 +7,23 @@ it ``type = "cache"`` in a composition file, or build it directly.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-import blake3
+from typing_extensions import override
 
+from tvix.castore.blobservice._readers import BLOCK, open_verified
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, StorageError
 
-__all__ = ["CacheBlobService"]
+__all__ = ["CacheBlobService", "CacheBlobServiceConfig", "CacheConfig"]
 
 log = logging.getLogger(__name__)
 
 # Bytes per read while copying a blob from far into near: what bounds the
 # memory of a cache fill, whatever the blob's size.
-COPY_BLOCK = 1 << 20
+COPY_BLOCK = BLOCK
 
 
 class CacheBlobService(BlobService):
@@ -59,9 +62,11 @@ class CacheBlobService(BlobService):
         self.near = near
         self.far = far
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return await self.near.has(digest) or await self.far.has(digest)
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         reader = await self.near.open_read(digest)
         if reader is not None:
@@ -77,24 +82,16 @@ class CacheBlobService(BlobService):
 
     async def _fill(self, digest: B3Digest) -> bool:
         """Copy blob ``digest`` from far into near, verified; ``False`` if far lacks it."""
-        src = await self.far.open_read(digest)
+        src = await open_verified(self.far, digest, source="the cache's far service")
         if src is None:
             return False
-        hasher = blake3.blake3()
         async with src:
-            # The writer aborts (stores nothing) if anything below raises.
+            # The writer aborts (stores nothing) if anything below raises. The
+            # reader checks the digest at the end, before close: wrong bytes must
+            # never become visible in near, not even under their own (correct) digest.
             async with self.near.open_write() as dst:
                 while block := await src.read(COPY_BLOCK):
-                    hasher.update(block)
                     await dst.write(block)
-                # Checked before close: wrong bytes must never become visible in near,
-                # not even under their own (correct) digest.
-                got = B3Digest(hasher.digest())
-                if got != digest:
-                    raise IntegrityError(
-                        f"blob {digest.hex()}: the cache's far service returned bytes "
-                        f"hashing to {got.hex()}"
-                    )
             stored = await dst.close()
         if stored != digest:
             raise IntegrityError(
@@ -103,9 +100,11 @@ class CacheBlobService(BlobService):
         log.debug("cache: copied blob %s from far into near", digest.hex())
         return True
 
+    @override
     def open_write(self) -> BlobWriter:
         return _CacheBlobWriter(self.near.open_write(), self.far.open_write())
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         chunks = await self.near.chunks(digest)
         if chunks is not None:
@@ -152,3 +151,23 @@ class _CacheBlobWriter(BlobWriter):
                 await self._far.abort()
             finally:
                 await self._near.abort()
+
+
+@dataclass(frozen=True)
+class CacheConfig(ServiceConfig):
+    """Type ``cache``: ``near`` and ``far``, names of services of the same kind.
+
+    The base of the cache combinators' configs, one per kind.
+    """
+
+    near: str = setting("ref")
+    far: str = setting("ref")
+
+
+@dataclass(frozen=True)
+class CacheBlobServiceConfig(CacheConfig):
+    """A :class:`CacheBlobService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CacheBlobService:
+        """Near and far come from the composition."""
+        return CacheBlobService(ctx.service(self.near), ctx.service(self.far))

@@ -32,36 +32,33 @@ stream, never a complete one, and stores nothing.
 
 from __future__ import annotations
 
-import asyncio
-import bisect
 import io
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from functools import partial
 
 import blake3
 import grpc
+from typing_extensions import override
 
+from tvix.castore.blobservice._readers import ChunkedReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import _seek_target
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3_LEN, B3Digest
 from tvix.castore.errors import IntegrityError, StorageError, ValidationError
-from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk
-from tvix.castore.grpc.channel import LazyChannel, channel_target
-from tvix.castore.grpc.errors import error_from_rpc
+from tvix.castore.grpc._client import GRPCClient, StreamingPut
+from tvix.castore.grpc._wire import MESSAGE_SIZE, decode_blob_chunk, encode_blob_chunk
+from tvix.castore.grpc.channel import GRPCConfig
 from tvix.castore.proto import pb
-from tvix.castore.url import ServiceURL
 
-__all__ = ["MAX_VERIFIED_CHUNK", "MESSAGE_SIZE", "VERIFY_WINDOW", "GRPCBlobService", "from_url"]
+__all__ = [
+    "MAX_VERIFIED_CHUNK",
+    "MESSAGE_SIZE",
+    "VERIFY_WINDOW",
+    "GRPCBlobService",
+    "GRPCBlobServiceConfig",
+]
 
-# Bytes per BlobChunk sent by writers (and by the server's Read). DESIGN.md
-# measured grpc.aio at ~1 GB/s with 1 MiB messages and half that with 64 KiB;
-# with hashing and encoding added, 512 KiB messages cost the client a third of
-# the CPU of 1 MiB ones (bench/bench_grpc.py: 0.9-1.0 vs 2.7-2.9 CPU seconds per
-# GiB put; client-side copies of 1 MiB ran at ~1 GB/s, page-fault bound,
-# apparently glibc handing such blocks back to the kernel and back). Either size
-# stays far below any peer's default 4 MiB receive limit.
-MESSAGE_SIZE = 512 << 10
 # A listed chunk is fetched and held whole to verify it; larger ones make the
 # reader fall back to streaming the blob, so memory stays bounded whatever the
 # server lists.
@@ -75,63 +72,47 @@ VERIFY_WINDOW = 4 << 20
 # grpc-stubs lacks aio.EOF, what a stream's read() returns at its end.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
-_STAT = "/tvix.castore.v1.BlobService/Stat"
-_READ = "/tvix.castore.v1.BlobService/Read"
-_PUT = "/tvix.castore.v1.BlobService/Put"
+_SERVICE = "castore.v1.BlobService"
 
 
 @dataclass
 class _Stubs:
+    """The BlobService stubs on one channel."""
+
     channel: grpc.aio.Channel
     stat: grpc.aio.UnaryUnaryMultiCallable[pb.StatBlobRequest, pb.StatBlobResponse]
     read: grpc.aio.UnaryStreamMultiCallable[pb.ReadBlobRequest, memoryview | None]
     put: grpc.aio.StreamUnaryMultiCallable[bytes | bytearray | memoryview, pb.PutBlobResponse]
 
 
-class GRPCBlobService(BlobService):
-    """A client of a remote ``tvix.castore.v1.BlobService``; see the module docstring
-    for how what it reads is verified.
+class GRPCBlobService(GRPCClient[_Stubs], BlobService):
+    """A client of a remote ``tvix.castore.v1.BlobService``.
+
+    See the module docstring for how what it reads is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
-        self._stubs_cache: _Stubs | None = None
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCBlobService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
-
-    def _stubs(self) -> _Stubs:
-        channel = self._channel.get()
-        stubs = self._stubs_cache
-        if stubs is None or stubs.channel is not channel:
-            stubs = self._stubs_cache = _Stubs(
-                channel,
-                channel.unary_unary(
-                    _STAT,
-                    request_serializer=pb.StatBlobRequest.SerializeToString,
-                    response_deserializer=pb.StatBlobResponse.FromString,
-                ),
-                channel.unary_stream(
-                    _READ,
-                    request_serializer=pb.ReadBlobRequest.SerializeToString,
-                    response_deserializer=decode_blob_chunk,
-                ),
-                channel.stream_unary(
-                    _PUT,
-                    request_serializer=encode_blob_chunk,
-                    response_deserializer=pb.PutBlobResponse.FromString,
-                ),
-            )
-        return stubs
-
-    def _fail(self, e: grpc.aio.AioRpcError, what: str) -> NoReturn:
-        raise error_from_rpc(e, what, self.address) from None
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        return _Stubs(
+            channel,
+            channel.unary_unary(
+                self.method(_SERVICE, "Stat"),
+                request_serializer=pb.StatBlobRequest.SerializeToString,
+                response_deserializer=pb.StatBlobResponse.FromString,
+            ),
+            channel.unary_stream(
+                self.method(_SERVICE, "Read"),
+                request_serializer=pb.ReadBlobRequest.SerializeToString,
+                response_deserializer=decode_blob_chunk,
+            ),
+            channel.stream_unary(
+                self.method(_SERVICE, "Put"),
+                request_serializer=encode_blob_chunk,
+                response_deserializer=pb.PutBlobResponse.FromString,
+            ),
+        )
 
     async def _stat(self, digest: B3Digest, send_chunks: bool) -> pb.StatBlobResponse | None:
         try:
@@ -143,9 +124,11 @@ class GRPCBlobService(BlobService):
                 return None
             self._fail(e, f"Stat of blob {digest.hex()}")
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return await self._stat(digest, send_chunks=False) is not None
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         response = await self._stat(digest, send_chunks=True)
         if response is None:
@@ -163,144 +146,61 @@ class GRPCBlobService(BlobService):
             out.append(ChunkMeta(B3Digest(c.digest), c.size))
         return out
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         response = await self._stat(digest, send_chunks=True)
         if response is None:
             return None
         chunks = self._chunk_list(digest, response)
         if chunks and all(c.size <= MAX_VERIFIED_CHUNK for c in chunks):
-            return _ChunkedReader(self, digest, chunks)
+            return ChunkedReader(
+                digest,
+                chunks,
+                partial(self._fetch_chunk, digest),
+                mismatch=lambda _got: (
+                    f"blob {digest.hex()} from {self.address}: its chunks "
+                    "(each matching its own digest) do not add up to the blob"
+                ),
+                ahead_bytes=READ_AHEAD,
+            )
         return _StreamReader(self, digest)
 
-    def open_write(self) -> BlobWriter:
-        return _GRPCBlobWriter(self)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-
-class _ChunkedReader(BlobReader):
-    """Reads a blob chunk by chunk, each verified before any of its bytes is returned."""
-
-    def __init__(self, service: GRPCBlobService, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
-        self._service = service
-        self._digest = digest
-        self._chunks = chunks
-        self._starts: list[int] = []
-        size = 0
-        for c in chunks:
-            self._starts.append(size)
-            size += c.size
-        self._size = size
-        self._pos = 0
-        self._current = -1
-        self._current_data = b""
-        self._fetches: dict[int, asyncio.Task[bytes]] = {}
-        # Whole-blob verification, possible while chunks are read in order.
-        self._whole = blake3.blake3()
-        self._hashed = 0
-        self._broken: IntegrityError | None = None
-
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            parts = []
-            while part := await self.read(MESSAGE_SIZE):
-                parts.append(part)
-            return b"".join(parts)
-        if self._broken is not None:
-            raise self._broken
-        if n == 0 or self._pos >= self._size:
-            return b""
-        i = bisect.bisect_right(self._starts, self._pos) - 1
-        data = await self._chunk(i)
-        offset = self._pos - self._starts[i]
-        end = min(len(data), offset + n)
-        self._pos += end - offset
-        if offset == 0 and end == len(data):
-            return data
-        return data[offset:end]
-
-    async def _chunk(self, i: int) -> bytes:
-        if i == self._current:
-            return self._current_data
-        sequential = i == self._current + 1
-        task = self._fetches.pop(i, None)
-        if task is None:
-            task = self._start_fetch(i)
-        # Drop prefetches a seek made useless; keep the ones ahead of i.
-        for j in [j for j in self._fetches if j < i]:
-            self._fetches.pop(j).cancel()
-        if sequential:
-            ahead, j = 0, i + 1
-            while j < len(self._chunks) and ahead + self._chunks[j].size <= READ_AHEAD:
-                ahead += self._chunks[j].size
-                if j not in self._fetches:
-                    self._fetches[j] = self._start_fetch(j)
-                j += 1
-        data = await task
-        if i == self._hashed:
-            self._whole.update(data)
-            self._hashed += 1
-            if self._hashed == len(self._chunks) and self._whole.digest() != self._digest:
-                self._broken = IntegrityError(
-                    f"blob {self._digest.hex()} from {self._service.address}: its chunks "
-                    "(each matching its own digest) do not add up to the blob"
-                )
-                raise self._broken
-        self._current, self._current_data = i, data
-        return data
-
-    def _start_fetch(self, i: int) -> asyncio.Task[bytes]:
-        task = asyncio.create_task(self._fetch(self._chunks[i]))
-        # A prefetch may fail or be dropped without anyone awaiting it.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task
-
-    async def _fetch(self, chunk: ChunkMeta) -> bytes:
-        service = self._service
-        what = f"chunk {chunk.digest.hex()} of blob {self._digest.hex()}"
+    async def _fetch_chunk(self, blob: B3Digest, chunk: ChunkMeta) -> bytes:
+        """Chunk ``chunk`` of ``blob``, verified."""
+        what = f"chunk {chunk.digest.hex()} of blob {blob.hex()}"
         hasher = blake3.blake3()
         parts: list[memoryview] = []
         got = 0
-        call = service._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
+        call = self._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
         try:
             async for part in call:
                 if part is None:
-                    raise IntegrityError(f"{what} from {service.address}: undecodable message")
+                    raise IntegrityError(f"{what} from {self.address}: undecodable message")
                 got += len(part)
                 if got > chunk.size:
                     raise IntegrityError(
-                        f"{what} from {service.address}: more than the {chunk.size} bytes listed"
+                        f"{what} from {self.address}: more than the {chunk.size} bytes listed"
                     )
                 hasher.update(part)
                 parts.append(part)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise StorageError(
-                    f"{what}: {service.address} listed it but does not have it"
+                    f"{what}: {self.address} listed it but does not have it"
                 ) from None
-            service._fail(e, f"Read of {what}")
+            self._fail(e, f"Read of {what}")
         finally:
             call.cancel()
         if got != chunk.size or hasher.digest() != chunk.digest:
             raise IntegrityError(
-                f"{what} from {service.address}: received {got} bytes hashing to "
+                f"{what} from {self.address}: received {got} bytes hashing to "
                 f"{hasher.hexdigest()}, expected {chunk.size} bytes"
             )
         return b"".join(parts)
 
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = _seek_target(self._pos, self._size, offset, whence)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    async def close(self) -> None:
-        for task in self._fetches.values():
-            task.cancel()
-        self._fetches.clear()
-        self._current_data = b""
+    @override
+    def open_write(self) -> BlobWriter:
+        return _GRPCBlobWriter(self)
 
 
 class _StreamReader(BlobReader):
@@ -410,7 +310,7 @@ class _StreamReader(BlobReader):
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         # The size is unknown until the end of the stream, so SEEK_END is refused.
-        self._pos = _seek_target(self._pos, None, offset, whence)
+        self._pos = seek_target(self._pos, None, offset, whence)
         return self._pos
 
     def tell(self) -> int:
@@ -426,38 +326,18 @@ class _StreamReader(BlobReader):
 class _GRPCBlobWriter(BlobWriter):
     def __init__(self, service: GRPCBlobService) -> None:
         self._service = service
-        self._call: grpc.aio.StreamUnaryCall[Any, pb.PutBlobResponse] | None = None
+        self._put: StreamingPut[pb.PutBlobResponse] = StreamingPut(
+            service,
+            lambda: service._stubs().put(),  # type: ignore[call-arg]  # stubs gap
+            "Put of a blob",
+            "the server ended it early",
+        )
         self._buf = bytearray()
         self._hasher = blake3.blake3()
         self._digest: B3Digest | None = None
-        self._aborted = False
-
-    def _ensure_call(self) -> grpc.aio.StreamUnaryCall[Any, pb.PutBlobResponse]:
-        if self._call is None:
-            # No request iterator: messages are sent with write(), each awaited,
-            # which is grpc's flow control reaching back to the caller.
-            self._call = self._service._stubs().put()  # type: ignore[call-arg]  # stubs gap
-        return self._call
-
-    async def _send(self, data: bytes | bytearray | memoryview) -> None:
-        call = self._ensure_call()
-        try:
-            await call.write(data)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._failed()
-
-    async def _failed(self) -> NoReturn:
-        """The call ended early: raise what the server said."""
-        assert self._call is not None
-        self._aborted = True
-        try:
-            await self._call
-        except grpc.aio.AioRpcError as e:
-            self._service._fail(e, "Put of a blob")
-        raise StorageError(f"Put of a blob at {self._service.address}: the server ended it early")
 
     async def write(self, data: bytes | memoryview) -> None:
-        if self._digest is not None or self._aborted:
+        if self._digest is not None or self._put.aborted:
             raise ValueError("write to a closed blob writer")
         view = memoryview(data).cast("B")
         self._hasher.update(view)
@@ -469,11 +349,11 @@ class _GRPCBlobWriter(BlobWriter):
             if len(buf) < MESSAGE_SIZE:
                 return
             # The serializer has copied the message once write() returns.
-            await self._send(buf)
+            await self._put.send(buf)
             buf.clear()
         # Large writes go out in slices without passing through the buffer.
         while len(view) >= MESSAGE_SIZE:
-            await self._send(view[:MESSAGE_SIZE])
+            await self._put.send(view[:MESSAGE_SIZE])
             view = view[MESSAGE_SIZE:]
         if view:
             buf += view
@@ -481,27 +361,19 @@ class _GRPCBlobWriter(BlobWriter):
     async def close(self) -> B3Digest:
         if self._digest is not None:
             return self._digest
-        if self._aborted:
+        if self._put.aborted:
             raise ValueError("close of an aborted blob writer")
         if self._buf:
-            await self._send(self._buf)
+            await self._put.send(self._buf)
             self._buf = bytearray()
-        call = self._ensure_call()
-        try:
-            await call.done_writing()
-            response = await call
-        except grpc.aio.AioRpcError as e:
-            self._aborted = True
-            self._service._fail(e, "Put of a blob")
-        except asyncio.InvalidStateError:
-            await self._failed()
+        response = await self._put.finish()
         local = B3Digest(self._hasher.digest())
         try:
             remote = B3Digest(response.digest)
         except ValidationError:
             remote = None
         if remote != local:
-            self._aborted = True
+            self._put.aborted = True
             raise IntegrityError(
                 f"Put of a blob at {self._service.address}: the server answered digest "
                 f"{response.digest.hex()}, the bytes sent hash to {local.hex()}"
@@ -511,13 +383,14 @@ class _GRPCBlobWriter(BlobWriter):
 
     async def abort(self) -> None:
         if self._digest is None:
-            self._aborted = True
             self._buf = bytearray()
-            if self._call is not None:
-                # A cancelled call never reaches the server as a complete stream.
-                self._call.cancel()
+            self._put.cancel()
 
 
-def from_url(url: ServiceURL) -> GRPCBlobService:
-    """The registry's factory for ``grpc+http`` and ``grpc+unix``."""
-    return GRPCBlobService.from_url(url)
+@dataclass(frozen=True)
+class GRPCBlobServiceConfig(GRPCConfig):
+    """A store daemon's BlobService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
+
+    def build(self, ctx: BuildContext) -> GRPCBlobService:
+        """A client; it connects on first use."""
+        return GRPCBlobService(self.target, self.address, protocol=self.protocol, tls=self.tls)

@@ -2,55 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import blake3
+from typing_extensions import override
 
+from tvix.castore.blobservice._readers import BytesBlobReader
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
-from tvix.castore.url import ServiceURL
 
-__all__ = ["BytesBlobReader", "MemoryBlobService"]
-
-
-class BytesBlobReader(BlobReader):
-    """A :class:`BlobReader` over bytes already in memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    async def read(self, n: int = -1) -> bytes:
-        start = self._pos
-        end = len(self._view) if n < 0 else min(len(self._view), start + n)
-        if start >= end:
-            return b""
-        self._pos = end
-        return bytes(self._view[start:end])
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        pos = _seek_target(self._pos, len(self._view), offset, whence)
-        self._pos = pos
-        return pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-def _seek_target(pos: int, size: int | None, offset: int, whence: int) -> int:
-    """Where a seek lands; shared by the readers of every backend."""
-    if whence == io.SEEK_SET:
-        target = offset
-    elif whence == io.SEEK_CUR:
-        target = pos + offset
-    elif whence == io.SEEK_END and size is not None:
-        target = size + offset
-    else:
-        raise ValueError(f"unsupported whence {whence}")
-    if target < 0:
-        raise ValueError(f"negative seek position {target}")
-    return target
+__all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
 
 class _MemoryBlobWriter(BlobWriter):
@@ -93,23 +56,28 @@ class MemoryBlobService(BlobService):
     def __init__(self) -> None:
         self._blobs: dict[B3Digest, bytes] = {}
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryBlobService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
-
+    @override
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         data = self._blobs.get(digest)
         return None if data is None else BytesBlobReader(data)
 
+    @override
     def open_write(self) -> BlobWriter:
         return _MemoryBlobWriter(self)
 
+    @override
     async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
         return [self._blobs.get(d) for d in digests]
+
+
+@dataclass(frozen=True)
+class MemoryBlobServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryBlobService:
+        """A new, empty service."""
+        return MemoryBlobService()

@@ -4,28 +4,33 @@ Composition only (it refers to other services, so it has no URL): name it
 ``type = "race"`` with ``sources = ["a", "b", ...]`` in a composition file,
 or build it directly.
 
-:func:`first_answer` is the racing loop shared by the race combinators of
-all three kinds (see :mod:`tvix.castore.directoryservice.race` and
-:mod:`tvix.store.pathinfoservice.race`).
+The racing loop itself, shared by the race combinators of all three kinds,
+is :func:`tvix.castore.race.first_answer`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import blake3
+from typing_extensions import override
 
+from tvix.castore.blobservice._readers import BLOCK, BlobVerifier, BytesBlobReader, seek_target
 from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from tvix.castore.blobservice.memory import BytesBlobReader, _seek_target
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
-from tvix.castore.errors import CastoreError, IntegrityError, StorageError
+from tvix.castore.errors import CastoreError, IntegrityError
+from tvix.castore.race import RaceConfig, first_answer, source_name
 
-__all__ = ["EAGER_SIZE", "RaceBlobService", "first_answer", "source_name"]
+__all__ = [
+    "EAGER_SIZE",
+    "RaceBlobService",
+    "RaceBlobServiceConfig",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,93 +42,7 @@ T = TypeVar("T")
 # that verifies" literal for them. Larger blobs are streamed from the first
 # source to deliver this many bytes, verified as they stream (see _RaceReader).
 EAGER_SIZE = 1 << 20
-_BLOCK = 1 << 20
-
-
-def source_name(service: object, index: int) -> str:
-    """How logs and errors name source ``index``: its address when it has one."""
-    address = getattr(service, "address", None)
-    return f"source {index} ({address or type(service).__name__})"
-
-
-async def first_answer(
-    sources: Sequence[S],
-    ask: Callable[[S], Awaitable[T | None]],
-    what: str,
-    *,
-    discard: Callable[[T], Awaitable[None]] | None = None,
-) -> tuple[int, T] | None:
-    """Ask every source at once; the index and answer of the first that is not ``None``.
-
-    ``ask`` verifies what a source returns and raises when it does not hold
-    up. The other sources' calls are cancelled as soon as one answer wins
-    (and awaited, so nothing outlives the call); answers that arrive
-    together with the winner are passed to ``discard`` (e.g. to close a
-    reader). A source whose call raises (unavailable, wrong data) is logged
-    as a warning naming it, and skipped. Returns ``None`` only when every
-    source answered ``None``. When no source answered and some failed, raises
-    the failure: of its own type if all failures share one, else
-    :class:`StorageError` listing them.
-    """
-    tasks = [asyncio.ensure_future(ask(s)) for s in sources]
-    index: dict[asyncio.Future[T | None], int] = {t: i for i, t in enumerate(tasks)}
-    failures: list[tuple[int, Exception]] = []
-    winner: tuple[int, T] | None = None
-    try:
-        pending: set[asyncio.Future[T | None]] = set(tasks)
-        while pending and winner is None:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # In source order, so ties go to the earlier source (deterministic).
-            for task in sorted(done, key=index.__getitem__):
-                i = index[task]
-                # A call cancelled by someone else than us counts as a failing source.
-                exc = (
-                    StorageError("the call was cancelled") if task.cancelled() else task.exception()
-                )
-                if exc is not None and not isinstance(exc, Exception):
-                    raise exc  # KeyboardInterrupt and the like are not a source's failure
-                if exc is not None:
-                    name = source_name(sources[i], i)
-                    log.warning("race: %s: %s failed, skipping it: %s", what, name, exc)
-                    failures.append((i, exc))
-                    continue
-                answer = task.result()
-                if answer is None:
-                    continue
-                if winner is None:
-                    winner = (i, answer)
-                elif discard is not None:
-                    await discard(answer)
-    finally:
-        losers = [t for t in tasks if not t.done()]
-        for t in losers:
-            t.cancel()
-        if losers:
-            # Let the cancellations land (a remote call ends, a reader closes) before
-            # returning; their outcome no longer matters.
-            await asyncio.wait(losers)
-        for t in tasks:
-            if t.done() and not t.cancelled():
-                t.exception()  # retrieved: a loser's failure is not "never retrieved"
-    if winner is not None:
-        return winner
-    if failures:
-        raise _combined(what, sources, failures)
-    return None
-
-
-def _combined(
-    what: str, sources: Sequence[object], failures: list[tuple[int, Exception]]
-) -> Exception:
-    detail = "; ".join(f"{source_name(sources[i], i)}: {e}" for i, e in failures)
-    message = f"{what}: no source had it and {len(failures)} of {len(sources)} failed: {detail}"
-    kinds = {type(e) for _, e in failures}
-    if len(kinds) == 1:
-        try:
-            return kinds.pop()(message)
-        except TypeError:  # an exception type with another constructor
-            pass
-    return StorageError(message)
+_BLOCK = BLOCK
 
 
 @dataclass
@@ -171,18 +90,21 @@ class RaceBlobService(BlobService):
             raise ValueError("a race needs at least one source")
         self.sources = list(sources)
 
+    @override
     async def has(self, digest: B3Digest) -> bool:
         async def ask(source: BlobService) -> bool | None:
             return True if await source.has(digest) else None
 
         return await first_answer(self.sources, ask, f"has blob {digest.hex()}") is not None
 
+    @override
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         found = await first_answer(
             self.sources, lambda s: s.chunks(digest), f"chunks of blob {digest.hex()}"
         )
         return None if found is None else found[1]
 
+    @override
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         what = f"blob {digest.hex()}"
         found = await first_answer(
@@ -198,6 +120,7 @@ class RaceBlobService(BlobService):
             return BytesBlobReader(answer.data)
         return _RaceReader(self, digest, index, answer.data, answer.reader)
 
+    @override
     def open_write(self) -> BlobWriter:
         return self.sources[0].open_write()
 
@@ -211,9 +134,9 @@ async def _probe(source: BlobService, digest: B3Digest) -> _Found | None:
         head = await _read_up_to(reader, EAGER_SIZE + 1)
         if len(head) > EAGER_SIZE:
             return _Found(head, reader)
-        got = blake3.blake3(head).digest()
-        if got != digest:
-            raise IntegrityError(f"blob {digest.hex()}: the source's bytes hash to {got.hex()}")
+        verifier = BlobVerifier(digest)
+        verifier.update(head)
+        verifier.check("the source")
     except BaseException:
         await reader.close()
         raise
@@ -263,8 +186,8 @@ class _RaceReader(BlobReader):
         self._reader: BlobReader | None = reader
         self._reader_pos = len(head)  # where the source's reader is
         self._pos = 0
-        self._hasher: blake3.blake3 | None = blake3.blake3()  # None once reads skipped around
-        self._hashed = 0
+        # None once reads skipped around.
+        self._verifier: BlobVerifier | None = BlobVerifier(digest)
         self._broken: IntegrityError | None = None
         self._closed = False
 
@@ -285,19 +208,19 @@ class _RaceReader(BlobReader):
             data = self._head[pos : pos + n]
         else:
             data = await self._read_source(n)
-        if self._hasher is not None and pos == self._hashed:
+        verifier = self._verifier
+        if verifier is not None and pos == verifier.hashed:
             if data:
-                self._hasher.update(data)
-                self._hashed += len(data)
-            elif self._hasher.digest() != self._digest:
+                verifier.update(data)
+            elif not verifier.matches():
                 self._broken = IntegrityError(
                     f"blob {self._digest.hex()}: the bytes read hash to "
-                    f"{self._hasher.hexdigest()} (last source: "
+                    f"{verifier.current().hex()} (last source: "
                     f"{source_name(self._service.sources[self._index], self._index)})"
                 )
                 raise self._broken
-        elif pos != self._hashed:
-            self._hasher = None
+        elif verifier is not None:
+            self._verifier = None
         self._pos += len(data)
         return data
 
@@ -354,8 +277,8 @@ class _RaceReader(BlobReader):
 
     async def _align(self, reader: BlobReader, name: str) -> None:
         """Bring a fallback ``reader`` to the current position, checking it agrees so far."""
-        hasher = self._hasher
-        if hasher is None or self._hashed != self._pos:
+        verifier = self._verifier
+        if verifier is None or verifier.hashed != self._pos:
             # Reads skipped around: only the sources' own verification vouches for them.
             await reader.seek(self._pos)
             return
@@ -367,7 +290,7 @@ class _RaceReader(BlobReader):
                 break
             prefix.update(part)
             remaining -= len(part)
-        if remaining or prefix.digest() != hasher.digest():
+        if remaining or prefix.digest() != verifier.current():
             self._broken = IntegrityError(
                 f"blob {self._digest.hex()}: the {self._pos} bytes already returned differ "
                 f"from {name}'s; the blob cannot be read consistently"
@@ -376,7 +299,7 @@ class _RaceReader(BlobReader):
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         # The size is not known until the end, so SEEK_END is refused.
-        self._pos = _seek_target(self._pos, None, offset, whence)
+        self._pos = seek_target(self._pos, None, offset, whence)
         return self._pos
 
     def tell(self) -> int:
@@ -388,3 +311,12 @@ class _RaceReader(BlobReader):
             await self._reader.close()
             self._reader = None
         self._head = b""
+
+
+@dataclass(frozen=True)
+class RaceBlobServiceConfig(RaceConfig):
+    """A :class:`RaceBlobService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RaceBlobService:
+        """The sources come from the composition."""
+        return RaceBlobService(self.source_services(ctx))

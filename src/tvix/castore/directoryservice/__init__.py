@@ -11,17 +11,26 @@ Build one from a URL with :func:`from_url`:
                                 ``postgres://``; ``?schema=``, ``pool_size=``, libpq options)
 =============================== ==================================================
 
-Further backends register their scheme in :data:`registry`.
+Composition types (``type = ...`` in a ``[directoryservices.NAME]`` table):
+each backend's type, plus ``cache`` (``near``, ``far``) and ``race``
+(``sources``). :data:`registry` holds both; further backends register there.
 """
 
 from __future__ import annotations
 
+from tvix.castore.composition import Registry
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter, ClosureValidator
-from tvix.castore.directoryservice.memory import MemoryDirectoryService
-from tvix.castore.directoryservice.sqlite import SQLiteDatabase, SQLiteDirectoryService
+from tvix.castore.directoryservice.memory import (
+    MemoryDirectoryService,
+    MemoryDirectoryServiceConfig,
+)
+from tvix.castore.directoryservice.sqlite import (
+    SQLiteDatabase,
+    SQLiteDirectoryService,
+    SQLiteDirectoryServiceConfig,
+)
 from tvix.castore.directoryservice.traverse import traverse_bfs
-from tvix.castore.url import Registry
 
 __all__ = [
     "BufferedDirectoryPutter",
@@ -36,19 +45,24 @@ __all__ = [
     "traverse_bfs",
 ]
 
-registry: Registry[DirectoryService] = Registry("directory service")
-registry.register("memory", MemoryDirectoryService.from_url)
-registry.register("grpc+http", "tvix.castore.directoryservice.grpc:from_url")
-registry.register("grpc+unix", "tvix.castore.directoryservice.grpc:from_url")
-registry.register("sqlite", SQLiteDirectoryService.from_url)
+registry = Registry("directoryservices", DirectoryService, "directory service")
+registry.register("memory", MemoryDirectoryServiceConfig, ("memory",))
+registry.register("sqlite", SQLiteDirectoryServiceConfig, ("sqlite",))
 registry.register(
-    "postgresql", "tvix.castore.directoryservice.postgres:PostgresDirectoryService.from_url"
+    "postgresql",
+    "tvix.castore.directoryservice.postgres:PostgresDirectoryServiceConfig",
+    ("postgresql", "postgres"),
 )
 registry.register(
-    "postgres", "tvix.castore.directoryservice.postgres:PostgresDirectoryService.from_url"
+    "grpc",
+    "tvix.castore.directoryservice.grpc:GRPCDirectoryServiceConfig",
+    ("grpc+http", "grpc+https", "grpc+unix"),
 )
+registry.register("cache", "tvix.castore.directoryservice.cache:CacheDirectoryServiceConfig")
+registry.register("race", "tvix.castore.directoryservice.race:RaceDirectoryServiceConfig")
 
 
 def from_url(url: str) -> DirectoryService:
     """The directory service ``url`` names; raises :class:`~tvix.castore.errors.InvalidURLError`."""
-    return registry.from_url(url)
+    service: DirectoryService = registry.from_url(url)
+    return service

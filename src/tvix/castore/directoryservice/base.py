@@ -74,7 +74,9 @@ class DirectoryService(abc.ABC):
     Only complete trees are stored: a Directory is accepted once every
     Directory it refers to is stored or put with it. Absence is a value
     (``None``, an empty iteration), failures are exceptions
-    (:class:`~tvix.castore.errors.StorageError`). Methods may be called
+    (:class:`~tvix.castore.errors.StorageError`); damaged stored data (a
+    record that does not decode, or does not match its digest) raises
+    :class:`~tvix.castore.errors.IntegrityError`. Methods may be called
     concurrently.
 
     Backends with :attr:`supports_gc` remember when each Directory was last

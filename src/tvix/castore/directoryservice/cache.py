@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from typing_extensions import override
+
+from tvix.castore.blobservice.cache import CacheConfig
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.graph import verified_closure
 from tvix.castore.errors import IntegrityError, ValidationError
 
-__all__ = ["CacheDirectoryService", "verified_closure"]
+__all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,9 @@ class CacheDirectoryService(DirectoryService):
         everything below it too. On a miss they fetch the whole closure from
         ``far`` (one :meth:`get_recursive`; ``near`` could not store a
         Directory without its children), verify it (see
-        :func:`verified_closure`: each Directory is the one its parent
-        refers to, with the right size, and nothing is missing or extra),
+        :func:`~tvix.castore.directoryservice.graph.verified_closure`: each
+        Directory is the one its parent refers to, with the right size, and
+        nothing is missing or extra),
         put it into ``near`` as one closure, leaves first, and answer from
         the verified copy. A closure that fails verification is not stored
         and raises :class:`~tvix.castore.errors.IntegrityError`. A missed
@@ -53,6 +60,7 @@ class CacheDirectoryService(DirectoryService):
         self.near = near
         self.far = far
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         directory = await self.near.get(digest)
         if directory is not None:
@@ -60,6 +68,7 @@ class CacheDirectoryService(DirectoryService):
         closure = await self._fill(digest)
         return closure[0] if closure else None
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         found = False
         async for directory in self.near.get_recursive(root):
@@ -86,82 +95,9 @@ class CacheDirectoryService(DirectoryService):
         log.debug("cache: copied %d Directories below %s into near", len(bfs), root.hex())
         return bfs
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return _CachePutter(self.near.put_multiple_start(), self.far.put_multiple_start())
-
-
-def verified_closure(
-    root: B3Digest, directories: list[Directory]
-) -> tuple[list[Directory], list[Directory]]:
-    """Check that ``directories`` is exactly the closure of ``root``, from an untrusted source.
-
-    Returns it twice: breadth-first from the root (each digest once, as
-    :meth:`DirectoryService.get_recursive` yields it) and leaves first (each
-    Directory after every Directory it refers to, as a
-    :class:`DirectoryPutter` takes it). Raises
-    :class:`~tvix.castore.errors.IntegrityError` if the first is not
-    ``root``, a Directory referred to is missing or has another size than
-    its parent says, or a Directory is not below ``root`` at all.
-
-    The reverse of a breadth-first order is not leaves first in a DAG: a
-    Directory met early (as a shallow child) may also be referred to by a
-    deeper one, which the reversed order would put before it. Hence the
-    depth-first post-order here.
-    """
-    if not directories or directories[0].digest != root:
-        got = directories[0].digest.hex() if directories else "nothing"
-        raise IntegrityError(f"Directory {root.hex()}: the source returned {got} for it")
-    by_digest = {d.digest: d for d in directories}
-    for directory in by_digest.values():
-        for child in directory.directories:
-            target = by_digest.get(child.digest)
-            if target is None:
-                raise IntegrityError(
-                    f"closure of {root.hex()}: {child.name!r} in {directory.digest.hex()} refers "
-                    f"to Directory {child.digest.hex()}, which the source did not return"
-                )
-            if target.size != child.size:
-                raise IntegrityError(
-                    f"closure of {root.hex()}: {child.name!r} in {directory.digest.hex()} gives "
-                    f"size {child.size} for Directory {child.digest.hex()}, whose size is "
-                    f"{target.size}"
-                )
-
-    # Breadth-first, each digest once.
-    bfs = [by_digest[root]]
-    seen = {root}
-    for directory in bfs:  # grows while iterating
-        for child in directory.directories:
-            if child.digest not in seen:
-                seen.add(child.digest)
-                bfs.append(by_digest[child.digest])
-    if len(bfs) != len(by_digest):
-        extra = next(d for d in by_digest if d not in seen)
-        raise IntegrityError(
-            f"closure of {root.hex()}: the source returned Directory {extra.hex()}, "
-            "which is not below it"
-        )
-
-    # Depth-first post-order, iteratively: trees may be thousands of levels deep.
-    leaves_first: list[Directory] = []
-    done: set[B3Digest] = set()
-    stack: list[tuple[Directory, int]] = [(by_digest[root], 0)]
-    while stack:
-        directory, i = stack[-1]
-        children = directory.directories
-        while i < len(children) and children[i].digest in done:
-            i += 1
-        if i == len(children):
-            stack.pop()
-            if directory.digest not in done:
-                done.add(directory.digest)
-                leaves_first.append(directory)
-            continue
-        stack[-1] = (directory, i + 1)
-        # No cycle check needed: digests are hashes of the contents, so a Directory
-        # cannot (feasibly) be below itself.
-        stack.append((by_digest[children[i].digest], 0))
-    return bfs, leaves_first
 
 
 class _CachePutter(DirectoryPutter):
@@ -222,3 +158,12 @@ class _CachePutter(DirectoryPutter):
         near, self._near = self._near, None
         if near is not None:
             await near.abort()
+
+
+@dataclass(frozen=True)
+class CacheDirectoryServiceConfig(CacheConfig):
+    """A :class:`CacheDirectoryService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CacheDirectoryService:
+        """Near and far come from the composition."""
+        return CacheDirectoryService(ctx.service(self.near), ctx.service(self.far))

@@ -17,75 +17,60 @@ root digest the server returns must be the digest of the last Directory sent.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 import grpc
+from typing_extensions import override
 
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
-from tvix.castore.errors import IntegrityError, StorageError, ValidationError
+from tvix.castore.directoryservice.graph import ClosureError, DirectoryGraph, Order
+from tvix.castore.errors import IntegrityError, ValidationError
+from tvix.castore.grpc._client import GRPCClient, StreamingPut
 from tvix.castore.grpc._wire import identity
-from tvix.castore.grpc.channel import LazyChannel, channel_target
-from tvix.castore.grpc.errors import error_from_rpc
+from tvix.castore.grpc.channel import GRPCConfig
 from tvix.castore.proto import directory_from_bytes, pb
-from tvix.castore.url import ServiceURL
 
-__all__ = ["GRPCDirectoryService", "from_url"]
+__all__ = ["GRPCDirectoryService", "GRPCDirectoryServiceConfig"]
 
-_GET = "/tvix.castore.v1.DirectoryService/Get"
-_PUT = "/tvix.castore.v1.DirectoryService/Put"
+_SERVICE = "castore.v1.DirectoryService"
 
 
 @dataclass
 class _Stubs:
+    """The DirectoryService stubs on one channel."""
+
     channel: grpc.aio.Channel
     get: grpc.aio.UnaryStreamMultiCallable[pb.GetDirectoryRequest, bytes]
     put: grpc.aio.StreamUnaryMultiCallable[bytes, pb.PutDirectoryResponse]
 
 
-class GRPCDirectoryService(DirectoryService):
-    """A client of a remote ``tvix.castore.v1.DirectoryService``; see the module
-    docstring for how what it receives is verified.
+class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
+    """A client of a remote ``tvix.castore.v1.DirectoryService``.
+
+    See the module docstring for how what it receives is verified.
 
     ``address`` is what :meth:`from_url` was given (for error messages);
     ``target`` the grpc channel target.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
-        self._stubs_cache: _Stubs | None = None
-
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCDirectoryService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
-
-    def _stubs(self) -> _Stubs:
-        channel = self._channel.get()
-        stubs = self._stubs_cache
-        if stubs is None or stubs.channel is not channel:
-            stubs = self._stubs_cache = _Stubs(
-                channel,
-                channel.unary_stream(
-                    _GET,
-                    request_serializer=pb.GetDirectoryRequest.SerializeToString,
-                    response_deserializer=identity,
-                ),
-                channel.stream_unary(
-                    _PUT,
-                    request_serializer=identity,
-                    response_deserializer=pb.PutDirectoryResponse.FromString,
-                ),
-            )
-        return stubs
-
-    def _fail(self, e: grpc.aio.AioRpcError, what: str) -> NoReturn:
-        raise error_from_rpc(e, what, self.address) from None
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        return _Stubs(
+            channel,
+            channel.unary_stream(
+                self.method(_SERVICE, "Get"),
+                request_serializer=pb.GetDirectoryRequest.SerializeToString,
+                response_deserializer=identity,
+            ),
+            channel.stream_unary(
+                self.method(_SERVICE, "Put"),
+                request_serializer=identity,
+                response_deserializer=pb.PutDirectoryResponse.FromString,
+            ),
+        )
 
     def _decode(self, raw: bytes, what: str) -> Directory:
         try:
@@ -93,6 +78,7 @@ class GRPCDirectoryService(DirectoryService):
         except ValidationError as e:
             raise IntegrityError(f"{what}: {self.address} sent an invalid Directory: {e}") from None
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         what = f"Get of Directory {digest.hex()}"
         received: list[bytes] = []
@@ -117,64 +103,39 @@ class GRPCDirectoryService(DirectoryService):
             )
         return directory
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         what = f"recursive Get of Directory {root.hex()}"
-        # Referred to by a Directory received, not yet received: digest -> size.
-        expected: dict[B3Digest, int] = {}
-        received: dict[B3Digest, int] = {}
+        graph = DirectoryGraph(Order.ROOT_TO_LEAVES, root)
         call = self._stubs().get(pb.GetDirectoryRequest(digest=root, recursive=True))
         try:
             async for raw in call:
                 directory = self._decode(raw, what)
-                digest = directory.digest
-                if not received:
-                    if digest != root:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()} first"
-                        )
-                else:
-                    size = expected.pop(digest, None)
-                    if size is None:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()}, which no "
-                            "Directory received before refers to"
-                            + (" (a second time)" if digest in received else "")
-                        )
-                    if size != directory.size:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directory {digest.hex()} of size "
-                            f"{directory.size}, referred to with size {size}"
-                        )
-                for child in directory.directories:
-                    known = received.get(child.digest, expected.get(child.digest))
-                    if known is not None and known != child.size:
-                        raise IntegrityError(
-                            f"{what}: {self.address} sent Directories that disagree on the "
-                            f"size of {child.digest.hex()} ({known} and {child.size})"
-                        )
-                    if child.digest not in received:
-                        expected[child.digest] = child.size
-                received[digest] = directory.size
+                try:
+                    graph.add(directory)
+                except ClosureError as e:
+                    raise IntegrityError(f"{what}: {self.address} {_sent_wrongly(e)}") from None
                 yield directory
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND and not received:
+            if e.code() == grpc.StatusCode.NOT_FOUND and not len(graph):
                 return
             self._fail(e, what)
         finally:
             # Also reached when the consumer stops early: end the call then.
             call.cancel()
-        if expected:
-            missing = next(iter(expected))
+        if not len(graph):
+            return
+        try:
+            graph.validate()
+        except ClosureError as e:
             raise IntegrityError(
-                f"{what}: {self.address} ended the stream without {len(expected)} "
-                f"Directories below the root, e.g. {missing.hex()}"
-            )
+                f"{what}: {self.address} ended the stream without {e.count} "
+                f"Directories below the root, e.g. {e.digest.hex() if e.digest else '?'}"
+            ) from None
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return _GRPCDirectoryPutter(self)
-
-    async def close(self) -> None:
-        await self._channel.close()
 
 
 class _GRPCDirectoryPutter(DirectoryPutter):
@@ -182,55 +143,33 @@ class _GRPCDirectoryPutter(DirectoryPutter):
 
     def __init__(self, service: GRPCDirectoryService) -> None:
         self._service = service
-        self._call: grpc.aio.StreamUnaryCall[Any, pb.PutDirectoryResponse] | None = None
+        self._put: StreamingPut[pb.PutDirectoryResponse] = StreamingPut(
+            service,
+            lambda: service._stubs().put(),  # type: ignore[call-arg]  # stubs gap
+            "Put of Directories",
+            "ended early",
+        )
         self._last: B3Digest | None = None
         self._root: B3Digest | None = None
-        self._aborted = False
-
-    def _ensure_call(self) -> grpc.aio.StreamUnaryCall[Any, pb.PutDirectoryResponse]:
-        if self._call is None:
-            # No request iterator: each put() awaits its write (flow control).
-            self._call = self._service._stubs().put()  # type: ignore[call-arg]  # stubs gap
-        return self._call
-
-    async def _failed(self) -> NoReturn:
-        """The call ended early (the server rejected the closure): raise what it said."""
-        assert self._call is not None
-        self._aborted = True
-        try:
-            await self._call
-        except grpc.aio.AioRpcError as e:
-            self._service._fail(e, "Put of Directories")
-        raise StorageError(f"Put of Directories at {self._service.address}: ended early")
 
     async def put(self, directory: Directory) -> None:
-        if self._root is not None or self._aborted:
+        if self._root is not None or self._put.aborted:
             raise ValueError("put into a closed directory putter")
-        call = self._ensure_call()
-        try:
-            await call.write(directory.encode())
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._failed()
+        await self._put.send(directory.encode())
         self._last = directory.digest
 
     async def close(self) -> B3Digest:
         if self._root is not None:
             return self._root
-        if self._aborted:
+        if self._put.aborted:
             raise ValueError("close of an aborted directory putter")
-        call = self._ensure_call()
-        try:
-            await call.done_writing()
-            response = await call
-        except grpc.aio.AioRpcError as e:
-            self._aborted = True
-            self._service._fail(e, "Put of Directories")
+        response = await self._put.finish()
         try:
             root = B3Digest(response.root_digest)
         except ValidationError:
             root = None
         if root is None or root != self._last:
-            self._aborted = True
+            self._put.aborted = True
             raise IntegrityError(
                 f"Put of Directories at {self._service.address}: the server answered root "
                 f"{response.root_digest.hex()}, the last Directory sent was "
@@ -241,11 +180,32 @@ class _GRPCDirectoryPutter(DirectoryPutter):
 
     async def abort(self) -> None:
         if self._root is None:
-            self._aborted = True
-            if self._call is not None:
-                self._call.cancel()
+            self._put.cancel()
 
 
-def from_url(url: ServiceURL) -> GRPCDirectoryService:
-    """The registry's factory for ``grpc+http`` and ``grpc+unix``."""
-    return GRPCDirectoryService.from_url(url)
+def _sent_wrongly(e: ClosureError) -> str:
+    """What a server did wrong, by the :class:`ClosureError` its stream caused."""
+    digest = e.digest.hex() if e.digest else "?"
+    if e.problem == "wrong-root":
+        return f"sent Directory {digest} first"
+    if e.problem in ("unreferenced", "again"):
+        return f"sent Directory {digest}, which no Directory received before refers to" + (
+            " (a second time)" if e.problem == "again" else ""
+        )
+    if e.problem == "size-of-added" and e.reference is not None:
+        return f"sent Directory {digest} of size {e.size}, referred to with size {e.reference.size}"
+    if e.problem == "size-in-reference" and e.reference is not None:
+        return (
+            f"sent Directories that disagree on the size of {digest} "
+            f"({e.size} and {e.reference.size})"
+        )
+    return f"sent a bad closure: {e}"
+
+
+@dataclass(frozen=True)
+class GRPCDirectoryServiceConfig(GRPCConfig):
+    """A store daemon's DirectoryService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
+
+    def build(self, ctx: BuildContext) -> GRPCDirectoryService:
+        """A client; it connects on first use."""
+        return GRPCDirectoryService(self.target, self.address, protocol=self.protocol, tls=self.tls)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
 from tvix.castore.directoryservice.traverse import traverse_bfs
-from tvix.castore.url import ServiceURL
 
-__all__ = ["MemoryDirectoryService"]
+__all__ = ["MemoryDirectoryService", "MemoryDirectoryServiceConfig"]
 
 
 class MemoryDirectoryService(DirectoryService):
@@ -20,14 +23,7 @@ class MemoryDirectoryService(DirectoryService):
     def __init__(self) -> None:
         self._directories: dict[B3Digest, Directory] = {}
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryDirectoryService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
-
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         return self._directories.get(digest)
 
@@ -35,15 +31,23 @@ class MemoryDirectoryService(DirectoryService):
         have = self._directories
         return {d: have[d] for d in digests if d in have}
 
-    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
-        return {d: v.size for d, v in (await self._get_many(digests)).items()}
-
+    @override
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
-        return BufferedDirectoryPutter(self._commit, self._sizes)
+        return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         for directory in directories:
             self._directories.setdefault(directory.digest, directory)
+
+
+@dataclass(frozen=True)
+class MemoryDirectoryServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryDirectoryService:
+        """A new, empty service."""
+        return MemoryDirectoryService()

@@ -8,15 +8,19 @@ or build it directly.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import first_answer
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
-from tvix.castore.directoryservice.cache import verified_closure
+from tvix.castore.directoryservice.graph import verified_closure
 from tvix.castore.errors import IntegrityError
+from tvix.castore.race import RaceConfig, first_answer
 
-__all__ = ["RaceDirectoryService"]
+__all__ = ["RaceDirectoryService", "RaceDirectoryServiceConfig"]
 
 
 class RaceDirectoryService(DirectoryService):
@@ -30,7 +34,7 @@ class RaceDirectoryService(DirectoryService):
         each), and the first closure that verifies wins: it starts with the
         root asked for, every Directory referred to is in it with the size
         its parent gives, and nothing else is (see
-        :func:`~tvix.castore.directoryservice.cache.verified_closure`). A
+        :func:`~tvix.castore.directoryservice.graph.verified_closure`). A
         closure is therefore held in memory until it is verified and
         yielded (Directories are small: ~100 bytes plus their entries). The
         losers' calls are cancelled. A source that answers wrongly or fails
@@ -52,6 +56,7 @@ class RaceDirectoryService(DirectoryService):
             raise ValueError("a race needs at least one source")
         self.sources = list(sources)
 
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         async def ask(source: DirectoryService) -> Directory | None:
             directory = await source.get(digest)
@@ -64,6 +69,7 @@ class RaceDirectoryService(DirectoryService):
         found = await first_answer(self.sources, ask, f"Directory {digest.hex()}")
         return None if found is None else found[1]
 
+    @override
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         async def ask(source: DirectoryService) -> list[Directory] | None:
             fetched = [d async for d in source.get_recursive(root)]
@@ -77,5 +83,15 @@ class RaceDirectoryService(DirectoryService):
             for directory in found[1]:
                 yield directory
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
         return self.sources[0].put_multiple_start()
+
+
+@dataclass(frozen=True)
+class RaceDirectoryServiceConfig(RaceConfig):
+    """A :class:`RaceDirectoryService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RaceDirectoryService:
+        """The sources come from the composition."""
+        return RaceDirectoryService(self.source_services(ctx))

@@ -28,23 +28,21 @@ elsewhere and do not roll back with this file. The cost is one fsync per
 closure (closures are put in one transaction, so it is paid per tree, not
 per Directory).
 
-:class:`SQLiteDatabase` is the shared plumbing (a connection owned by one
-worker thread, versioned schemas per component), reused by the SQLite
-PathInfo service.
+:class:`~tvix.castore.sql.sqlite.SQLiteDatabase` is the shared plumbing (a
+connection owned by one worker thread, versioned schemas per component),
+also used by the SQLite PathInfo service; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence, Set
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import AsyncIterator, Sequence, Set
+from dataclasses import dataclass
 
-import blake3
 from typing_extensions import override
 
+from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import (
@@ -54,139 +52,17 @@ from tvix.castore.directoryservice.base import (
 )
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
 from tvix.castore.directoryservice.traverse import traverse_bfs
-from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError, ValidationError
+from tvix.castore.errors import ValidationError
 from tvix.castore.proto import directory_from_bytes
-from tvix.castore.url import ServiceURL
+from tvix.castore.sql.records import decode_directory
+from tvix.castore.sql.sqlite import IN_BATCH, SQLiteConfig, SQLiteDatabase, select_in
 
-__all__ = ["SQLiteDatabase", "SQLiteDirectoryService"]
-
-T = TypeVar("T")
-
-# Parameters per ``IN (...)`` query: well below SQLite's limit (32766 since
-# 3.32, 999 before), large enough that a level of a tree is a query or two.
-IN_BATCH = 500
-
-
-class SQLiteDatabase:
-    """An SQLite database file whose one connection lives in a dedicated thread.
-
-    Every call goes through :meth:`run`, which executes a function with the
-    connection in that thread, so calls are serialised (SQLite allows one
-    writer anyway) and the event loop never blocks. The connection is in
-    autocommit mode: a function that writes opens its own transaction (see
-    :meth:`transaction`).
-
-    ``component`` names the schema in the ``tvix_schema`` table (so several
-    services may share one file), and ``migrations`` lists SQL scripts, the
-    i-th bringing the schema from version i to i+1. They are applied on
-    first use. A database whose version for ``component`` is newer than
-    ``len(migrations)`` is refused with a :class:`StorageError` saying so.
-    ``path`` ``":memory:"`` is a private in-memory database.
-    """
-
-    def __init__(self, path: str, component: str, migrations: Sequence[str]) -> None:
-        self.path = path
-        self.component = component
-        self._migrations = list(migrations)
-        self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"tvix-sqlite-{component}")
-        self._closed = False
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(connection)`` in the database thread; :class:`StorageError` on database errors."""
-        if self._closed:
-            raise StorageError(f"database {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(self._connection())
-        except sqlite3.Error as e:
-            raise StorageError(f"database {self.path}: {e}") from e
-
-    @staticmethod
-    def path_from_url(url: ServiceURL) -> str:
-        """The database file a ``sqlite://`` URL names: ``sqlite:///abs/path`` or, for
-        a private in-memory one, ``sqlite://``. No host, no options."""
-        url.reject_host()
-        url.reject_params()
-        if url.path in ("", "/"):
-            return ":memory:"
-        if url.path.endswith("/"):
-            raise InvalidURLError(f"invalid service URL {url.raw!r}: the path names a directory")
-        return url.path
-
-    @staticmethod
-    def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(conn)`` in a write transaction: all of it is committed, or nothing."""
-        # IMMEDIATE takes the write lock up front, so a concurrent writer in
-        # another process waits (busy timeout) instead of failing mid-way.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    def _connection(self) -> sqlite3.Connection:
-        conn = self._conn
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                self._migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        def migrate(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS tvix_schema "
-                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-            row = conn.execute(
-                "SELECT version FROM tvix_schema WHERE component = ?", (self.component,)
-            ).fetchone()
-            have = 0 if row is None else int(row[0])
-            want = len(self._migrations)
-            if have > want:
-                raise StorageError(
-                    f"database {self.path} has schema version {have} for {self.component}, "
-                    f"newer than the {want} this version of tvix knows; use a newer tvix"
-                )
-            for script in self._migrations[have:]:
-                # executescript would commit our transaction; run statement by statement.
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            if have != want:
-                conn.execute(
-                    "INSERT OR REPLACE INTO tvix_schema VALUES (?, ?)", (self.component, want)
-                )
-
-        self.transaction(conn, migrate)
-
-    async def close(self) -> None:
-        """Close the connection and stop the thread; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, close)
-        self._thread.shutdown(wait=False)
-
+__all__ = [
+    "SQLiteConfig",
+    "SQLiteDatabase",
+    "SQLiteDirectoryService",
+    "SQLiteDirectoryServiceConfig",
+]
 
 MIGRATIONS = [
     # 1: the canonical encoding of each Directory under its digest; size is the
@@ -210,16 +86,6 @@ MIGRATIONS = [
 REFRESH_SLACK = 60
 
 
-def _decode(digest: bytes, data: bytes) -> Directory:
-    """A stored Directory, checked against its digest (the file may be damaged or edited)."""
-    if blake3.blake3(data).digest() != digest:
-        raise IntegrityError(f"Directory {digest.hex()}: stored encoding does not match")
-    try:
-        return directory_from_bytes(data)
-    except ValidationError as e:
-        raise IntegrityError(f"Directory {digest.hex()}: stored encoding is invalid: {e}") from e
-
-
 class SQLiteDirectoryService(DirectoryService):
     """Directories in one table of an SQLite file; a closure is one transaction.
 
@@ -237,53 +103,33 @@ class SQLiteDirectoryService(DirectoryService):
         """Use the database file at ``path`` (created if absent), or ``":memory:"``."""
         self._db = SQLiteDatabase(path, "castore.directories", MIGRATIONS)
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> SQLiteDirectoryService:
-        """``sqlite:///abs/path.db`` (created if absent), or ``sqlite://`` for in-memory."""
-        return cls(SQLiteDatabase.path_from_url(url))
-
+    @override
     async def get(self, digest: B3Digest) -> Directory | None:
         def get(conn: sqlite3.Connection) -> Directory | None:
             row = conn.execute(
                 "SELECT data FROM directories WHERE digest = ?", (digest,)
             ).fetchone()
-            return None if row is None else _decode(digest, row[0])
+            return None if row is None else decode_directory(digest, row[0])
 
         return await self._db.run(get)
 
     async def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
         def get_many(conn: sqlite3.Connection) -> dict[B3Digest, Directory]:
-            out: dict[B3Digest, Directory] = {}
-            for i in range(0, len(digests), IN_BATCH):
-                batch = digests[i : i + IN_BATCH]
-                marks = ",".join("?" * len(batch))
-                for digest, data in conn.execute(
-                    f"SELECT digest, data FROM directories WHERE digest IN ({marks})", batch
-                ):
-                    out[B3Digest(digest)] = _decode(digest, data)
-            return out
+            query = "SELECT digest, data FROM directories WHERE digest IN ({marks})"
+            return {
+                B3Digest(digest): decode_directory(digest, data)
+                for digest, data in select_in(conn, query, digests)
+            }
 
         return await self._db.run(get_many)
 
-    async def _sizes(self, digests: list[B3Digest]) -> dict[B3Digest, int]:
-        def sizes(conn: sqlite3.Connection) -> dict[B3Digest, int]:
-            out: dict[B3Digest, int] = {}
-            for i in range(0, len(digests), IN_BATCH):
-                batch = digests[i : i + IN_BATCH]
-                marks = ",".join("?" * len(batch))
-                for digest, size in conn.execute(
-                    f"SELECT digest, size FROM directories WHERE digest IN ({marks})", batch
-                ):
-                    out[B3Digest(digest)] = size
-            return out
-
-        return await self._db.run(sizes)
-
+    @override
     def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         return traverse_bfs(self._get_many, root)
 
+    @override
     def put_multiple_start(self) -> DirectoryPutter:
-        return BufferedDirectoryPutter(self._commit, self._sizes)
+        return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
         now = int(time.time())
@@ -348,5 +194,15 @@ class SQLiteDirectoryService(DirectoryService):
 
         return await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, sweep))
 
+    @override
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class SQLiteDirectoryServiceConfig(SQLiteConfig):
+    """Directories in an SQLite file (see :class:`SQLiteConfig`)."""
+
+    def build(self, ctx: BuildContext) -> SQLiteDirectoryService:
+        """Opens the file on first use."""
+        return SQLiteDirectoryService(self.database_path())

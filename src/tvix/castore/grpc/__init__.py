@@ -2,7 +2,8 @@
 
 The clients are backends like any other and live with them:
 :class:`tvix.castore.blobservice.grpc.GRPCBlobService` and
-:class:`tvix.castore.directoryservice.grpc.GRPCDirectoryService`.
+:class:`tvix.castore.directoryservice.grpc.GRPCDirectoryService` (and the
+store layer's PathInfo client), all built on :class:`GRPCClient`.
 
 Serving the castore services over a unix socket::
 
@@ -12,6 +13,7 @@ Serving the castore services over a unix socket::
 
 from __future__ import annotations
 
+from tvix.castore.grpc._client import GRPCClient, StreamingPut
 from tvix.castore.grpc.blobservice_wrapper import READ_MESSAGE_SIZE, GRPCBlobServiceWrapper
 from tvix.castore.grpc.directoryservice_wrapper import GRPCDirectoryServiceWrapper
 from tvix.castore.grpc.server import (
@@ -26,9 +28,11 @@ from tvix.castore.grpc.server import (
 __all__ = [
     "READ_MESSAGE_SIZE",
     "GRPCBlobServiceWrapper",
+    "GRPCClient",
     "GRPCDirectoryServiceWrapper",
     "GRPCServer",
     "Servicer",
+    "StreamingPut",
     "build_server",
     "castore_servicers",
     "parse_listen_address",

@@ -15,27 +15,37 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError
 
+from tvix.castore._protowire import encode_varint
 from tvix.castore.proto import pb
 
-__all__ = ["decode_blob_chunk", "encode_blob_chunk", "encode_blob_chunk_parts", "identity"]
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "MESSAGE_SIZE",
+    "decode_blob_chunk",
+    "encode_blob_chunk",
+    "encode_blob_chunk_parts",
+    "identity",
+]
+
+# Bytes of blob data per BlobChunk, sent by the client's writers and by the
+# server's Read: 512 KiB messages cost a third of the client CPU of 1 MiB ones,
+# and stay far below any peer's default 4 MiB receive limit (measurements:
+# bench/NOTES.md).
+MESSAGE_SIZE = 512 << 10
+
+# The largest message either side accepts, clients and servers alike: far
+# above grpc's default of 4 MiB, because one Directory is one message and a
+# directory of 100,000 entries encodes to about 6 MiB.
+MAX_MESSAGE_SIZE = 64 << 20
 
 _TAG_DATA = b"\x0a"  # field 1, wire type 2 (length-delimited)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def encode_blob_chunk(data: bytes | bytearray | memoryview) -> bytes:
     """The encoding of ``BlobChunk(data=data)``: exactly what protobuf would produce."""
     if not len(data):
         return b""  # proto3 leaves a default (empty) field out
-    return b"".join((_TAG_DATA, _varint(len(data)), data))
+    return b"".join((_TAG_DATA, encode_varint(len(data)), data))
 
 
 def encode_blob_chunk_parts(parts: list[bytes], size: int) -> bytes:
@@ -46,12 +56,13 @@ def encode_blob_chunk_parts(parts: list[bytes], size: int) -> bytes:
     """
     if not size:
         return b""
-    return b"".join([_TAG_DATA, _varint(size), *parts])
+    return b"".join([_TAG_DATA, encode_varint(size), *parts])
 
 
 def decode_blob_chunk(raw: bytes) -> memoryview | None:
-    """The ``data`` of an encoded ``BlobChunk``, as a view into ``raw``; ``None``
-    if ``raw`` is not a valid encoding.
+    """The ``data`` of an encoded ``BlobChunk``, as a view into ``raw``.
+
+    ``None`` if ``raw`` is not a valid encoding.
 
     The fast path takes a message that is exactly one ``data`` field (what
     every sender produces); anything else (unknown fields, a repeated field,

@@ -10,15 +10,20 @@ import grpc
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc._stream import ensure_stream_completed
-from tvix.castore.grpc._wire import decode_blob_chunk, encode_blob_chunk_parts, identity
+from tvix.castore.grpc._wire import (
+    MESSAGE_SIZE,
+    decode_blob_chunk,
+    encode_blob_chunk_parts,
+    identity,
+)
 from tvix.castore.grpc.errors import digest_of, translate_errors
+from tvix.castore.grpc.handlers import unary_stream, unary_unary
 from tvix.castore.proto import pb
 
 __all__ = ["READ_MESSAGE_SIZE", "GRPCBlobServiceWrapper"]
 
-# Bytes per BlobChunk sent by Read: see tvix.castore.blobservice.grpc.MESSAGE_SIZE
-# for why 512 KiB; far below the 4 MiB default receive limit of any peer.
-READ_MESSAGE_SIZE = 512 << 10
+# Bytes per BlobChunk sent by Read: the one message size, see _wire.MESSAGE_SIZE.
+READ_MESSAGE_SIZE = MESSAGE_SIZE
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -49,31 +54,29 @@ class GRPCBlobServiceWrapper:
     def __init__(self, blob_service: BlobService) -> None:
         self._blobs = blob_service
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
-        return grpc.method_handlers_generic_handler(
-            self.service_name,
-            {
-                "Stat": grpc.unary_unary_rpc_method_handler(
-                    self.Stat,
-                    request_deserializer=pb.StatBlobRequest.FromString,
-                    response_serializer=pb.StatBlobResponse.SerializeToString,
-                ),
-                "Read": grpc.unary_stream_rpc_method_handler(
-                    self.Read,
-                    request_deserializer=pb.ReadBlobRequest.FromString,
-                    # Read yields encoded messages, built in one join.
-                    response_serializer=identity,
-                ),
-                "Put": grpc.stream_unary_rpc_method_handler(
-                    self.Put,
-                    request_deserializer=decode_blob_chunk,
-                    response_serializer=pb.PutBlobResponse.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The handlers by method name (see :func:`tvix.castore.grpc.build_server`)."""
+        return {
+            "Stat": unary_unary(
+                self.Stat,
+                pb.StatBlobRequest,
+                pb.StatBlobResponse.SerializeToString,
+            ),
+            "Read": unary_stream(
+                self.Read,
+                pb.ReadBlobRequest,
+                # Read yields encoded messages, built in one join.
+                identity,
+            ),
+            "Put": grpc.stream_unary_rpc_method_handler(
+                self.Put,
+                request_deserializer=decode_blob_chunk,
+                response_serializer=pb.PutBlobResponse.SerializeToString,
+            ),
+        }
 
     async def Stat(self, request: pb.StatBlobRequest, context: _Context) -> pb.StatBlobResponse:
+        """``BlobService/Stat``: whether the blob exists, or its chunks; see the class."""
         async with translate_errors(context):
             digest = digest_of(request.digest)
             if request.send_chunks:
@@ -91,6 +94,7 @@ class GRPCBlobServiceWrapper:
         raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
     async def Read(self, request: pb.ReadBlobRequest, context: _Context) -> AsyncIterator[bytes]:
+        """``BlobService/Read``: stream the blob or chunk; see the class."""
         async with translate_errors(context):
             digest = digest_of(request.digest)
             reader = await self._blobs.open_read(digest)
@@ -111,6 +115,7 @@ class GRPCBlobServiceWrapper:
     async def Put(
         self, request_iterator: AsyncIterator[memoryview | None], context: _Context
     ) -> pb.PutBlobResponse:
+        """``BlobService/Put``: store the streamed blob; see the class."""
         async with translate_errors(context):
             writer = self._blobs.open_write()
             try:

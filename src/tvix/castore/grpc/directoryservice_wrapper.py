@@ -11,6 +11,7 @@ from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.grpc._stream import ensure_stream_completed
 from tvix.castore.grpc._wire import identity
 from tvix.castore.grpc.errors import digest_of, translate_errors
+from tvix.castore.grpc.handlers import unary_stream
 from tvix.castore.proto import directory_from_bytes, pb
 
 __all__ = ["GRPCDirectoryServiceWrapper"]
@@ -37,25 +38,23 @@ class GRPCDirectoryServiceWrapper:
     def __init__(self, directory_service: DirectoryService) -> None:
         self._directories = directory_service
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        """The handler to add to a server (see :func:`tvix.castore.grpc.build_server`)."""
-        return grpc.method_handlers_generic_handler(
-            self.service_name,
-            {
-                "Get": grpc.unary_stream_rpc_method_handler(
-                    self.Get,
-                    request_deserializer=pb.GetDirectoryRequest.FromString,
-                    response_serializer=identity,
-                ),
-                "Put": grpc.stream_unary_rpc_method_handler(
-                    self.Put,
-                    request_deserializer=identity,
-                    response_serializer=pb.PutDirectoryResponse.SerializeToString,
-                ),
-            },
-        )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The handlers by method name (see :func:`tvix.castore.grpc.build_server`)."""
+        return {
+            "Get": unary_stream(
+                self.Get,
+                pb.GetDirectoryRequest,
+                identity,
+            ),
+            "Put": grpc.stream_unary_rpc_method_handler(
+                self.Put,
+                request_deserializer=identity,
+                response_serializer=pb.PutDirectoryResponse.SerializeToString,
+            ),
+        }
 
     async def Get(self, request: pb.GetDirectoryRequest, context: _Context) -> AsyncIterator[bytes]:
+        """``DirectoryService/Get``: stream a Directory (and below); see the class."""
         async with translate_errors(context):
             if request.WhichOneof("by_what") != "digest":
                 await context.abort(
@@ -79,6 +78,7 @@ class GRPCDirectoryServiceWrapper:
     async def Put(
         self, request_iterator: AsyncIterator[bytes], context: _Context
     ) -> pb.PutDirectoryResponse:
+        """``DirectoryService/Put``: store a streamed closure; see the class."""
         async with translate_errors(context):
             putter = self._directories.put_multiple_start()
             try:

@@ -82,4 +82,11 @@ def error_from_rpc(e: grpc.aio.AioRpcError, what: str, address: str) -> CastoreE
         return ValidationError(details or f"{what}: rejected by {address} as invalid")
     if code == grpc.StatusCode.DATA_LOSS:
         return IntegrityError(f"{what} at {address}: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # grpc's details end in the reason ("...: Connection refused"); the rest is noise.
+        reason = details.rsplit(": ", 1)[-1].strip() or "no answer"
+        return StorageError(
+            f"{what}: the store daemon at {address} does not answer ({reason}): is a "
+            "tvix-store daemon running there? (UNAVAILABLE)"
+        )
     return StorageError(f"{what} at {address} failed: {code.name}: {details}")

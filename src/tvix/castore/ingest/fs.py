@@ -39,8 +39,11 @@ __all__ = ["IngestError", "IngestObserver", "IngestProgress", "ingest_path"]
 # Files up to this size are read whole by the producer; larger ones in blocks.
 SMALL_FILE = 1 << 20
 BLOCK = 1 << 20
-# A batch handed from the producer is cut at this many items or bytes.
-BATCH_ITEMS = 256
+# A batch handed from the producer is cut at this many items or bytes. The
+# items bound how many small files a backend may store together (packs+s3:
+# one PUT per batch at least; with 256 a source tree cost 1.2 PUTs per MiB
+# stored, with 1024 0.8; local imports were no slower).
+BATCH_ITEMS = 1024
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4
@@ -155,8 +158,10 @@ def _changed(path: bytes) -> IngestError:
 
 
 class _Producer:
-    """Walks the tree in a thread, emitting files, blocks of large files and
-    finished directories, in batches through an asyncio queue."""
+    """Walks the tree in a thread, emitting what it finds through an asyncio queue.
+
+    Files, blocks of large files and finished directories go out in batches.
+    """
 
     def __init__(
         self,

@@ -1,5 +1,7 @@
-"""gRPC for the store layer: ``tvix.store.v1.PathInfoService`` server (the client is
-:mod:`tvix.store.pathinfoservice.grpc`)."""
+"""gRPC for the store layer: the ``tvix.store.v1.PathInfoService`` server.
+
+The client is :mod:`tvix.store.pathinfoservice.grpc`.
+"""
 
 from tvix.store.grpc.pathinfoservice_wrapper import GRPCPathInfoServiceWrapper
 

@@ -39,16 +39,19 @@ class NarHasher:
             self._out(self._writer.end_entry())
 
     def directory_start(self, name: bytes) -> None:
+        """See :meth:`IngestObserver.directory_start`."""
         self._entry(name)
         self._out(self._writer.begin_directory())
         self._depth += 1
 
     def directory_end(self) -> None:
+        """See :meth:`IngestObserver.directory_end`."""
         self._out(self._writer.end_directory())
         self._depth -= 1
         self._node_done()
 
     def regular(self, name: bytes, executable: bool, size: int) -> None:
+        """See :meth:`IngestObserver.regular`."""
         self._entry(name)
         self._out(self._writer.regular(executable, size))
         self._remaining = size
@@ -56,6 +59,7 @@ class NarHasher:
             self._end_regular()
 
     def data(self, chunk: bytes) -> None:
+        """See :meth:`IngestObserver.data`."""
         self._writer.contents_written(len(chunk))
         self._out(chunk)
         self._remaining -= len(chunk)
@@ -67,6 +71,7 @@ class NarHasher:
         self._node_done()
 
     def symlink(self, name: bytes, target: bytes) -> None:
+        """See :meth:`IngestObserver.symlink`."""
         self._entry(name)
         self._out(self._writer.symlink(target))
         self._node_done()

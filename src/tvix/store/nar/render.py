@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
@@ -46,7 +46,7 @@ async def load_closure(dirs: DirectoryService, root: B3Digest) -> dict[B3Digest,
     return closure
 
 
-def _walk(root: Node, closure: dict[B3Digest, Directory]) -> Iterator[bytes | FileNode]:
+def _walk(root: Node, closure: Mapping[B3Digest, Directory]) -> Iterator[bytes | FileNode]:
     """The NAR as framing bytes, with a FileNode where its contents go.
 
     The writer counts each file's declared size; whoever fills in the
@@ -133,17 +133,25 @@ async def _stream(blobs: BlobService, node: FileNode) -> AsyncIterator[bytes]:
 
 
 async def render_nar(
-    blob_service: BlobService, directory_service: DirectoryService, node: Node
+    blob_service: BlobService,
+    directories: DirectoryService | Mapping[B3Digest, Directory],
+    node: Node,
 ) -> AsyncIterator[bytes]:
     """Yield the NAR of ``node`` in pieces (the root node's name plays no part).
+
+    ``directories`` is a directory service (the closure is fetched with one
+    recursive get) or an already loaded closure: every Directory below
+    ``node`` by digest (as :func:`load_closure` returns).
 
     Raises :class:`~tvix.castore.errors.StorageError` when a Directory or blob
     is missing and :class:`~tvix.castore.errors.IntegrityError` when a blob
     does not have the size its node claims.
     """
-    closure: dict[B3Digest, Directory] = {}
-    if isinstance(node, DirectoryNode):
-        closure = await load_closure(directory_service, node.digest)
+    closure: Mapping[B3Digest, Directory] = {}
+    if isinstance(directories, Mapping):
+        closure = directories
+    elif isinstance(node, DirectoryNode):
+        closure = await load_closure(directories, node.digest)
     ops = _walk(node, closure)
     # Ops in NAR order; a small file's contents come from its batch's result.
     window: deque[tuple[bytes | FileNode, _Batch | None, int]] = deque()

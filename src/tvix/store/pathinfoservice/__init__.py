@@ -15,33 +15,48 @@ Build one from a URL with :func:`from_url`:
                                 directory services, so only in a composition (or the CLI)
 =============================== ==================================================
 
-Further backends register their scheme in :data:`registry`.
+Composition types (``type = ...`` in a ``[pathinfoservices.NAME]`` table):
+each backend's type, plus ``cache``, ``race``, ``signing`` (``inner``,
+``key_file``) and ``trusted`` (``inner``, ``trusted_public_keys``,
+``verify_nar``). :data:`registry` holds both; further backends register there.
 """
 
 from __future__ import annotations
 
-from tvix.castore.url import Registry
+from tvix.castore.composition import Registry
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
-from tvix.store.pathinfoservice.memory import MemoryPathInfoService
+from tvix.store.pathinfoservice.memory import MemoryPathInfoService, MemoryPathInfoServiceConfig
 
 __all__ = ["MemoryPathInfoService", "PathInfoService", "check_digest", "from_url", "registry"]
 
-registry: Registry[PathInfoService] = Registry("path info service")
-registry.register("memory", MemoryPathInfoService.from_url)
-registry.register("grpc+http", "tvix.store.pathinfoservice.grpc:from_url")
-registry.register("grpc+unix", "tvix.store.pathinfoservice.grpc:from_url")
-registry.register("sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoService.from_url")
-registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoService.from_url")
+registry = Registry("pathinfoservices", PathInfoService, "path info service")
+registry.register("memory", MemoryPathInfoServiceConfig, ("memory",))
 registry.register(
-    "postgresql", "tvix.store.pathinfoservice.postgres:PostgresPathInfoService.from_url"
+    "sqlite", "tvix.store.pathinfoservice.sqlite:SQLitePathInfoServiceConfig", ("sqlite",)
 )
 registry.register(
-    "postgres", "tvix.store.pathinfoservice.postgres:PostgresPathInfoService.from_url"
+    "postgresql",
+    "tvix.store.pathinfoservice.postgres:PostgresPathInfoServiceConfig",
+    ("postgresql", "postgres"),
 )
-for _scheme in ("nix+http", "nix+https", "nix+file"):
-    registry.register(_scheme, "tvix.store.pathinfoservice.nix_http:from_url")
+registry.register(
+    "grpc",
+    "tvix.store.pathinfoservice.grpc:GRPCPathInfoServiceConfig",
+    ("grpc+http", "grpc+https", "grpc+unix"),
+)
+registry.register("lru", "tvix.store.pathinfoservice.lru:LRUPathInfoServiceConfig", ("lru",))
+registry.register(
+    "nix",
+    "tvix.store.pathinfoservice.nix_http:NixCacheConfig",
+    ("nix+http", "nix+https", "nix+file"),
+)
+registry.register("cache", "tvix.store.pathinfoservice.cache:CachePathInfoServiceConfig")
+registry.register("race", "tvix.store.pathinfoservice.race:RacePathInfoServiceConfig")
+registry.register("signing", "tvix.store.pathinfoservice.signing:SigningPathInfoServiceConfig")
+registry.register("trusted", "tvix.store.pathinfoservice.trust:TrustedPathInfoServiceConfig")
 
 
 def from_url(url: str) -> PathInfoService:
     """The PathInfo service ``url`` names; raises :class:`~tvix.castore.errors.InvalidURLError`."""
-    return registry.from_url(url)
+    service: PathInfoService = registry.from_url(url)
+    return service

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
-from typing import ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
 from tvix.store.pathinfo import PathInfo
 
-__all__ = ["PathInfoService", "check_digest"]
+__all__ = ["Check", "PathInfoService", "check_digest"]
+
+Check = Callable[[PathInfo], Awaitable[None]]
+"""Vets a PathInfo a source returned: returns to accept it, raises to refuse it."""
 
 
 def check_digest(digest: bytes) -> bytes:
@@ -24,15 +26,33 @@ class PathInfoService(abc.ABC):
 
     PathInfo is the one record that is not content-addressed: whoever can
     put may say anything about a store path, so backends fed from untrusted
-    sources sit behind a signature check. Absence is a value (``None``),
-    failures are exceptions. Methods may be called concurrently.
+    sources sit behind a trust check (:mod:`tvix.store.trust`). Absence is a
+    value (``None``), failures are exceptions
+    (:class:`~tvix.castore.errors.StorageError`); damaged stored data (a
+    record that does not decode, or is not the PathInfo of the store path it
+    is stored under) raises :class:`~tvix.castore.errors.IntegrityError`.
+    Methods may be called concurrently.
+
+    Capabilities: a service that cannot enumerate what it stores says so
+    with :attr:`supports_list`; a read-only one with :attr:`supports_put`;
+    one that can delete (for garbage collection) with :attr:`supports_delete`.
+    Combinators answer for what they wrap.
     """
 
-    supports_list: ClassVar[bool] = True
-    """Whether :meth:`list` can enumerate the stored PathInfos."""
+    @property
+    def supports_list(self) -> bool:
+        """Whether :meth:`list` can enumerate the stored PathInfos (default: true)."""
+        return True
 
-    supports_delete: ClassVar[bool] = False
-    """Whether :meth:`delete` and :meth:`list_added` work (garbage collection)."""
+    @property
+    def supports_put(self) -> bool:
+        """Whether :meth:`put` can store PathInfos (default: true; false: read-only)."""
+        return True
+
+    @property
+    def supports_delete(self) -> bool:
+        """Whether :meth:`delete` and :meth:`list_added` work (for GC; default false)."""
+        return False
 
     @abc.abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:
@@ -41,6 +61,20 @@ class PathInfoService(abc.ABC):
         Raises :class:`InvalidPathInfoError` if ``digest`` is not 20 bytes.
         """
 
+    async def get_checked(self, digest: bytes, check: Check) -> PathInfo | None:
+        """Like :meth:`get`, returning only an answer that passes ``check`` (else its error).
+
+        The hook through which a trust check reaches the source: by default
+        :meth:`get`, then ``check`` on the answer; a service with several
+        sources (:class:`~tvix.store.pathinfoservice.race.RacePathInfoService`)
+        checks each source's answer, so a refused one disqualifies only its
+        source.
+        """
+        info = await self.get(digest)
+        if info is not None:
+            await check(info)
+        return info
+
     @abc.abstractmethod
     async def put(self, info: PathInfo) -> PathInfo:
         """Store ``info``, replacing any earlier PathInfo of the same store path.
@@ -48,6 +82,8 @@ class PathInfoService(abc.ABC):
         Returns once it is durably stored, with the PathInfo as stored (a
         backend may add signatures). Does not check that the root node's
         contents are stored: that is the caller's job (the frontends do).
+        Raises :class:`~tvix.castore.errors.StorageError` when
+        :attr:`supports_put` is false.
         """
 
     def list(self) -> AsyncIterator[PathInfo]:

@@ -8,12 +8,17 @@ it ``type = "cache"`` in a composition file, or build it directly. A typical
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from typing_extensions import override
+
+from tvix.castore.blobservice.cache import CacheConfig
+from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["CachePathInfoService"]
+__all__ = ["CachePathInfoService", "CachePathInfoServiceConfig"]
 
 
 class CachePathInfoService(PathInfoService):
@@ -27,7 +32,8 @@ class CachePathInfoService(PathInfoService):
         :class:`~tvix.castore.errors.IntegrityError`, and nothing is cached);
         put a signature-checking service in front of an untrusted ``far``.
         :meth:`list` asks ``far`` only (``near`` holds a subset of it), and
-        :attr:`supports_list` is ``far``'s.
+        :attr:`supports_list` is ``far``'s; :attr:`supports_put` holds when
+        both can put.
     Writes
         :meth:`put` stores into ``far`` (the source of truth) first, then
         puts what ``far`` returned (it may have added signatures) into
@@ -43,11 +49,17 @@ class CachePathInfoService(PathInfoService):
         self.near = near
         self.far = far
 
-    # The base declares a class constant; a wrapper can only know its own per instance.
+    @override
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return self.far.supports_list
 
+    @override
+    @property
+    def supports_put(self) -> bool:
+        return self.far.supports_put and self.near.supports_put
+
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         digest = check_digest(digest)
         info = await self.near.get(digest)
@@ -64,10 +76,21 @@ class CachePathInfoService(PathInfoService):
         await self.near.put(info)
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         stored = await self.far.put(info)
         await self.near.put(stored)
         return stored
 
+    @override
     def list(self) -> AsyncIterator[PathInfo]:
         return self.far.list()
+
+
+@dataclass(frozen=True)
+class CachePathInfoServiceConfig(CacheConfig):
+    """A :class:`CachePathInfoService` (see :class:`CacheConfig`)."""
+
+    def build(self, ctx: BuildContext) -> CachePathInfoService:
+        """Near and far come from the composition."""
+        return CachePathInfoService(ctx.service(self.near), ctx.service(self.far))

@@ -10,50 +10,71 @@ signature-checking wrapper in front to trust only what is signed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from typing_extensions import override
 
 from tvix._proto import store_pb2
+from tvix.castore.composition import BuildContext
 from tvix.castore.errors import IntegrityError, ValidationError
-from tvix.castore.grpc.channel import LazyChannel, channel_target
+from tvix.castore.grpc import GRPCClient
+from tvix.castore.grpc.channel import GRPCConfig
 from tvix.castore.grpc.errors import error_from_rpc
 from tvix.castore.nodes import Node
 from tvix.castore.proto import node_to_proto
-from tvix.castore.url import ServiceURL
 from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
 
-__all__ = ["GRPCPathInfoService", "from_url"]
+__all__ = ["GRPCPathInfoService", "GRPCPathInfoServiceConfig"]
 
-_SERVICE = "/tvix.store.v1.PathInfoService/"
+_SERVICE = "store.v1.PathInfoService"
 
 
-class GRPCPathInfoService(PathInfoService):
+@dataclass
+class _Stubs:
+    """The PathInfoService stubs on one channel."""
+
+    channel: grpc.aio.Channel
+    get: grpc.aio.UnaryUnaryMultiCallable[store_pb2.GetPathInfoRequest, store_pb2.PathInfo]
+    put: grpc.aio.UnaryUnaryMultiCallable[store_pb2.PathInfo, store_pb2.PathInfo]
+    list: grpc.aio.UnaryStreamMultiCallable[store_pb2.ListPathInfoRequest, store_pb2.PathInfo]
+    calculate: grpc.aio.UnaryUnaryMultiCallable[Any, store_pb2.CalculateNARResponse]
+
+
+def _serialize(m: Any) -> bytes:
+    data: bytes = m.SerializeToString()
+    return data
+
+
+class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     """A client of a remote ``tvix.store.v1.PathInfoService``.
 
     Also offers :meth:`calculate`, so the server computes NAR hashes of
     content it holds instead of the client fetching it all.
     """
 
-    def __init__(self, target: str, address: str | None = None) -> None:
-        self._channel = LazyChannel(target)
-        self.address = address or target
+    def _make_stubs(self, channel: grpc.aio.Channel) -> _Stubs:
+        def unary(method: str, response: Any) -> Any:
+            return channel.unary_unary(
+                self.method(_SERVICE, method),
+                request_serializer=_serialize,
+                response_deserializer=response.FromString,
+            )
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> GRPCPathInfoService:
-        """``grpc+http://host:port`` or ``grpc+unix:///path``; no options."""
-        return cls(channel_target(url), url.raw)
-
-    def _call(self, method: str, kind: str, response: Any) -> Any:
-        channel = self._channel.get()
-        factory = channel.unary_stream if kind == "stream" else channel.unary_unary
-        return factory(
-            _SERVICE + method,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response.FromString,
+        return _Stubs(
+            channel,
+            unary("Get", store_pb2.PathInfo),
+            unary("Put", store_pb2.PathInfo),
+            channel.unary_stream(
+                self.method(_SERVICE, "List"),
+                request_serializer=_serialize,
+                response_deserializer=store_pb2.PathInfo.FromString,
+            ),
+            unary("CalculateNAR", store_pb2.CalculateNARResponse),
         )
 
     def _received(self, m: store_pb2.PathInfo, what: str) -> PathInfo:
@@ -62,12 +83,11 @@ class GRPCPathInfoService(PathInfoService):
         except InvalidPathInfoError as e:
             raise IntegrityError(f"{self.address} sent an invalid PathInfo for {what}: {e}") from e
 
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         try:
-            m = await self._call("Get", "unary", store_pb2.PathInfo)(
-                store_pb2.GetPathInfoRequest(by_output_hash=key)
-            )
+            m = await self._stubs().get(store_pb2.GetPathInfoRequest(by_output_hash=key))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -79,9 +99,10 @@ class GRPCPathInfoService(PathInfoService):
             )
         return info
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         try:
-            m = await self._call("Put", "unary", store_pb2.PathInfo)(pathinfo_to_proto(info))
+            m = await self._stubs().put(pathinfo_to_proto(info))
         except grpc.aio.AioRpcError as e:
             err = error_from_rpc(e, f"put {info.store_path}", self.address)
             if isinstance(err, ValidationError):
@@ -92,8 +113,9 @@ class GRPCPathInfoService(PathInfoService):
             raise IntegrityError(f"{self.address} stored {stored.store_path} for {info.store_path}")
         return stored
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
-        call = self._call("List", "stream", store_pb2.PathInfo)(store_pb2.ListPathInfoRequest())
+        call = self._stubs().list(store_pb2.ListPathInfoRequest())
         try:
             async for m in call:
                 yield self._received(m, "a listing")
@@ -105,19 +127,18 @@ class GRPCPathInfoService(PathInfoService):
     async def calculate(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``, computed by the server from what it stores."""
         try:
-            m = await self._call("CalculateNAR", "unary", store_pb2.CalculateNARResponse)(
-                node_to_proto(node)
-            )
+            m = await self._stubs().calculate(node_to_proto(node))
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, "CalculateNAR", self.address) from e
         if len(m.nar_sha256) != 32:
             raise IntegrityError(f"{self.address} sent a {len(m.nar_sha256)}-byte NAR sha256")
         return m.nar_size, m.nar_sha256
 
-    async def close(self) -> None:
-        await self._channel.close()
 
+@dataclass(frozen=True)
+class GRPCPathInfoServiceConfig(GRPCConfig):
+    """A store daemon's PathInfoService (see :class:`~tvix.castore.grpc.channel.GRPCConfig`)."""
 
-def from_url(url: ServiceURL) -> GRPCPathInfoService:
-    """Build a :class:`GRPCPathInfoService` (for the scheme registry)."""
-    return GRPCPathInfoService.from_url(url)
+    def build(self, ctx: BuildContext) -> GRPCPathInfoService:
+        """A client; it connects on first use."""
+        return GRPCPathInfoService(self.target, self.address, protocol=self.protocol, tls=self.tls)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Self
 
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.errors import InvalidURLError, ValidationError
 from tvix.castore.url import ServiceURL
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["LRUPathInfoService"]
+__all__ = ["LRUPathInfoService", "LRUPathInfoServiceConfig"]
 
 
 class LRUPathInfoService(PathInfoService):
@@ -31,9 +36,42 @@ class LRUPathInfoService(PathInfoService):
         # Least recently used first.
         self._infos: OrderedDict[bytes, PathInfo] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @override
+    async def get(self, digest: bytes) -> PathInfo | None:
+        key = check_digest(digest)
+        info = self._infos.get(key)
+        if info is not None:
+            self._infos.move_to_end(key)
+        return info
+
+    @override
+    async def put(self, info: PathInfo) -> PathInfo:
+        key = info.store_path.digest
+        self._infos[key] = info
+        self._infos.move_to_end(key)
+        while len(self._infos) > self.capacity:
+            self._infos.popitem(last=False)
+        return info
+
+    @override
+    async def list(self) -> AsyncIterator[PathInfo]:
+        # A snapshot: puts while the caller iterates must not break the iteration.
+        for info in list(self._infos.values()):
+            yield info
+
+
+@dataclass(frozen=True)
+class LRUPathInfoServiceConfig(ServiceConfig):
+    """``lru://?capacity=N`` (type ``lru``, key ``capacity``): a positive integer, required."""
+
+    capacity: int = setting("int")
+
     @classmethod
-    def from_url(cls, url: ServiceURL) -> LRUPathInfoService:
-        """``lru://?capacity=N``: no host or path; ``capacity`` (positive) is required."""
+    def from_url(cls, url: ServiceURL) -> Self:
+        """No host or path; ``capacity`` is required."""
         url.reject_host()
         url.reject_path()
         url.reject_params("capacity")
@@ -46,25 +84,6 @@ class LRUPathInfoService(PathInfoService):
             )
         return cls(capacity)
 
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    async def get(self, digest: bytes) -> PathInfo | None:
-        key = check_digest(digest)
-        info = self._infos.get(key)
-        if info is not None:
-            self._infos.move_to_end(key)
-        return info
-
-    async def put(self, info: PathInfo) -> PathInfo:
-        key = info.store_path.digest
-        self._infos[key] = info
-        self._infos.move_to_end(key)
-        while len(self._infos) > self.capacity:
-            self._infos.popitem(last=False)
-        return info
-
-    async def list(self) -> AsyncIterator[PathInfo]:
-        # A snapshot: puts while the caller iterates must not break the iteration.
-        for info in list(self._infos.values()):
-            yield info
+    def build(self, ctx: BuildContext) -> LRUPathInfoService:
+        """A new, empty service."""
+        return LRUPathInfoService(self.capacity)

@@ -4,36 +4,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from typing_extensions import override
 
-from tvix.castore.url import ServiceURL
+from tvix.castore.composition import BuildContext, EmptyConfig
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 
-__all__ = ["MemoryPathInfoService"]
+__all__ = ["MemoryPathInfoService", "MemoryPathInfoServiceConfig"]
 
 
 class MemoryPathInfoService(PathInfoService):
     """PathInfos held in a dict. Lost when the process ends."""
 
-    supports_delete = True
+    @property
+    @override
+    def supports_delete(self) -> bool:
+        return True
 
     def __init__(self) -> None:
         self._infos: dict[bytes, PathInfo] = {}
         self._added: dict[bytes, float] = {}
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> MemoryPathInfoService:
-        """``memory://``: no host, path or options."""
-        url.reject_host()
-        url.reject_path()
-        url.reject_params()
-        return cls()
-
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         return self._infos.get(check_digest(digest))
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         self._infos[info.store_path.digest] = info
         self._added[info.store_path.digest] = time.time()
@@ -50,6 +48,16 @@ class MemoryPathInfoService(PathInfoService):
         for key, info in list(self._infos.items()):
             yield info, self._added.get(key, 0.0)
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         for info in list(self._infos.values()):
             yield info
+
+
+@dataclass(frozen=True)
+class MemoryPathInfoServiceConfig(EmptyConfig):
+    """``memory://`` (type ``memory``): no settings."""
+
+    def build(self, ctx: BuildContext) -> MemoryPathInfoService:
+        """A new, empty service."""
+        return MemoryPathInfoService()

@@ -2,32 +2,27 @@
 
 Composition only (it refers to other services, so it has no URL): name it
 ``type = "race"`` with ``sources = ["a", "b", ...]`` in a composition file,
-or build it directly. :func:`build_race` is the composition builder of
-``type = "race"`` for all three kinds.
+or build it directly. Each kind has its race combinator and config.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
-from tvix.castore.blobservice.race import RaceBlobService, first_answer
-from tvix.castore.directoryservice.race import RaceDirectoryService
-from tvix.castore.errors import CastoreError, IntegrityError, ValidationError
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext
+from tvix.castore.errors import CastoreError, IntegrityError
+from tvix.castore.race import RaceConfig, first_answer
 from tvix.store.errors import StoreError
 from tvix.store.pathinfo import PathInfo
-from tvix.store.pathinfoservice.base import PathInfoService, check_digest
+from tvix.store.pathinfoservice.base import Check, PathInfoService, check_digest
 
-if TYPE_CHECKING:
-    from tvix.store.composition import BuildContext, Service
-
-__all__ = ["Check", "RacePathInfoService", "build_race"]
+__all__ = ["Check", "RacePathInfoService", "RacePathInfoServiceConfig"]
 
 log = logging.getLogger(__name__)
-
-Check = Callable[[PathInfo], Awaitable[None]]
-"""Vets a PathInfo a source returned: returns to accept it, raises to refuse it."""
 
 
 class RacePathInfoService(PathInfoService):
@@ -37,8 +32,9 @@ class RacePathInfoService(PathInfoService):
     store path asked for, and it passes ``check`` (when given) — a
     :data:`Check`, typically a signature check (see
     :class:`~tvix.store.pathinfoservice.trust.TrustedPathInfoService`, which
-    hands its check to a race it wraps so that an unsigned answer from a
-    fast source does not hide a signed one from a slower source).
+    hands its check to what it wraps through :meth:`get_checked`, so that
+    an unsigned answer from a fast source does not hide a signed one from a
+    slower source).
 
     Reads
         :meth:`get` asks every source at once; the first acceptable answer
@@ -46,12 +42,13 @@ class RacePathInfoService(PathInfoService):
         refused, or which fails, is logged and skipped. ``None`` only when
         every source says absent; if none gave an acceptable answer and some
         failed or were refused, that is raised (e.g. the check's own error).
-        :meth:`get_checked` does the same with another check.
+        :meth:`get_checked` does the same with another check (run inside
+        the race, after ``check``).
         :meth:`list` is not raced: it streams each source's listing in turn,
         each store path once (the first source's copy; later copies are
         not compared), leaving out (with a warning) what ``check`` refuses;
         :attr:`supports_list` holds when
-        every source can list.
+        every source can list; :attr:`supports_put` is the first source's.
     Writes
         :meth:`put` stores into the first source only (the primary) and
         returns what it stored; the others are mirrors this service only
@@ -68,16 +65,36 @@ class RacePathInfoService(PathInfoService):
         self.sources = list(sources)
         self.check = check
 
-    # The base declares a class constant; a combinator can only know its own per instance.
+    @override
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return all(s.supports_list for s in self.sources)
 
-    async def get(self, digest: bytes) -> PathInfo | None:
-        return await self.get_checked(digest, self.check)
+    @override
+    @property
+    def supports_put(self) -> bool:
+        return self.sources[0].supports_put
 
-    async def get_checked(self, digest: bytes, check: Check | None) -> PathInfo | None:
-        """Like :meth:`get`, accepting only answers that pass ``check`` (``None``: any)."""
+    @override
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await self._race(digest, self.check)
+
+    @override
+    async def get_checked(self, digest: bytes, check: Check) -> PathInfo | None:
+        return await self._race(digest, self._and_own_check(check))
+
+    def _and_own_check(self, check: Check) -> Check:
+        own = self.check
+        if own is None:
+            return check
+
+        async def both(info: PathInfo) -> None:
+            await own(info)
+            await check(info)
+
+        return both
+
+    async def _race(self, digest: bytes, check: Check | None) -> PathInfo | None:
         digest = check_digest(digest)
 
         async def ask(source: PathInfoService) -> PathInfo | None:
@@ -95,9 +112,11 @@ class RacePathInfoService(PathInfoService):
         found = await first_answer(self.sources, ask, f"PathInfo {digest.hex()}")
         return None if found is None else found[1]
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.sources[0].put(info)
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         seen: set[bytes] = set()
         for source in self.sources:
@@ -115,13 +134,10 @@ class RacePathInfoService(PathInfoService):
                 yield info
 
 
-def build_race(ctx: BuildContext, settings: dict[str, Any]) -> Service:
-    """The composition builder of ``type = "race"`` (``sources``: names of the same kind)."""
-    sources = settings["sources"]
-    if not sources:
-        raise ValidationError("'sources' must name at least one service")
-    if ctx.kind == "blobservices":
-        return RaceBlobService(sources)
-    if ctx.kind == "directoryservices":
-        return RaceDirectoryService(sources)
-    return RacePathInfoService(sources)
+@dataclass(frozen=True)
+class RacePathInfoServiceConfig(RaceConfig):
+    """A :class:`RacePathInfoService` (see :class:`RaceConfig`)."""
+
+    def build(self, ctx: BuildContext) -> RacePathInfoService:
+        """The sources come from the composition."""
+        return RacePathInfoService(self.source_services(ctx))

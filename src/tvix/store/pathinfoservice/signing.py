@@ -7,12 +7,17 @@ Composition only (it wraps another service and reads a key file): name it
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from typing_extensions import override
+
+from tvix.castore.composition import BuildContext, ServiceConfig, setting
+from tvix.castore.errors import ValidationError
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
-__all__ = ["SigningPathInfoService"]
+__all__ = ["SigningPathInfoService", "SigningPathInfoServiceConfig"]
 
 
 class SigningPathInfoService(PathInfoService):
@@ -21,7 +26,7 @@ class SigningPathInfoService(PathInfoService):
     Reads
         :meth:`get` and :meth:`list` go to ``inner`` unchanged (PathInfos
         stored there earlier, or by others, may be unsigned);
-        :attr:`supports_list` is ``inner``'s.
+        :attr:`supports_list` and :attr:`supports_put` are ``inner``'s.
     Writes
         :meth:`put` signs the PathInfo's fingerprint with ``key`` (replacing
         an earlier signature by a key of the same name, keeping the others),
@@ -34,16 +39,41 @@ class SigningPathInfoService(PathInfoService):
         self.inner = inner
         self.key = key
 
-    # The base declares a class constant; a wrapper can only know its own per instance.
+    @override
     @property
-    def supports_list(self) -> bool:  # type: ignore[override]
+    def supports_list(self) -> bool:
         return self.inner.supports_list
 
+    @override
+    @property
+    def supports_put(self) -> bool:
+        return self.inner.supports_put
+
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         return await self.inner.get(digest)
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.inner.put(info.with_signature(self.key))
 
+    @override
     def list(self) -> AsyncIterator[PathInfo]:
         return self.inner.list()
+
+
+@dataclass(frozen=True)
+class SigningPathInfoServiceConfig(ServiceConfig):
+    """Type ``signing``: ``inner`` (a name) and ``key_file`` (a Nix secret key file)."""
+
+    inner: str = setting("ref")
+    key_file: str = setting("path")
+
+    def build(self, ctx: BuildContext) -> SigningPathInfoService:
+        """Reads the key file; ``inner`` comes from the composition."""
+        try:
+            key = SigningKey.from_file(self.key_file)
+        except (OSError, ValueError) as e:
+            # ValueError: nixcompat's InvalidKeyError; its message does not name the file.
+            raise ValidationError(f"cannot use key_file {self.key_file}: {e}") from None
+        return SigningPathInfoService(ctx.service(self.inner), key)

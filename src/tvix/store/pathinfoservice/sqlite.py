@@ -1,9 +1,11 @@
 """``sqlite:///path/file.sqlite``: PathInfos in an embedded SQLite database.
 
-Shares the plumbing (one connection in its own thread, WAL with
-``synchronous=FULL``, versioned schema) with the SQLite directory service;
+Shares the plumbing (:class:`~tvix.castore.sql.sqlite.SQLiteDatabase`: one
+connection in its own thread, WAL with ``synchronous=FULL``, versioned
+schema) with the SQLite directory service;
 both may live in one file. A PathInfo is stored as its protobuf encoding
-under the 20-byte digest of its store path, and validated when read back.
+under the 20-byte digest of its store path, and validated when read back
+(:mod:`tvix.store.sql`; damage raises :class:`~tvix.castore.errors.IntegrityError`).
 """
 
 from __future__ import annotations
@@ -11,20 +13,17 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
 from typing_extensions import override
 
-from tvix._proto import store_pb2
-from tvix.castore.directoryservice.sqlite import SQLiteDatabase
-from tvix.castore.errors import StorageError
-from tvix.castore.url import ServiceURL
-from tvix.store.errors import InvalidPathInfoError
+from tvix.castore.composition import BuildContext
+from tvix.castore.sql.sqlite import SQLiteConfig, SQLiteDatabase
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
-from tvix.store.proto import pathinfo_from_proto, pathinfo_to_proto
+from tvix.store.sql import decode_pathinfo, encode_pathinfo
 
-__all__ = ["SQLitePathInfoService"]
+__all__ = ["SQLitePathInfoService", "SQLitePathInfoServiceConfig"]
 
 _MIGRATIONS = [
     """
@@ -44,29 +43,18 @@ _MIGRATIONS = [
 LIST_PAGE = 1000
 
 
-def _decode(digest: bytes, data: bytes) -> PathInfo:
-    try:
-        info = pathinfo_from_proto(store_pb2.PathInfo.FromString(data))
-    except (InvalidPathInfoError, DecodeError, ValueError) as e:
-        raise StorageError(f"stored PathInfo {digest.hex()} is damaged: {e}") from e
-    if info.store_path.digest != digest:
-        raise StorageError(f"stored PathInfo {digest.hex()} is for {info.store_path}")
-    return info
-
-
 class SQLitePathInfoService(PathInfoService):
     """PathInfos in an SQLite database file (``:memory:`` for a private one)."""
 
-    supports_delete = True
+    @property
+    @override
+    def supports_delete(self) -> bool:
+        return True
 
     def __init__(self, path: str) -> None:
         self._db = SQLiteDatabase(path, "pathinfos", _MIGRATIONS)
 
-    @classmethod
-    def from_url(cls, url: ServiceURL) -> SQLitePathInfoService:
-        """``sqlite:///abs/path.sqlite`` (created if absent), or ``sqlite://`` for in-memory."""
-        return cls(SQLiteDatabase.path_from_url(url))
-
+    @override
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
 
@@ -75,10 +63,11 @@ class SQLitePathInfoService(PathInfoService):
             return None if row is None else bytes(row[0])
 
         data = await self._db.run(get)
-        return None if data is None else _decode(key, data)
+        return None if data is None else decode_pathinfo(key, data)
 
+    @override
     async def put(self, info: PathInfo) -> PathInfo:
-        data = pathinfo_to_proto(info).SerializeToString(deterministic=True)
+        data = encode_pathinfo(info)
         key = info.store_path.digest
         added = int(time.time())
 
@@ -94,6 +83,7 @@ class SQLitePathInfoService(PathInfoService):
         await self._db.run(put)
         return info
 
+    @override
     async def list(self) -> AsyncIterator[PathInfo]:
         after = b""
         while True:
@@ -110,7 +100,7 @@ class SQLitePathInfoService(PathInfoService):
 
             rows = await self._db.run(page)
             for digest, data in rows:
-                yield _decode(digest, data)
+                yield decode_pathinfo(digest, data)
             if len(rows) < LIST_PAGE:
                 return
             after = rows[-1][0]
@@ -146,10 +136,20 @@ class SQLitePathInfoService(PathInfoService):
 
             rows = await self._db.run(page)
             for digest, data, added in rows:
-                yield _decode(digest, data), float(added)
+                yield decode_pathinfo(digest, data), float(added)
             if len(rows) < LIST_PAGE:
                 return
             after = rows[-1][0]
 
+    @override
     async def close(self) -> None:
         await self._db.close()
+
+
+@dataclass(frozen=True)
+class SQLitePathInfoServiceConfig(SQLiteConfig):
+    """PathInfos in an SQLite file (see :class:`SQLiteConfig`)."""
+
+    def build(self, ctx: BuildContext) -> SQLitePathInfoService:
+        """Opens the file on first use."""
+        return SQLitePathInfoService(self.database_path())

@@ -1,4 +1,6 @@
-"""``packs+file:///dir`` and ``packs+s3://bucket/prefix?index=postgresql://...``:
+"""Packed blob stores: chunks appended to large pack files (or S3 objects) with an index.
+
+``packs+file:///dir`` and ``packs+s3://bucket/prefix?index=postgresql://...``:
 blobs chunked by FastCDC, the chunks appended to large pack files (or S3
 objects) with an index from chunk digest to (pack, offset, length).
 
@@ -10,12 +12,12 @@ data directory (see :mod:`tvix.cli.common`).
 
 One concern per module:
 
-:mod:`.format`   the entries of a pack; coalescing neighbouring reads
-:mod:`.index`    the index tables, and the SQLite index of ``packs+file``
-:mod:`.pgindex`  the PostgreSQL index of ``packs+s3``
-:mod:`.storage`  pack files (appends under ``flock``, torn tails reclaimed) and S3 objects
-:mod:`.service`  the :class:`~tvix.castore.blobservice.BlobService`: group commits, readers
-:mod:`.config`   the options, from URLs and mappings, strictly checked
+:mod:`._format`  the entries of a pack; coalescing neighbouring reads
+:mod:`._index`   the index tables, and the SQLite index of ``packs+file``
+:mod:`._pgindex` the PostgreSQL index of ``packs+s3``
+:mod:`._storage` pack files (appends under ``flock``, torn tails reclaimed) and S3 objects
+:mod:`._service` the :class:`~tvix.castore.blobservice.BlobService`: group commits, readers
+:mod:`._config`  the options, from URLs and composition tables, strictly checked
 
 Crash safety: a pack's new entries are durable (``fdatasync``, or the PUT
 done) before the index rows pointing at them commit, in one transaction
@@ -27,14 +29,7 @@ Every chunk is verified against its digest when read.
 
 from __future__ import annotations
 
-from tvix.castore.blobservice.packs.config import PacksFileConfig, PacksS3Config
-from tvix.castore.blobservice.packs.service import PacksBlobService
-from tvix.castore.url import ServiceURL
+from tvix.castore.blobservice.packs._config import PacksFileConfig, PacksS3Config
+from tvix.castore.blobservice.packs._service import CompactResult, PacksBlobService
 
-__all__ = ["PacksBlobService", "PacksFileConfig", "PacksS3Config", "from_url"]
-
-
-def from_url(url: ServiceURL) -> PacksBlobService:
-    """The registry's entry point for ``packs+file`` and ``packs+s3``."""
-    config = (PacksFileConfig if url.scheme == "packs+file" else PacksS3Config).from_url(url)
-    return config.build()
+__all__ = ["CompactResult", "PacksBlobService", "PacksFileConfig", "PacksS3Config"]

@@ -1,0 +1,219 @@
+"""The object-store blob service: blobs as chunk objects and records (see the package docs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import blake3
+import obstore
+from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
+
+from tvix.castore._executor import BatchingExecutor
+from tvix.castore.blobservice._readers import BytesBlobReader, ChunkedReader
+from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.objectstore._codec import (
+    Chunking,
+    compressor,
+    decode_chunk,
+    decode_record,
+    digest_key,
+    raw_zstd_frame,
+)
+from tvix.castore.blobservice.objectstore._config import (
+    DEFAULT_AVG_CHUNK_SIZE,
+    MAX_AVG_CHUNK_SIZE,
+    MIN_AVG_CHUNK_SIZE,
+    first_line,
+)
+from tvix.castore.blobservice.objectstore._local import LocalFiles
+from tvix.castore.blobservice.objectstore._writer import ObjectStoreBlobWriter
+from tvix.castore.digest import B3Digest
+from tvix.castore.errors import StorageError, ValidationError
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = ["IO_THREADS", "READ_AHEAD", "ObjectStoreBlobService"]
+
+# Threads per service doing object I/O: the requests in flight at most.
+IO_THREADS = 4
+# Chunks a reader fetches ahead while reading front to back (~2 MiB at the
+# default chunk size): enough to keep the I/O threads busy.
+READ_AHEAD = 8
+
+
+class ObjectStoreBlobService(BlobService):
+    """Blobs chunked by FastCDC into an ``obstore`` object store (see the module docs).
+
+    ``chunks`` lists the chunks of a blob stored as more than one, and ``[]``
+    for a blob stored as a single chunk (or for a chunk itself).
+    ``open_read`` reads blobs and chunks alike; a reader fetches only the
+    chunks its reads touch, keeps the current chunk and up to READ_AHEAD more in
+    memory, and prefetches the next while reading front to back.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str = "",
+        *,
+        zstd: bool = True,
+        avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
+        local_root: str | None = None,
+    ) -> None:
+        """Store under ``prefix`` (``""`` or ending in ``/``) in ``store``.
+
+        ``zstd`` compresses chunks; ``avg_chunk_size`` sets FastCDC's target
+        (min half, max twice that). ``local_root``, for a ``LocalStore`` rooted
+        there, reads and writes its files directly (see the module docs).
+        """
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if not MIN_AVG_CHUNK_SIZE <= avg_chunk_size <= MAX_AVG_CHUNK_SIZE:
+            raise ValidationError(
+                f"avg_chunk_size {avg_chunk_size} is outside "
+                f"{MIN_AVG_CHUNK_SIZE}..{MAX_AVG_CHUNK_SIZE}"
+            )
+        self._store = store
+        self._local = LocalFiles(local_root) if local_root is not None else None
+        self._prefix = prefix
+        self.zstd = zstd
+        self.chunking = Chunking.around(avg_chunk_size)
+        # Object I/O runs on obstore's blocking API in these threads, each call
+        # together with the CPU work around it (see the module docs for why).
+        # The threads bound the requests in flight across all readers and writers.
+        self.executor = BatchingExecutor(
+            IO_THREADS, "tvix-objectstore", "object store blob service is closed"
+        )
+        # Cleared on the first store that rejects put-if-not-exists; content-
+        # addressed objects can then simply be overwritten with the same bytes.
+        self._create_mode = True
+
+    # -- keys and raw object access (blocking; called in worker threads) -----------------
+
+    def chunk_key(self, digest: bytes) -> str:
+        return digest_key("chunks", self._prefix, digest)
+
+    def blob_key(self, digest: bytes) -> str:
+        return digest_key("blobs", self._prefix, digest)
+
+    def _get_sync(self, key: str) -> obstore.Bytes | bytes | None:
+        try:
+            if self._local is not None:
+                return self._local.get(key)
+            return obstore.get(self._store, key).bytes()
+        except FileNotFoundError:
+            return None
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: reading {key} failed: {first_line(e)}") from e
+
+    def put_sync(self, key: str, payload: bytes) -> None:
+        """Store ``payload`` at content-addressed ``key`` unless something is there already."""
+        try:
+            if self._local is not None:
+                self._local.put(key, payload)
+                return
+            if self._create_mode:
+                try:
+                    obstore.put(self._store, key, payload, mode="create", use_multipart=False)
+                except NotSupportedError:
+                    self._create_mode = False
+                else:
+                    return
+            obstore.put(self._store, key, payload, use_multipart=False)
+        except AlreadyExistsError:
+            pass  # the same content, written earlier or concurrently
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: writing {key} failed: {first_line(e)}") from e
+
+    def store_single(self, data: bytes) -> B3Digest:
+        """Store ``data`` as a blob of one chunk; return its digest."""
+        digest = B3Digest(blake3.blake3(data).digest())
+        if self.zstd:
+            payload = compressor().compress(data)
+        else:
+            payload = raw_zstd_frame(data)
+        self.put_sync(self.chunk_key(digest), payload)
+        return digest
+
+    def _read_chunk_sync(self, digest: B3Digest, size: int | None) -> bytes | None:
+        """The verified bytes of chunk ``digest`` (of ``size`` if known), ``None`` if absent."""
+        raw = self._get_sync(self.chunk_key(digest))
+        return None if raw is None else decode_chunk(raw, digest, size)
+
+    def _read_record_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        raw = self._get_sync(self.blob_key(digest))
+        return None if raw is None else decode_record(bytes(raw), digest)
+
+    async def _exists(self, key: str) -> bool:
+        if self._local is not None:
+            # A stat of a local file: cheaper than any handoff to a thread.
+            return self._local.exists(key)
+        # Asynchronous: a HEAD carries no data to process, so there is no thread work to join.
+        try:
+            await obstore.head_async(self._store, key)
+        except FileNotFoundError:
+            return False
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: checking {key} failed: {first_line(e)}") from e
+        return True
+
+    # -- BlobService ------------------------------------------------------------------------
+
+    async def has(self, digest: B3Digest) -> bool:
+        # Chunk first: most blobs are a single chunk.
+        return await self._exists(self.chunk_key(digest)) or await self._exists(
+            self.blob_key(digest)
+        )
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        data = await self.executor.run(self._read_chunk_sync, digest, None)
+        if data is not None:
+            return BytesBlobReader(data)
+        chunks = await self.executor.run(self._read_record_sync, digest)
+        if chunks is None:
+            return None
+        return ChunkedReader(
+            digest,
+            chunks,
+            partial(self._fetch_chunk, digest),
+            mismatch=lambda got: (
+                f"blob {digest.hex()}: its record lists chunks hashing to {got.hex()}"
+            ),
+            ahead_chunks=READ_AHEAD,
+        )
+
+    async def _fetch_chunk(self, blob: B3Digest, meta: ChunkMeta) -> bytes:
+        """Chunk ``meta`` of ``blob``, verified (on the I/O threads)."""
+        data = await self.executor.run(self._read_chunk_sync, meta.digest, meta.size)
+        if data is None:
+            raise StorageError(
+                f"blob {blob.hex()}: chunk {meta.digest.hex()} is missing (the store is damaged)"
+            )
+        return data
+
+    def open_write(self) -> BlobWriter:
+        return ObjectStoreBlobWriter(self)
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> list[bytes | None]:
+        # Single-chunk blobs (most small files) in one pool job per batch;
+        # anything stored in several chunks goes through a reader.
+        out = await self.executor.run(self._read_chunks_sync, list(digests))
+        for i, data in enumerate(out):
+            if data is None:
+                out[i] = await self._read_whole(digests[i])
+        return out
+
+    def _read_chunks_sync(self, digests: list[B3Digest]) -> list[bytes | None]:
+        return [self._read_chunk_sync(d, None) for d in digests]
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        chunks = await self.executor.run(self._read_record_sync, digest)
+        if chunks is not None:
+            return chunks
+        return [] if await self._exists(self.chunk_key(digest)) else None
+
+    async def close(self) -> None:
+        self.executor.shutdown()
