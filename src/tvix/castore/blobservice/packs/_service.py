@@ -25,7 +25,7 @@ while the current one is consumed, and, read front to back, checks the
 whole blob's digest too. Index lookups from many concurrent callers in one
 turn of the event loop are answered by one query.
 
-Garbage collection (an index with ``supports_gc``: ``packs+file``). A chunk
+Garbage collection (an index with ``supports_gc``: both). A chunk
 or blob found present by ``has`` or by a writer deduplicating against it is
 *refreshed* (its ``seen`` time moved to now, when older than
 :data:`REFRESH_SLACK`) in the same step that confirms it is still there; a
