@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -284,3 +285,37 @@ async def test_upload_spanning_a_gc_keeps_what_it_found(store: Store, tmp_path: 
             await putter.put(d)
     await store.infos.put(old)
     assert await store.problems() == []
+
+
+def _deleted_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}").endswith(".pack (deleted)")
+    return n
+
+
+async def test_another_process_gc_frees_the_space_of_packs_this_one_read(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that read a pack another process compacted away lets go of it."""
+    import tvix.castore.blobservice.packs._storage as storage
+
+    monkeypatch.setattr(storage, "PRUNE_EVERY", 0.0)
+    a = await import_path(store.blobs, store.dirs, store.infos, _tree(tmp_path / "a", 1))
+    b = await import_path(store.blobs, store.dirs, store.infos, _tree(tmp_path / "b", 2))
+    assert isinstance(b.node, DirectoryNode)
+    digests = [f.digest async for d in store.dirs.get_recursive(b.node.digest) for f in d.files]
+    reader = PacksFileConfig(str(store.root / "packs")).build()  # "the daemon"
+    try:
+        before = await reader.read_many(digests)
+        await store.infos.delete(a.store_path.digest)
+        await store.gc(grace=0, threshold=1.0)
+        assert _deleted_fds() > 0  # the reader still holds the old packs open
+        assert await reader.read_many(digests) == before  # found at their new places
+        # Later reads close what was retired (here and in the collecting service).
+        await reader.read_many(digests[:1])
+        await store.blobs.read_many(digests[:1])
+        assert _deleted_fds() == 0
+    finally:
+        await reader.close()

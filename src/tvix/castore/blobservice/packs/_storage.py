@@ -41,6 +41,8 @@ from tvix.castore.errors import StorageError
 
 __all__ = ["LocalPacks", "PackStorage", "S3Packs"]
 
+# Seconds between checks for read descriptors of packs deleted meanwhile.
+PRUNE_EVERY = 30.0
 # A temporary pack file older than this with nobody holding it is a crash's leftover.
 _STALE_TMP = 60.0
 
@@ -124,6 +126,11 @@ class LocalPacks(PackStorage):
         self._index = index
         self._take_over = take_over
         self._read_fds: dict[str, int] = {}
+        # Read descriptors of packs deleted since (by a GC, perhaps in another
+        # process), closed at the next prune: late enough that no read still
+        # uses them, soon enough that their disk space is returned.
+        self._retired: list[int] = []
+        self._pruned = time.monotonic()
         self._lock = threading.Lock()
         # The pack this service appends to (touched by the writer thread only).
         self._fd: int | None = None
@@ -251,6 +258,8 @@ class LocalPacks(PackStorage):
     # -- reading -----------------------------------------------------------------------------
 
     def _read_fd(self, pack: str) -> int:
+        if time.monotonic() - self._pruned > PRUNE_EVERY:
+            self._prune()
         fd = self._read_fds.get(pack)
         if fd is None:
             with self._lock:
@@ -294,11 +303,27 @@ class LocalPacks(PackStorage):
                 out[entry.name.removesuffix(".pack")] = entry.stat().st_size
         return out
 
+    def _prune(self) -> None:
+        """Retire the read descriptors of deleted packs; close those retired before."""
+        with self._lock:
+            self._pruned = time.monotonic()
+            retired, self._retired = self._retired, []
+            for name, fd in list(self._read_fds.items()):
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    self._retired.append(self._read_fds.pop(name))
+        for fd in retired:
+            os.close(fd)
+
     def close(self) -> None:
         self._release()
         with self._lock:
-            fds, self._read_fds = self._read_fds, {}
-        for fd in fds.values():
+            fds = [*self._read_fds.values(), *self._retired]
+            self._read_fds, self._retired = {}, []
+        for fd in fds:
             os.close(fd)
 
     @override
@@ -322,9 +347,8 @@ class LocalPacks(PackStorage):
     def delete(self, pack: str) -> None:
         with self._lock:
             fd = self._read_fds.pop(pack, None)
-        if fd is not None:
-            # A reader of this process still on it fails and looks the chunk up again.
-            os.close(fd)
+            if fd is not None:
+                self._retired.append(fd)  # closed at the next prune
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(pack))
         _fsync_dir(self.dir)
