@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_duration,
         default=DEFAULT_GRACE,
         metavar="DURATION",
-        help="the periodic GC keeps objects written or found present this recently (default 1h)",
+        help="the periodic GC keeps objects written or found present this recently (default 1h, "
+        "at least 2m; 0 only when nothing else writes to the store)",
     )
 
 

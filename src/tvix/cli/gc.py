@@ -250,7 +250,7 @@ def add_gc_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         default=DEFAULT_GRACE,
         metavar="DURATION",
         help="keep objects written or found present this recently, for writers still running "
-        "(default 1h; 0 only when nothing writes to the store meanwhile)",
+        "(default 1h, at least 2m; 0 only when nothing writes to the store meanwhile)",
     )
     p.add_argument(
         "--threshold",
