@@ -3,7 +3,10 @@ test_blobservice_conformance.py)."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import zstandard
 from obstore.store import MemoryStore
 
 from tvix.castore.blobservice import from_url, read_all, write_all
-from tvix.castore.blobservice.objectstore import ObjectStoreBlobService, ObjectStoreConfig
+from tvix.castore.blobservice.objectstore import ObjectStoreBlobService, ObjectStoreConfig, _local
 from tvix.castore.blobservice.objectstore._codec import raw_zstd_frame
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, InvalidURLError, StorageError
@@ -304,5 +307,59 @@ async def test_upstream_empty_blob_record_reads_empty(tmp_path: Path) -> None:
     try:
         assert await svc.has(EMPTY_BLOB_DIGEST)
         assert await read_all(svc, EMPTY_BLOB_DIGEST) == b""
+    finally:
+        await svc.close()
+
+
+# -- staging files (issue 13, item 6) ------------------------------------------------------
+
+
+def _all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def test_failed_write_leaves_no_staging_file(
+    file_service: ObjectStoreBlobService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk fills up while a chunk is being written.
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_local.os, "write", full)
+    with pytest.raises(StorageError, match="No space left on device"):
+        await write_all(file_service, BLOB_B)
+    assert _all_files(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    """A pid no process has (as a writer killed mid-write leaves in its staging files)."""
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    while Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid
+
+
+async def test_stale_staging_files_are_swept_on_open(tmp_path: Path) -> None:
+    staging = tmp_path / _local.STAGING
+    staging.mkdir()
+    live = 1  # another process, alive
+    killed = staging / f"{_dead_pid()}.1.0"
+    writing = staging / f"{live}.1.0"  # being written right now
+    ancient = staging / f"{live}.1.1"  # no object takes an hour to write
+    foreign = staging / "junk"  # not a writer's name at all: old enough is stale
+    for f in (killed, writing, ancient, foreign):
+        f.write_bytes(b"partial")
+    hour_ago = time.time() - _local.STALE_AFTER - 60
+    os.utime(ancient, (hour_ago, hour_ago))
+    os.utime(foreign, (hour_ago, hour_ago))
+    svc = from_url(f"objectstore+file://{tmp_path}")
+    assert isinstance(svc, ObjectStoreBlobService)
+    try:
+        assert sorted(svc.staging_swept) == sorted(map(str, (killed, ancient, foreign)))
+        assert sorted(staging.iterdir()) == [writing]
+        # The store still works, staging included.
+        digest = await write_all(svc, BLOB_B)
+        assert await read_all(svc, digest) == BLOB_B
+        assert sorted(staging.iterdir()) == [writing]
     finally:
         await svc.close()

@@ -17,7 +17,8 @@ ALLOWED = {
     "server": {"_proto", "castore", "nixcompat", "store"},
     "nar_bridge": {"_proto", "castore", "nixcompat", "store"},
     "fs": {"_proto", "castore", "nixcompat", "store"},
-    "cli": {"_proto", "castore", "nixcompat", "store", "server", "nar_bridge", "fs"},
+    "nix_daemon": {"_proto", "castore", "nixcompat", "store"},
+    "cli": {"_proto", "castore", "nixcompat", "store", "server", "nar_bridge", "fs", "nix_daemon"},
 }
 
 

@@ -119,7 +119,10 @@ async def test_cache_info_and_narinfo(make_cache: object, tree: Path, nix: Nix) 
         text = await r.text()
     narinfo = NarInfo.parse(text)
     # Exactly as Nix renders it, plus our signature, with the NAR URL naming the root node.
-    url = f"nar/tvix-castore/{encode_castore_nar(info.node)}?narsize={info.nar_size}"
+    url = (
+        f"nar/tvix-castore/{encode_castore_nar(info.node)}?narsize={info.nar_size}"
+        f"&narhash={nixbase32.encode(info.nar_sha256)}"
+    )
     assert text == info.with_signature(key).to_narinfo(url=url).render()
     assert narinfo.compression == "none"
     assert narinfo.verify([key.to_public()])
@@ -410,3 +413,49 @@ async def test_uploads_disabled_and_auth(
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_full_nar_of_a_swapped_root_is_cut_short(
+    make_cache: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 13, item 10: a PathInfo whose root was swapped for another stored
+    # tree of the same shape and sizes; its narinfo names the other tree's NAR
+    # with the claimed hash, and the full NAR must never arrive complete.
+    cache: Cache = await make_cache()  # type: ignore[operator]
+    infos = []
+    for name, data in (("a", b"honest\n"), ("b", b"forged\n")):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "f").write_bytes(data * 300_000)
+        infos.append(await _import(cache, root))
+    honest, other = infos
+    forged_path = StorePath(bytes(20), "forged")
+    await cache.infos.put(
+        PathInfo(
+            forged_path,
+            other.node.renamed(forged_path.base_name.encode()),
+            honest.nar_size,
+            honest.nar_sha256,
+        )
+    )
+    async with cache.http.get(await cache.nar_url(honest.store_path.absolute_path)) as r:
+        assert hashlib.sha256(await r.read()).digest() == honest.nar_sha256
+    url = await cache.nar_url(forged_path.absolute_path)
+    assert "narhash=" in url
+    received = bytearray()
+
+    async def receive(r: aiohttp.ClientResponse) -> None:
+        async for chunk in r.content.iter_any():
+            received.extend(chunk)
+
+    with caplog.at_level(logging.INFO, "tvix.nar_bridge"):
+        async with cache.http.get(url) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await receive(r)
+    assert len(received) < honest.nar_size
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("its PathInfo claims" in e for e in errors), errors
+    # A malformed claim is refused before anything is sent.
+    async with cache.http.get(url.replace("narhash=", "narhash=x")) as r:
+        assert r.status == 400

@@ -8,6 +8,7 @@ import bz2
 import concurrent.futures
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import random
@@ -22,9 +23,11 @@ import zstandard
 from tests.support.nix import Nix
 from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
+from tvix.castore.blobservice.base import BlobReader, ChunkMeta
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import MemoryDirectoryService
+from tvix.castore.errors import IntegrityError
 from tvix.castore.ingest import ingest_path
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.cli.common import CLIError
@@ -344,3 +347,55 @@ def test_cli_help_and_unix_socket(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+class _UnsizedBlobs(MemoryBlobService):
+    """Readers that cannot seek to their end, blobs without chunks: the size is unknown."""
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        reader = await super().open_read(digest)
+        return None if reader is None else _NoSeekEnd(reader)
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        return [] if await self.has(digest) else None
+
+
+class _NoSeekEnd(BlobReader):
+    def __init__(self, inner: BlobReader) -> None:
+        self.inner = inner
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self.inner.read(n)
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            raise ValueError("unsupported whence")
+        return await self.inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+
+@pytest.mark.parametrize("blobs_kind", [MemoryBlobService, _UnsizedBlobs])
+@pytest.mark.parametrize("real_size", [3000, 5000])
+async def test_range_refuses_a_blob_of_another_size_as_the_full_get(
+    blobs_kind: type[MemoryBlobService], real_size: int
+) -> None:
+    # A node claiming 4000 bytes of a blob that has 3000 or 5000: the full
+    # render refuses the NAR, and so must every range touching that file.
+    blobs, dirs = blobs_kind(), MemoryDirectoryService()
+    async with blobs.open_write() as w:
+        await w.write(b"x" * real_size)
+    liar = FileNode(b"liar", await w.close(), 4000)
+    directory = Directory(files=[liar])
+    async with dirs.put_multiple_start() as putter:
+        await putter.put(directory)
+    layout = await NarLayout.load(dirs, DirectoryNode(b"r", directory.digest, directory.size))
+    assert layout is not None
+    with pytest.raises(IntegrityError):
+        await _collect(render_full(blobs, layout))
+    # The contents end before the closing ")" of file, entry and directory.
+    start = layout.size - 3 * 16 - 4000 + 100  # inside the file's contents
+    for lo, hi in ((start, start + 10), (start + 10, start + 3990), (0, layout.size)):
+        with pytest.raises(IntegrityError):
+            await _collect(render_range(blobs, layout, lo, hi))

@@ -13,6 +13,8 @@ import pytest
 
 from tests.support.daemons import tvix_store
 from tests.support.fixtures import Closure
+from tests.support.nix import Nix
+from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError
@@ -276,3 +278,37 @@ def test_leaves_first_with_shared_subtrees() -> None:
     order = leaves_first(tree, root.digest)
     assert order.index(x) < order.index(a) < order.index(root)
     assert len(order) == 3
+
+
+def test_copy_from_a_local_nix_store(nix: Nix, tmp_path: Path) -> None:
+    """``--from local?root=DIR``: the store's database says what, its disk has the contents."""
+    tree = make_tree(tmp_path / "tree")
+    base = nix.add(tree)
+    text = nix.add_text("refers", f"see {base}\n", references=[base])
+    data = tmp_path / "data"
+    tvix_store("copy", "--from", nix.store, text, "--data-dir", data)
+    for path in (base, text):
+        got = json.loads(tvix_store("path-info", "--json", path, "--data-dir", data).stdout)[0]
+        want = nix.path_info_json(path)
+        assert (got["narHash"], got["narSize"]) == (want["narHash"], want["narSize"])
+        assert got["references"] == sorted(want["references"])
+        dumped = tvix_store("dump-path", path, "--data-dir", data).stdout
+        assert dumped == nix.dump(nix.store_file(path))
+    # The closure as `nix path-info --json -r` prints it is a reference graph too.
+    graph = tmp_path / "graph.json"
+    graph.write_bytes(
+        nix.run("nix", "path-info", "--store", nix.store, "--json", "-r", text).stdout
+    )
+    other = tmp_path / "other"
+    tvix_store(
+        "copy", "--reference-graph", graph, "--store-root", nix.store_root, "--data-dir", other
+    )
+    assert tvix_store("dump-path", text, "--data-dir", other).stdout == nix.dump(
+        nix.store_file(text)
+    )
+    proc = tvix_store(
+        "copy", "--from", nix.store, "/nix/store/" + "0" * 32 + "-x", "--data-dir", data,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "is not in the Nix store at" in proc.stderr.decode()

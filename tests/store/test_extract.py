@@ -21,6 +21,7 @@ from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import FileNode, SymlinkNode
 from tvix.store.extract import ExtractError, extract_node, extract_store_paths, path_info_closure
 from tvix.store.importer import import_path
+from tvix.store.nar import render_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice import MemoryPathInfoService
 from tvix.store.resolve import NotFoundError
@@ -200,10 +201,10 @@ async def test_symlink_and_file_nodes_in_closure(store: Store, tmp_path: Path) -
     node = SymlinkNode(link.base_name.encode(), b"/nix/store/elsewhere")
     file_sp = fake_store_path("empty")
     empty = FileNode(file_sp.base_name.encode(), B3Digest(bytes.fromhex(_EMPTY)), 0)
-    infos = [
-        PathInfo(store_path=link, node=node, nar_size=1, nar_sha256=bytes(32)),
-        PathInfo(store_path=file_sp, node=empty, nar_size=1, nar_sha256=bytes(32)),
-    ]
+    infos = []
+    for sp, n in ((link, node), (file_sp, empty)):
+        nar = b"".join([p async for p in render_nar(store.blobs, store.dirs, n)])
+        infos.append(PathInfo(sp, n, len(nar), hashlib.sha256(nar).digest()))
     await extract_store_paths(store.blobs, store.dirs, infos, tmp_path / "s")
     assert os.readlink(tmp_path / "s" / link.base_name) == "/nix/store/elsewhere"
     assert (tmp_path / "s" / file_sp.base_name).read_bytes() == b""

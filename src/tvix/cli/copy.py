@@ -50,6 +50,8 @@ from tvix.store.copy import (
     StoreSource,
     copy_closure,
 )
+from tvix.store.errors import StoreError
+from tvix.store.local_nix_store import read_closure, store_root_of
 from tvix.store.pathinfo import PathInfo
 from tvix.store.reference_graph import import_reference_graph, parse_reference_graph
 from tvix.store.resolve import parse_path
@@ -68,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--from",
         dest="source",
         metavar="URL",
-        help="a Nix binary cache (http://, https://, file://) or a tvix-store daemon "
-        "(grpc+http://host:port, grpc+unix:///path.sock)",
+        help="a Nix binary cache (http://, https://, file://), a tvix-store daemon "
+        "(grpc+http://host:port, grpc+unix:///path.sock) or a local Nix store (local, "
+        "/nix/store, local?root=DIR: read from its database and disk)",
     )
     source.add_argument(
         "--from-store-composition",
@@ -190,6 +193,16 @@ async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[Pat
         )
 
 
+def _local_store(args: argparse.Namespace) -> Path | None:
+    """The root of the local Nix store ``--from`` names, if it names one."""
+    if args.source is None:
+        return None
+    try:
+        return store_root_of(args.source)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     sources = [a for a in (args.source, args.from_store_composition, args.reference_graph) if a]
     if len(sources) != 1:
@@ -222,6 +235,19 @@ async def cmd_copy(args: argparse.Namespace) -> int:
                     s.path_infos,
                     entries,
                     store_root=args.store_root or "",
+                    jobs=args.jobs,
+                    observer=progress,
+                )
+        elif (root := _local_store(args)) is not None:
+            # A local Nix store: its database says what to copy, its disk has the contents.
+            entries = read_closure(root, _store_paths(args.paths))
+            async with open_services(args) as s:
+                result = await import_reference_graph(
+                    s.blobs,
+                    s.directories,
+                    s.path_infos,
+                    entries,
+                    store_root="" if root == Path("/") else str(root),
                     jobs=args.jobs,
                     observer=progress,
                 )

@@ -63,9 +63,11 @@ async def cmd_extract(args: argparse.Namespace) -> int:
                     s.blobs, s.directories, infos, args.dest, progress=progress
                 )
             else:
-                _info, node = await resolve(s.path_infos, s.directories, args.path)
+                info, node = await resolve(s.path_infos, s.directories, args.path)
+                # The whole store path: its tree must have the NAR its PathInfo claims.
+                claim = info if node is info.node else None
                 stats = await extract_node(
-                    s.blobs, s.directories, node, args.dest, progress=progress
+                    s.blobs, s.directories, node, args.dest, progress=progress, claim=claim
                 )
         finally:
             progress.done()

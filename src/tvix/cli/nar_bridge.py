@@ -20,6 +20,8 @@ from tvix.nixcompat.signing import SigningKey
 
 PROG = "nar-bridge"
 DEFAULT_LISTEN = "[::1]:9000"
+# Seconds a connection has to send the headers of a request (see serve()).
+HEADER_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,16 @@ async def serve(args: argparse.Namespace) -> int:
             allow_upload=args.allow_upload,
             upload_auth=auth,
         )
-        runner = web.AppRunner(bridge.make_app(), access_log=None, handle_signals=False)
+        # keepalive_timeout is also how long a new connection has to send a
+        # request's headers: aiohttp starts it when the connection is made and
+        # restarts it only after a response, so a client trickling its headers
+        # (slowloris), or sending nothing, is cut off after it.
+        runner = web.AppRunner(
+            bridge.make_app(),
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=args.header_timeout,
+        )
         await runner.setup()
         try:
             await _site(runner, address).start()
@@ -162,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth for uploads, with the user:password lines of FILE "
         "(Nix sends them from its netrc file); reads stay open "
         "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has not sent a request's headers this long after it "
+        "was opened or after its last response: idle and trickling (slowloris) clients "
+        f"(default {HEADER_TIMEOUT:g})",
     )
     add_service_args(parser)
     return parser

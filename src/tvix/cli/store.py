@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import stat
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
 from tvix.castore.blobservice.packs import PacksBlobService
+from tvix.castore.errors import IntegrityError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.cli import contents, daemon, extract
 from tvix.cli import copy as copy_cmd
@@ -31,8 +33,10 @@ from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
 from tvix.cli.gc import add_gc_commands
 from tvix.cli.mount import add_mount_command
+from tvix.cli.nix_daemon import add_nix_daemon_command
 from tvix.store.importer import import_file_flat, import_path
 from tvix.store.nar import render_nar
+from tvix.store.nar.render import file_nar_framing, verify_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
 from tvix.store.verify import verify_path_info
@@ -78,29 +82,68 @@ async def cmd_import(args: argparse.Namespace) -> int:
 async def cmd_dump_path(args: argparse.Namespace) -> int:
     """``tvix-store dump-path``: write the NAR of a store path to stdout."""
     async with open_services(args) as s:
-        _info, node = await resolve(s.path_infos, s.directories, args.path)
-        async for piece in render_nar(s.blobs, s.directories, node):
+        info, node = await resolve(s.path_infos, s.directories, args.path)
+        pieces = render_nar(s.blobs, s.directories, node)
+        if node is info.node:
+            # The whole store path: its NAR must be the one the PathInfo claims.
+            pieces = verify_nar(pieces, info.nar_size, info.nar_sha256, str(info.store_path))
+        async for piece in pieces:
             _write_out(piece)
     return 0
 
 
-async def _cat_blob(blobs: BlobService, node: FileNode, shown: str) -> None:
+async def _cat_blob(
+    blobs: BlobService, node: FileNode, shown: str, claim: PathInfo | None = None
+) -> None:
+    """Write the contents of ``node``; ``claim``: the PathInfo whose root it is.
+
+    With a claim, the NAR of the file (its framing and the contents) must be
+    the claimed one: checked before the last piece of contents is written.
+    """
     reader = await blobs.open_read(node.digest)
     if reader is None:
         raise CLIError(f"{shown}: contents (blob {node.digest.hex()}) missing from the store")
+    hasher = hashlib.sha256()
+    head, tail = file_nar_framing(node)
+    hasher.update(head)
+
+    def check(got: int) -> None:
+        if claim is None:
+            return
+        hasher.update(tail)
+        size = len(head) + got + len(tail)
+        if size != claim.nar_size or hasher.digest() != claim.nar_sha256:
+            raise IntegrityError(
+                f"{shown}: its NAR ({size} bytes, sha256 {hasher.hexdigest()}) is not the "
+                f"one its PathInfo claims ({claim.nar_size} bytes, sha256 {claim.nar_sha256.hex()})"
+            )
+
+    got = 0
     async with reader:
+        if node.size == 0:
+            check(0)
         while chunk := await reader.read(1 << 20):
+            got += len(chunk)
+            if got > node.size:
+                raise IntegrityError(
+                    f"{shown}: blob {node.digest.hex()} is longer than {node.size}"
+                )
+            hasher.update(chunk)
+            if got == node.size:
+                check(got)
             _write_out(chunk)
+    if got != node.size:
+        raise IntegrityError(f"{shown}: blob {node.digest.hex()} has {got} bytes, not {node.size}")
 
 
 async def cmd_cat(args: argparse.Namespace) -> int:
     """``tvix-store cat``: write a regular file in the store to stdout."""
     async with open_services(args) as s:
-        _info, node = await resolve(s.path_infos, s.directories, args.path)
+        info, node = await resolve(s.path_infos, s.directories, args.path)
         if not isinstance(node, FileNode):
             kind = "directory" if isinstance(node, DirectoryNode) else "symlink"
             raise CLIError(f"{args.path} is a {kind}, not a regular file")
-        await _cat_blob(s.blobs, node, args.path)
+        await _cat_blob(s.blobs, node, args.path, info if node is info.node else None)
     return 0
 
 
@@ -177,6 +220,10 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             for message in await s.blobs.verify_storage():
                 problems += 1
                 print(f"blob store: {message}", flush=True)
+        # What the blob store removed on opening (staging files of dead writers).
+        swept: list[str] = getattr(s.blobs, "staging_swept", [])
+        for path in swept:
+            print(f"{PROG}: removed a stale staging file: {path}", file=sys.stderr)
     print(
         f"{PROG}: verified {checked} store paths: "
         + (f"{problems} problems" if problems else "all intact"),
@@ -340,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gc_commands(command)
     add_mount_command(sub)
+    add_nix_daemon_command(sub)
     return parser
 
 

@@ -6,7 +6,9 @@
                                           (``Compression: none``, signed when a key is set)
 ``GET|HEAD /nar/tvix-castore/<node>``     the NAR of a root node (see :mod:`.urls`; snix's
                                           ``/nar/snix-castore/<node>`` too), with
-                                          ``Range`` support (206/416)
+                                          ``Range`` support (206/416); the narinfo's
+                                          URL adds ``?narsize=&narhash=``, and a full
+                                          NAR not of that hash is cut before its end
 ``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
                                           the upload then); GET: an uploaded plain ``.nar``
 ``PUT /nix-cache-info``                   accepted and ignored (ours is generated)
@@ -63,6 +65,7 @@ from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import ingest_nar_stream
+from tvix.store.nar.render import verify_nar
 from tvix.store.nar.seekable import LayoutCache, render_full, render_range
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
@@ -225,7 +228,11 @@ class NarBridge:
             info = info.with_signature(self.signing_key)
         encoded = encode_castore_nar(info.node)
         self._remember_name(encoded, info.store_path.absolute_path)
-        url = f"{CASTORE_NAR_PREFIX}{encoded}?narsize={info.nar_size}"
+        # narhash: what the NAR must hash to, checked as it is served in full.
+        url = (
+            f"{CASTORE_NAR_PREFIX}{encoded}?narsize={info.nar_size}"
+            f"&narhash={nixbase32.encode(info.nar_sha256)}"
+        )
         text = info.to_narinfo(url=url).render()
         return web.Response(body=text.encode(), content_type=NARINFO_TYPE)
 
@@ -240,7 +247,16 @@ class NarBridge:
         what = self._names.get(encoded)
         request[SUBJECT] = f"NAR of {what}" if what else request.path
         node = decode_castore_nar(encoded)
-        return await self._serve_nar(request, node, request.query.get("narsize"))
+        nar_hash = request.query.get("narhash")
+        claimed_sha256 = None
+        if nar_hash is not None:
+            try:
+                claimed_sha256 = nixbase32.decode(nar_hash)
+            except ValueError:
+                claimed_sha256 = None
+            if claimed_sha256 is None or len(claimed_sha256) != 32:
+                raise BadRequest(f"narhash={nar_hash!r} is not a nixbase32 sha256")
+        return await self._serve_nar(request, node, request.query.get("narsize"), claimed_sha256)
 
     async def _get_nar_file(self, request: web.Request) -> web.StreamResponse:
         name = parse_nar_file_name(request.match_info["file"])
@@ -257,12 +273,20 @@ class NarBridge:
             )
         if name.extension:
             raise NotFound(f"{name.path}: compressed uploads are not kept, only their contents")
-        return await self._serve_nar(request, nar.node, None)
+        return await self._serve_nar(request, nar.node, str(nar.nar_size), nar.nar_sha256)
 
     async def _serve_nar(
-        self, request: web.Request, node: Node, claimed_size: str | None
+        self,
+        request: web.Request,
+        node: Node,
+        claimed_size: str | None,
+        claimed_sha256: bytes | None = None,
     ) -> web.StreamResponse:
-        """Send the NAR of ``node`` (or the range asked for), its size checked first."""
+        """Send the NAR of ``node`` (or the range asked for), its size checked first.
+
+        A full NAR with ``claimed_sha256`` is hashed as it is sent: if it is
+        not the claimed one, the connection is cut before its last piece.
+        """
         what = request.get(SUBJECT, request.path)
         if isinstance(node, FileNode) and not await self.blobs.has(node.digest):
             raise NotFound(f"its blob {node.digest.hex()} is not stored")
@@ -285,6 +309,8 @@ class NarBridge:
         if span is None:
             start, end = 0, size
             pieces = render_full(self.blobs, layout)
+            if claimed_sha256 is not None:
+                pieces = verify_nar(pieces, size, claimed_sha256, what)
         else:
             start, end = span
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"

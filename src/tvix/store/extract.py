@@ -38,16 +38,25 @@ Verification
     so the destination either appears complete or not at all. The rename
     never replaces anything: a destination that appeared meanwhile is an
     error too.
+
+    A store path's root node is the store's word: when extracting store
+    paths whose PathInfo is known (a whole store path, or a closure), the
+    NAR of each tree written is hashed from the temporary copy before the
+    rename (local, cached reads) and must be the size and sha256 its
+    PathInfo claims; otherwise :class:`~tvix.castore.errors.IntegrityError`
+    and nothing is placed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,7 +64,9 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
+from tvix.castore.errors import IntegrityError
 from tvix.castore.nodes import DirectoryNode, Node
+from tvix.nixcompat.nar.writer import NarWriter
 from tvix.nixcompat.storepath import StorePath
 from tvix.store.concurrency import gather_all
 from tvix.store.errors import ExtractError, NotFoundError
@@ -126,12 +137,73 @@ def _place(src: str, dest: Path, is_dir: bool) -> None:
         os.unlink(src)
 
 
+def _nar_of_tree(path: bytes) -> tuple[int, bytes]:
+    """Size and sha256 of the NAR of the tree at ``path`` (not followed if a symlink)."""
+    writer = NarWriter()
+    hasher = hashlib.sha256()
+    size = 0
+
+    def out(data: bytes) -> None:
+        nonlocal size
+        hasher.update(data)
+        size += len(data)
+
+    # Iterative: trees may be nested deeper than Python's recursion limit.
+    stack: list[tuple[bytes, Iterator[bytes]]] = []
+    current: bytes | None = path
+    while True:
+        if current is not None:
+            st = os.lstat(current)
+            if stat.S_ISLNK(st.st_mode):
+                out(writer.symlink(os.readlink(current)))
+            elif stat.S_ISREG(st.st_mode):
+                out(writer.regular(bool(st.st_mode & stat.S_IXUSR), st.st_size))
+                with open(current, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        out(chunk)
+                writer.contents_written(st.st_size)
+                out(writer.end_regular())
+            else:
+                out(writer.begin_directory())
+                stack.append((current, iter(sorted(os.listdir(current)))))
+                current = None
+                continue
+            current = None
+            if not stack:
+                break
+            out(writer.end_entry())
+        parent, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            out(writer.end_directory())
+            if not stack:
+                break
+            out(writer.end_entry())
+            continue
+        out(writer.entry(name))
+        current = parent + b"/" + name
+    writer.finish()
+    return size, hasher.digest()
+
+
+def _check_nar(tree: str, claim: PathInfo) -> None:
+    size, sha256 = _nar_of_tree(os.fsencode(tree))
+    if size != claim.nar_size or sha256 != claim.nar_sha256:
+        raise IntegrityError(
+            f"{claim.store_path}: the tree extracted has a NAR of {size} bytes, sha256 "
+            f"{sha256.hex()}; its PathInfo claims {claim.nar_size} bytes, sha256 "
+            f"{claim.nar_sha256.hex()}"
+        )
+
+
 async def _extract(
     blob_service: BlobService,
     plan: TreePlan,
     dest: Path,
     is_dir: bool,
     progress: ExtractProgress | None,
+    claims: Sequence[tuple[bytes, PathInfo]] = (),
 ) -> ExtractStats:
     """Write ``plan`` (whose top is ``b"out"``) to a temporary sibling, then move it to ``dest``."""
     tmp = tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.absolute().parent)
@@ -147,6 +219,8 @@ async def _extract(
                 pool.shutdown(wait=True, cancel_futures=True)
         finally:
             os.close(top)
+        for where, claim in claims:
+            await asyncio.to_thread(_check_nar, os.path.join(tmp, os.fsdecode(where)), claim)
         try:
             _place(os.path.join(tmp, "out"), dest, is_dir)
         except FileExistsError:
@@ -167,8 +241,12 @@ async def extract_node(
     dest: str | os.PathLike[str],
     *,
     progress: ExtractProgress | None = None,
+    claim: PathInfo | None = None,
 ) -> ExtractStats:
     """Write the tree of ``node`` (its own name plays no part) at ``dest``.
+
+    ``claim``: the PathInfo whose root ``node`` is; the tree's NAR must be
+    the one it claims (see the module docstring).
 
     ``dest`` must not exist; its parent must be a directory. See the module
     docstring for modes, how contents are fetched and verified, and the
@@ -184,7 +262,10 @@ async def extract_node(
         closure = await load_closure(directory_service, node.digest)
     plan = TreePlan()
     plan.add(b"out", node, closure)
-    return await _extract(blob_service, plan, target, isinstance(node, DirectoryNode), progress)
+    claims = [(b"out", claim)] if claim is not None else []
+    return await _extract(
+        blob_service, plan, target, isinstance(node, DirectoryNode), progress, claims
+    )
 
 
 async def extract_store_paths(
@@ -220,7 +301,8 @@ async def extract_store_paths(
     plan.directories.append(b"out")
     for store_path, node in roots.items():
         plan.add(b"out/" + store_path.base_name.encode(), node, closure)
-    return await _extract(blob_service, plan, target, True, progress)
+    claims = [(b"out/" + info.store_path.base_name.encode(), info) for info in infos]
+    return await _extract(blob_service, plan, target, True, progress, claims)
 
 
 async def path_info_closure(

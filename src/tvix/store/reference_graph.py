@@ -54,8 +54,12 @@ class GraphEntry:
     signatures: tuple[Signature, ...] = ()
 
 
-def parse_reference_graph(data: Mapping[str, Any] | str | bytes) -> list[GraphEntry]:
+def parse_reference_graph(
+    data: Mapping[str, Any] | list[Any] | str | bytes,
+) -> list[GraphEntry]:
     """The ``closure`` of an ``exportReferencesGraph`` JSON document (or of ``.attrs.json``).
+
+    A JSON list (what ``nix path-info --json -r`` prints) is taken as the closure.
 
     Each item has ``path``, ``narHash`` (``sha256:<nixbase32>`` as Nix writes
     it there, or SRI / hex as ``nix path-info --json`` does), ``narSize``,
@@ -63,14 +67,20 @@ def parse_reference_graph(data: Mapping[str, Any] | str | bytes) -> list[GraphEn
     ``signatures`` are kept, other keys (``closureSize``, ...) ignored.
     Raises :class:`InvalidReferenceGraphError` naming the problem.
     """
+    parsed: Any = data
     if isinstance(data, str | bytes):
         try:
-            data = json.loads(data)
+            parsed = json.loads(data)
         except ValueError as e:
             raise InvalidReferenceGraphError(f"reference graph is not JSON: {e}") from None
-    closure = data.get("closure") if isinstance(data, Mapping) else None
+    # `nix path-info --json -r` prints the closure as a list of the same objects.
+    closure = parsed if isinstance(parsed, list) else None
+    if isinstance(parsed, Mapping):
+        closure = parsed.get("closure")
     if not isinstance(closure, list):
-        raise InvalidReferenceGraphError("reference graph has no 'closure' list")
+        raise InvalidReferenceGraphError(
+            "reference graph has no 'closure' list (nor is it `nix path-info --json -r` output)"
+        )
     entries = []
     for i, item in enumerate(closure):
         try:

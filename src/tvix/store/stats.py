@@ -46,7 +46,7 @@ class StoreStats:
 
 
 async def store_stats(
-    infos: AsyncIterator[PathInfo] | Iterable[PathInfo], directory_service: DirectoryService
+    infos: AsyncIterator[PathInfo], directory_service: DirectoryService
 ) -> StoreStats:
     """Count the store paths ``infos`` and everything their root nodes reach.
 
@@ -77,15 +77,7 @@ async def store_stats(
         if not found:
             stats.missing_directories += 1
 
-    async def each(source: AsyncIterator[PathInfo] | Iterable[PathInfo]) -> AsyncIterator[PathInfo]:
-        if isinstance(source, AsyncIterator):
-            async for info in source:
-                yield info
-        else:
-            for info in source:
-                yield info
-
-    async for info in each(infos):
+    async for info in infos:
         stats.store_paths += 1
         stats.nar_bytes += info.nar_size
         if isinstance(info.node, FileNode):

@@ -115,14 +115,14 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
         )
 
     async def _stat(self, digest: B3Digest, send_chunks: bool) -> pb.StatBlobResponse | None:
+        what = f"Stat of blob {digest.hex()}"
+        request = pb.StatBlobRequest(digest=digest, send_chunks=send_chunks)
         try:
-            return await self._stubs().stat(
-                pb.StatBlobRequest(digest=digest, send_chunks=send_chunks)
-            )
+            return await self.read_call(what, lambda: self._stubs().stat(request))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            self._fail(e, f"Stat of blob {digest.hex()}")
+            self._fail(e, what)
 
     @override
     async def has(self, digest: B3Digest) -> bool:
@@ -168,33 +168,40 @@ class GRPCBlobService(GRPCClient[_Stubs], BlobService):
     async def _fetch_chunk(self, blob: B3Digest, chunk: ChunkMeta) -> bytes:
         """Chunk ``chunk`` of ``blob``, verified."""
         what = f"chunk {chunk.digest.hex()} of blob {blob.hex()}"
-        hasher = blake3.blake3()
-        parts: list[memoryview] = []
-        got = 0
-        call = self._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
+
+        async def attempt() -> tuple[list[memoryview], bytes]:
+            hasher = blake3.blake3()
+            parts: list[memoryview] = []
+            got = 0
+            call = self._stubs().read(pb.ReadBlobRequest(digest=chunk.digest))
+            try:
+                async for part in call:
+                    if part is None:
+                        raise IntegrityError(f"{what} from {self.address}: undecodable message")
+                    got += len(part)
+                    if got > chunk.size:
+                        raise IntegrityError(
+                            f"{what} from {self.address}: more than the {chunk.size} bytes listed"
+                        )
+                    hasher.update(part)
+                    parts.append(part)
+            finally:
+                call.cancel()
+            return parts, hasher.digest()
+
         try:
-            async for part in call:
-                if part is None:
-                    raise IntegrityError(f"{what} from {self.address}: undecodable message")
-                got += len(part)
-                if got > chunk.size:
-                    raise IntegrityError(
-                        f"{what} from {self.address}: more than the {chunk.size} bytes listed"
-                    )
-                hasher.update(part)
-                parts.append(part)
+            parts, digest = await self.read_call(f"Read of {what}", attempt)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise StorageError(
                     f"{what}: {self.address} listed it but does not have it"
                 ) from None
             self._fail(e, f"Read of {what}")
-        finally:
-            call.cancel()
-        if got != chunk.size or hasher.digest() != chunk.digest:
+        got = sum(len(p) for p in parts)
+        if got != chunk.size or digest != chunk.digest:
             raise IntegrityError(
                 f"{what} from {self.address}: received {got} bytes hashing to "
-                f"{hasher.hexdigest()}, expected {chunk.size} bytes"
+                f"{digest.hex()}, expected {chunk.size} bytes"
             )
         return b"".join(parts)
 
@@ -211,6 +218,7 @@ class _StreamReader(BlobReader):
         self._digest = digest
         self._pos = 0  # the caller's position
         self._call: grpc.aio.UnaryStreamCall[pb.ReadBlobRequest, memoryview | None] | None = None
+        self._started = False  # a stream was (re)started; the call is made on the first pull
         self._consumed = 0  # stream bytes handed out or skipped (start of _buf)
         self._buf: deque[memoryview] = deque()
         self._buffered = 0
@@ -221,7 +229,8 @@ class _StreamReader(BlobReader):
     def _restart(self) -> None:
         if self._call is not None:
             self._call.cancel()
-        self._call = self._service._stubs().read(pb.ReadBlobRequest(digest=self._digest))
+        self._call = None
+        self._started = True
         self._consumed = self._buffered = 0
         self._buf.clear()
         self._hasher = blake3.blake3()
@@ -229,10 +238,14 @@ class _StreamReader(BlobReader):
 
     async def _pull(self) -> None:
         """Receive one more message, or finish and verify the stream."""
-        assert self._call is not None
         service = self._service
         try:
-            part = await self._call.read()
+            # Holding a slot while waiting on the server (the module docs of
+            # tvix.castore.grpc._client); the call starts under it too.
+            async with service.slot():
+                if self._call is None:
+                    self._call = service._stubs().read(pb.ReadBlobRequest(digest=self._digest))
+                part = await self._call.read()
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise StorageError(
@@ -289,7 +302,7 @@ class _StreamReader(BlobReader):
             raise self._broken
         if n == 0:
             return b""
-        if self._call is None or self._pos < self._consumed:
+        if not self._started or self._pos < self._consumed:
             self._restart()
         while self._consumed < self._pos:  # a forward seek: skip (hashing) up to it
             await self._fill(1)

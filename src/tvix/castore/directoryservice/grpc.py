@@ -81,19 +81,25 @@ class GRPCDirectoryService(GRPCClient[_Stubs], DirectoryService):
     @override
     async def get(self, digest: B3Digest) -> Directory | None:
         what = f"Get of Directory {digest.hex()}"
-        received: list[bytes] = []
-        call = self._stubs().get(pb.GetDirectoryRequest(digest=digest, recursive=False))
+
+        async def attempt() -> list[bytes]:
+            received: list[bytes] = []
+            call = self._stubs().get(pb.GetDirectoryRequest(digest=digest, recursive=False))
+            try:
+                async for raw in call:
+                    received.append(raw)
+                    if len(received) > 1:
+                        raise IntegrityError(f"{what}: {self.address} sent more than one Directory")
+            finally:
+                call.cancel()
+            return received
+
         try:
-            async for raw in call:
-                received.append(raw)
-                if len(received) > 1:
-                    raise IntegrityError(f"{what}: {self.address} sent more than one Directory")
+            received = await self.read_call(what, attempt)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             self._fail(e, what)
-        finally:
-            call.cancel()
         if not received:
             return None
         directory = self._decode(received[0], what)

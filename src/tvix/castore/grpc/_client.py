@@ -4,7 +4,18 @@ Its channel, its typed stubs, its errors, and client-streaming puts.
 
 :class:`GRPCClient` holds the :class:`~tvix.castore.grpc.channel.LazyChannel`,
 the ``address`` errors name, and the stubs, made once per channel (a new
-event loop gets a new channel, hence new stubs). :class:`StreamingPut` is the
+event loop gets a new channel, hence new stubs).
+
+Load: a client keeps at most :data:`MAX_IN_FLIGHT` calls waiting on the
+server at once (:meth:`GRPCClient.slot`); callers beyond that wait in the
+client. A server ends calls it cannot take yet (grpc core's cap on calls not
+yet handled answers ``CANCELLED``, an HTTP/2 stream over the peer's limit is
+refused: ``UNAVAILABLE`` naming ``RST_STREAM``), and a NAR render of a tree
+of small files would otherwise start thousands at once. Idempotent reads
+(``Stat``, ``Read`` of a chunk, ``Get``) go through :meth:`GRPCClient.read_call`,
+which also retries such a refusal nobody asked for a few times
+(:data:`RETRY_DELAYS`); a cancellation the caller asked for is an
+``asyncio.CancelledError`` and never retried. :class:`StreamingPut` is the
 client side of a client-streaming call (``Put`` of blobs and of Directories)
 whose writes are each awaited, so grpc's flow control reaches back to the
 caller, and whose early end raises what the server said.
@@ -14,7 +25,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -23,7 +35,29 @@ from tvix.castore.errors import StorageError
 from tvix.castore.grpc.channel import ChannelTLS, LazyChannel
 from tvix.castore.grpc.errors import error_from_rpc
 
-__all__ = ["GRPCClient", "StreamingPut", "Stubs"]
+__all__ = ["MAX_IN_FLIGHT", "RETRY_DELAYS", "GRPCClient", "StreamingPut", "Stubs", "refused"]
+
+log = logging.getLogger(__name__)
+
+#: Calls one client keeps waiting on its server at once (the daemon allows 256
+#: streams per connection; several clients of one process share nothing).
+MAX_IN_FLIGHT = 64
+#: Pauses before retrying an idempotent read the server refused (then it fails).
+RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
+
+
+def refused(e: grpc.aio.AioRpcError) -> bool:
+    """Whether the server (or transport) ended the call without having handled it.
+
+    ``CANCELLED`` reaching a client as an error is never the client's own
+    cancellation (that is an ``asyncio.CancelledError``); ``UNAVAILABLE`` is
+    only taken as a refusal when an HTTP/2 stream was reset, not when the
+    server cannot be reached at all.
+    """
+    code = e.code()
+    if code == grpc.StatusCode.CANCELLED:
+        return True
+    return code == grpc.StatusCode.UNAVAILABLE and "RST_STREAM" in (e.details() or "")
 
 
 class Stubs(Protocol):
@@ -35,6 +69,7 @@ class Stubs(Protocol):
 
 S = TypeVar("S", bound=Stubs)
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class GRPCClient(abc.ABC, Generic[S]):
@@ -58,6 +93,7 @@ class GRPCClient(abc.ABC, Generic[S]):
         self.address = address or target
         self.protocol = protocol
         self._stubs_cache: S | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     def method(self, service: str, name: str) -> str:
         """The full method path, by this client's protocol (``/tvix.<service>/<name>``)."""
@@ -72,7 +108,32 @@ class GRPCClient(abc.ABC, Generic[S]):
         stubs = self._stubs_cache
         if stubs is None or stubs.channel is not channel:
             stubs = self._stubs_cache = self._make_stubs(channel)
+            # A semaphore binds to the loop it is first contended on: one per channel.
+            self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         return stubs
+
+    def slot(self) -> asyncio.Semaphore:
+        """The semaphore a call holds while it waits on the server (see the module docs)."""
+        self._stubs()
+        assert self._slots is not None
+        return self._slots
+
+    async def read_call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` (an idempotent read) holding a slot, retried while refused.
+
+        ``attempt`` makes a new call each time; errors other than a refusal
+        (:func:`refused`), and the last refusal, propagate as they are.
+        """
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                async with self.slot():
+                    return await attempt()
+            except grpc.aio.AioRpcError as e:
+                if delay is None or not refused(e):
+                    raise
+                log.debug("%s at %s refused (%s), retrying", what, self.address, e.code().name)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _fail(self, e: grpc.aio.AioRpcError, what: str) -> NoReturn:
         """Raise the castore error ``e`` stands for, naming ``what`` failed and where."""

@@ -42,8 +42,9 @@ BLOCK = 1 << 20
 # A batch handed from the producer is cut at this many items or bytes. The
 # items bound how many small files a backend may store together (packs+s3:
 # one PUT per batch at least; with 256 a source tree cost 1.2 PUTs per MiB
-# stored, with 1024 0.8; local imports were no slower).
-BATCH_ITEMS = 1024
+# stored, with 1024 0.8), and how many writes run at once: 1024 concurrent
+# blob puts through a daemon had streams refused (tests/cli/test_load.py).
+BATCH_ITEMS = 256
 BATCH_BYTES = 8 << 20
 # Batches waiting in the queue (bounds memory: QUEUE_DEPTH * BATCH_BYTES).
 QUEUE_DEPTH = 4

@@ -10,8 +10,9 @@ into pieces of about :data:`PIECE` bytes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
@@ -21,7 +22,7 @@ from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix.nixcompat.nar.writer import NarWriter
 
-__all__ = ["PIECE", "load_closure", "render_nar"]
+__all__ = ["PIECE", "file_nar_framing", "load_closure", "render_nar", "verify_nar"]
 
 PIECE = 1 << 20
 # Blobs up to this size are fetched whole, ahead of time.
@@ -221,3 +222,46 @@ async def render_nar(
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # retrieved: a failed prefetch nobody awaited is no news
+
+
+def file_nar_framing(node: FileNode) -> tuple[bytes, bytes]:
+    """What comes before and after the contents in the NAR of the single file ``node``."""
+    writer = NarWriter()
+    head = writer.regular(node.executable, node.size)
+    writer.contents_written(node.size)
+    tail = writer.end_regular()
+    writer.finish()
+    return head, tail
+
+
+async def verify_nar(
+    pieces: AsyncIterable[bytes], nar_size: int, nar_sha256: bytes, what: str
+) -> AsyncGenerator[bytes, None]:
+    """Pass ``pieces`` (a NAR) on, checking it is ``nar_size`` bytes hashing to ``nar_sha256``.
+
+    For NARs served under a PathInfo's claim (its root node is the store's
+    word, the NAR hash the signed one). Raises
+    :class:`~tvix.castore.errors.IntegrityError`, naming ``what``, instead
+    of passing on the piece that makes the NAR longer than claimed or that
+    completes it with another hash; so a consumer never receives the whole
+    of a NAR that is not the one claimed (at most all but its last piece).
+    """
+    hasher = hashlib.sha256()
+    sent = 0
+    async for piece in pieces:
+        sent += len(piece)
+        if sent > nar_size:
+            raise IntegrityError(
+                f"{what}: the NAR rendered is longer than the {nar_size} bytes its PathInfo claims"
+            )
+        hasher.update(piece)
+        if sent == nar_size and hasher.digest() != nar_sha256:
+            raise IntegrityError(
+                f"{what}: the NAR rendered hashes to sha256 {hasher.hexdigest()}, "
+                f"its PathInfo claims {nar_sha256.hex()}"
+            )
+        yield piece
+    if sent != nar_size:
+        raise IntegrityError(
+            f"{what}: the NAR rendered is {sent} bytes, its PathInfo claims {nar_size}"
+        )

@@ -17,10 +17,11 @@ nar-bridge serves these over HTTP.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
-from tvix.castore.blobservice.base import BlobService
+from tvix.castore.blobservice.base import BlobReader, BlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
@@ -185,6 +186,33 @@ class NarLayout:
             node = child
 
 
+async def _check_size(blobs: BlobService, reader: BlobReader, node: FileNode) -> None:
+    """Raise :class:`IntegrityError` unless the blob has the size ``node`` claims.
+
+    What the full render checks by reading every blob to its end, without
+    reading: the reader's size (a seek to the end), else the blob's chunk
+    list. Only a reader of unknown size of a blob without chunks is read
+    through (then a range costs as much as the file).
+    """
+    what = f"blob {node.digest.hex()} ({node.name!r})"
+    try:
+        size: int | None = await reader.seek(0, io.SEEK_END)
+    except ValueError:
+        size = None
+    if size is None:
+        chunks = await blobs.chunks(node.digest)
+        if chunks:
+            size = sum(c.size for c in chunks)
+    if size is None:
+        await reader.seek(0)
+        size = 0
+        while size <= node.size and (chunk := await reader.read(PIECE)):
+            size += len(chunk)
+    await reader.seek(0)
+    if size != node.size:
+        raise IntegrityError(f"{what} has {size} bytes, its node says {node.size}")
+
+
 async def _read_slice(
     blobs: BlobService, node: FileNode, offset: int, length: int
 ) -> AsyncIterator[bytes]:
@@ -192,6 +220,7 @@ async def _read_slice(
     if reader is None:
         raise StorageError(f"blob {node.digest.hex()} ({node.name!r}) is missing")
     async with reader:
+        await _check_size(blobs, reader, node)
         if offset:
             await reader.seek(offset)
         while length:
@@ -211,7 +240,8 @@ async def render_range(
 
     Only the blobs the range touches are read, from the first byte needed.
     Raises :class:`StorageError` for a missing blob and
-    :class:`IntegrityError` for one shorter than its node says.
+    :class:`IntegrityError` for one (touched) whose size is not the one its
+    node says, as the full render does.
     """
     buf: list[bytes] = []
     buf_len = 0

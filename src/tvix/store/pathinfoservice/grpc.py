@@ -87,7 +87,10 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     async def get(self, digest: bytes) -> PathInfo | None:
         key = check_digest(digest)
         try:
-            m = await self._stubs().get(store_pb2.GetPathInfoRequest(by_output_hash=key))
+            request = store_pb2.GetPathInfoRequest(by_output_hash=key)
+            m = await self.read_call(
+                f"Get of PathInfo {key.hex()}", lambda: self._stubs().get(request)
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -102,7 +105,8 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     @override
     async def put(self, info: PathInfo) -> PathInfo:
         try:
-            m = await self._stubs().put(pathinfo_to_proto(info))
+            async with self.slot():
+                m = await self._stubs().put(pathinfo_to_proto(info))
         except grpc.aio.AioRpcError as e:
             err = error_from_rpc(e, f"put {info.store_path}", self.address)
             if isinstance(err, ValidationError):
@@ -127,7 +131,8 @@ class GRPCPathInfoService(GRPCClient[_Stubs], PathInfoService):
     async def calculate(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``, computed by the server from what it stores."""
         try:
-            m = await self._stubs().calculate(node_to_proto(node))
+            request = node_to_proto(node)
+            m = await self.read_call("CalculateNAR", lambda: self._stubs().calculate(request))
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, "CalculateNAR", self.address) from e
         if len(m.nar_sha256) != 32:

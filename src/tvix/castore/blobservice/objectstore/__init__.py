@@ -33,17 +33,18 @@ obstore, whose blocking calls run on a few I/O threads, each call together
 with the CPU work around it. Why these choices, with the measurements behind
 them: ``bench/NOTES.md``.
 
-Atomicity: chunks and records are written with put-if-not-exists (an
-existing object under a content-addressed key already holds the same bytes,
-so "already exists" is success), each put is atomic (the local store writes
-a staging file and links it into place; object stores never expose partial
-objects), and a blob's record is written only after all its chunks are
-stored. On S3, put-if-not-exists is a PUT with ``If-None-Match: *``; a
-server that reports the mode as unsupported switches the service to plain
-puts. A crash leaves at worst unreferenced chunks. The local store does not
-fsync, so after a power loss an object may be empty or damaged: readers
-verify every chunk against its digest (and, reading a blob front to back,
-the whole blob against its digest), so damage surfaces as
+Atomicity: chunks and records are written with put-if-not-exists (an existing
+object under a content-addressed key already holds the same bytes, so "already
+exists" is success), each put is atomic (the local store writes a staging file
+below ``.tvix-staging/`` and links it into place, removes it when the write
+fails, and sweeps those of killed writers when it is next opened; object
+stores never expose partial objects), and a blob's record is written only
+after all its chunks are stored. On S3, put-if-not-exists is a PUT with
+``If-None-Match: *``; a server that reports the mode as unsupported switches
+the service to plain puts. A crash leaves at worst unreferenced chunks. The
+local store does not fsync, so after a power loss an object may be empty or
+damaged: readers verify every chunk against its digest (and, reading a blob
+front to back, the whole blob against its digest), so damage surfaces as
 :class:`~tvix.castore.errors.IntegrityError`, never as wrong bytes.
 
 Modules: ``_config`` (URL flavours and options), ``_codec`` (keys, zstd

@@ -3,26 +3,82 @@
 obstore's ``LocalStore.put`` costs a fixed 0.6-0.7 ms of CPU per object,
 against ~40 us for open/write/link here (see ``bench/NOTES.md``); with one
 object per file of a source tree, that was most of an import.
+
+Staging: an object is written to a file in :data:`STAGING` (below the root,
+so on the same filesystem) named after the writer (``<pid>.<thread>.<n>``),
+then hard-linked into place. A write that fails (a full disk) removes its
+staging file; one whose writer was killed is left behind, and swept when a
+store is next opened (:meth:`LocalFiles.sweep`): a staging file is removed
+when its writer's process is gone, or when it is older than
+:data:`STALE_AFTER` (no object takes that long to write, so no live writer
+still owns it, even if its pid was reused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
+import time
 
 from tvix.castore.blobservice.objectstore._codec import MIB
 
-__all__ = ["LocalFiles"]
+__all__ = ["STAGING", "STALE_AFTER", "LocalFiles"]
+
+#: The directory below the root where objects are staged.
+STAGING = ".tvix-staging"
+#: Seconds after which a staging file is stale whoever wrote it.
+STALE_AFTER = 3600.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class LocalFiles:
-    """Objects as files below ``root``, laid out as obstore's LocalStore does."""
+    """Objects as files below ``root``, laid out as obstore's LocalStore does.
+
+    Opening sweeps stale staging files; :attr:`swept` lists those removed.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
+        self.staging = f"{self.root}/{STAGING}"
         self._dirs: set[str] = set()
         self._tmp = itertools.count()
+        self.swept: list[str] = self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove the staging files no live writer owns; the paths removed."""
+        try:
+            names = os.listdir(self.staging)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        now = time.time()
+        removed = []
+        for name in names:
+            path = f"{self.staging}/{name}"
+            try:
+                age = now - os.lstat(path).st_mtime
+            except FileNotFoundError:
+                continue  # finished meanwhile
+            pid = name.partition(".")[0]
+            if pid.isdigit() and _alive(int(pid)) and age < STALE_AFTER:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return removed
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -40,33 +96,54 @@ class LocalFiles:
         finally:
             os.close(fd)
 
+    def _ensure_dir(self, path: str) -> None:
+        if path not in self._dirs:
+            os.makedirs(path, exist_ok=True)
+            self._dirs.add(path)
+
     def put(self, key: str, payload: bytes) -> None:
-        """Write ``payload`` at ``key`` unless an object is there already."""
+        """Write ``payload`` at ``key`` unless an object is there already.
+
+        On any failure the staging file is removed (only a killed writer
+        leaves one behind).
+        """
         path = f"{self.root}/{key}"
         parent = path.rpartition("/")[0]
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._dirs.add(parent)
-        tmp = f"{path}#{os.getpid()}.{threading.get_ident()}.{next(self._tmp)}"
+        self._ensure_dir(parent)
+        self._ensure_dir(self.staging)
+        tmp = f"{self.staging}/{os.getpid()}.{threading.get_ident()}.{next(self._tmp)}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(tmp, flags, 0o644)
         except FileNotFoundError:
             # The directory went away since it was made (someone cleaned up).
-            os.makedirs(parent, exist_ok=True)
+            os.makedirs(self.staging, exist_ok=True)
             fd = os.open(tmp, flags, 0o644)
+        linked = False
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # atomic, and never replaces an existing object
+            except FileExistsError:
+                pass  # the same content, written earlier or concurrently
+            except FileNotFoundError:
+                os.makedirs(parent, exist_ok=True)  # removed since it was made
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            linked = True
         finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces an existing object
-        except FileExistsError:
-            pass  # the same content, written earlier or concurrently
-        finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if not linked:
+                # Nothing left behind: not even the object's directory, if empty.
+                self._dirs.discard(parent)
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
 
     def exists(self, key: str) -> bool:
         return os.path.exists(f"{self.root}/{key}")

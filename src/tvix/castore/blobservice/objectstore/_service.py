@@ -91,6 +91,11 @@ class ObjectStoreBlobService(BlobService):
         # addressed objects can then simply be overwritten with the same bytes.
         self._create_mode = True
 
+    @property
+    def staging_swept(self) -> list[str]:
+        """Stale staging files (of failed or killed writers) removed when the store opened."""
+        return self._local.swept if self._local is not None else []
+
     # -- keys and raw object access (blocking; called in worker threads) -----------------
 
     def chunk_key(self, digest: bytes) -> str:

@@ -12,7 +12,7 @@ stored.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Protocol
 
 import blake3
@@ -135,7 +135,11 @@ class ObjectStoreBlobWriter(BlobWriter):
             puts.append(
                 service.executor.submit(service.put_sync, service.chunk_key(digest), payload)
             )
-        for put in previous + puts if final else previous:
+        waiting = previous + puts if final else previous
+        # All of them end before the first failure is raised: none may still be
+        # writing (a staging file, say) when the caller learns the write failed.
+        wait(waiting)
+        for put in waiting:
             put.result()  # raises the first failure
         return buf[used:], [] if final else puts
 

@@ -44,6 +44,7 @@ from tvix.castore.blobservice.base import ChunkMeta
 from tvix.castore.blobservice.packs._format import HEADER_SIZE, Location
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, StorageError
+from tvix.castore.sql.sqlite import connect_immutable, out_of_space
 
 __all__ = [
     "Entry",
@@ -252,30 +253,87 @@ class SQLiteIndex(PackIndex):
         self.conn()  # create the schema now: fail early on an unusable path
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's connection."""
+        """This thread's connection.
+
+        Opening writes nothing when the schema is there. On a disk too full
+        to open the database normally (a WAL database needs its shared-memory
+        file), it is opened read-only as immutable when its log is empty, so
+        reads keep working; writes then fail saying the disk is full (see
+        :meth:`commit_sync`, which reopens normally once there is room).
+        """
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if c is None:
             if self._closed:
                 raise StorageError(f"pack index {self.path} is closed")
             try:
-                c = sqlite3.connect(
-                    self.path, timeout=60, isolation_level=None, check_same_thread=False
-                )
-                c.execute("PRAGMA journal_mode=WAL")
-                c.execute("PRAGMA synchronous=FULL")
-                c.execute("BEGIN IMMEDIATE")
-                for stmt in SQLITE_SCHEMA.split(";"):
-                    c.execute(stmt)
-                for table, alter in _ADD_SEEN:
-                    columns = [r[1] for r in c.execute(f"PRAGMA table_info({table})")]
-                    if "seen" not in columns:
-                        c.execute(alter)
-                c.execute("COMMIT")
+                c = self._open()
+            except sqlite3.OperationalError as e:
+                if not out_of_space(self.path):
+                    raise StorageError(f"pack index {self.path}: {e}") from e
+                c = self._open_read_only(e)
             except sqlite3.Error as e:
                 raise StorageError(f"pack index {self.path}: {e}") from e
             self._local.conn = c
             with self._lock:
                 self._all.append(c)
+        return c
+
+    def _open(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            have = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+            if not {"packs", "chunks", "blobs", "chunks_by_pack"} <= have:
+                c.execute("BEGIN IMMEDIATE")
+                for stmt in SQLITE_SCHEMA.split(";"):
+                    c.execute(stmt)
+                c.execute("COMMIT")
+            missing = [
+                alter
+                for table, alter in _ADD_SEEN
+                if "seen" not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+            ]
+            if missing:
+                c.execute("BEGIN IMMEDIATE")
+                for alter in missing:
+                    # Ask again under the lock: another process may have added it.
+                    table = alter.split()[2]
+                    if "seen" not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
+                        c.execute(alter)
+                c.execute("COMMIT")
+        except BaseException:
+            c.close()
+            raise
+        self._local.read_only = False
+        return c
+
+    def _open_read_only(self, cause: sqlite3.OperationalError) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            raise StorageError(f"pack index {self.path}: {_describe(cause)}") from cause
+        try:
+            c = connect_immutable(self.path, cause, check_same_thread=False)
+        except sqlite3.OperationalError:
+            raise StorageError(f"pack index {self.path}: {_describe(cause)}") from cause
+        self._local.read_only = True
+        return c
+
+    def _writable(self) -> sqlite3.Connection:
+        """This thread's connection for a write: reopened normally if it was read-only."""
+        c = self.conn()
+        if getattr(self._local, "read_only", False):
+            try:
+                fresh = self._open()
+            except sqlite3.Error as e:
+                raise StorageError(
+                    f"pack index {self.path}: no space left on device "
+                    f"(opened read-only while the disk was full: {e})"
+                ) from e
+            with self._lock:
+                self._all.remove(c)
+                self._all.append(fresh)
+            c.close()
+            self._local.conn = c = fresh
         return c
 
     def locate_sync(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -344,7 +402,7 @@ class SQLiteIndex(PackIndex):
     def commit_sync(
         self, pack: str, size: int, entries: Sequence[Entry], records: Sequence[tuple[bytes, bytes]]
     ) -> None:
-        conn = self.conn()
+        conn = self._writable()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -361,7 +419,7 @@ class SQLiteIndex(PackIndex):
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
 
     @staticmethod
     def _add_entries(
@@ -568,6 +626,13 @@ class SQLiteIndex(PackIndex):
             conns, self._all = self._all, []
         for c in conns:
             c.close()
+
+
+def _describe(e: sqlite3.Error) -> str:
+    """The error, said plainly when it is the disk being full."""
+    if "disk is full" in str(e) or "disk I/O error" in str(e):
+        return f"no space left on device ({e})"
+    return str(e)
 
 
 def sqlite_path(directory: str) -> str:
