@@ -53,7 +53,7 @@ async def test_file_layout(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT * FROM tvix_schema").fetchall() == [("castore.directories", 1)]
+        assert conn.execute("SELECT * FROM tvix_schema").fetchall() == [("castore.directories", 2)]
         rows = conn.execute("SELECT digest, data, size FROM directories ORDER BY size").fetchall()
         assert rows == [
             (DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.encode(), 2),
@@ -74,7 +74,7 @@ async def test_newer_schema_refused(tmp_path: Path) -> None:
     conn.close()
     svc = SQLiteDirectoryService(str(path))
     try:
-        with pytest.raises(StorageError, match=r"schema version 7 .*newer than the 1"):
+        with pytest.raises(StorageError, match=r"schema version 7 .*newer than the 2"):
             await svc.get(DIRECTORY_A.digest)
     finally:
         await svc.close()

@@ -83,7 +83,7 @@ async def test_schema_versions_and_newer_schema_refused(pg: PostgreSQL, pg_url: 
         await infos.close()
     schema = pg_url.rsplit("schema=", 1)[1]
     rows = pg.psql(f"SELECT component, version FROM {schema}.tvix_schema ORDER BY component")
-    assert rows.split() == ["castore.directories|1", "store.pathinfos|1"]
+    assert rows.split() == ["castore.directories|2", "store.pathinfos|2"]
     pg.psql(f"UPDATE {schema}.tvix_schema SET version = 7 WHERE component = 'store.pathinfos'")
     newer = pathinfoservice.from_url(pg_url)
     try:

@@ -12,7 +12,9 @@ from typing import Any
 
 from tvix.castore.errors import ValidationError
 from tvix.castore.grpc.server import ServerTLS, build_server, castore_servicers
-from tvix.cli.common import CLIError, UsageError, open_services
+from tvix.cli.common import CLIError, Services, UsageError, open_services
+from tvix.cli.gc import data_dir_of, describe, parse_duration, run_gc
+from tvix.store.gc import DEFAULT_GRACE, GCBusyError
 from tvix.store.grpc import GRPCPathInfoServiceWrapper
 
 __all__ = ["add_arguments", "cmd_daemon"]
@@ -64,6 +66,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="require client certificates signed by this PEM CA (mutual TLS; "
         "env TVIX_STORE_TLS_CLIENT_CA)",
     )
+    p.add_argument(
+        "--gc-interval",
+        type=parse_duration,
+        metavar="DURATION",
+        help="collect garbage every DURATION (e.g. 6h), as `tvix-store gc` does; a run is "
+        "skipped while another GC of the store runs",
+    )
+    p.add_argument(
+        "--gc-grace",
+        type=parse_duration,
+        default=DEFAULT_GRACE,
+        metavar="DURATION",
+        help="the periodic GC keeps objects written or found present this recently (default 1h, "
+        "at least 2m; 0 only when nothing else writes to the store)",
+    )
+
+
+async def _collect_every(args: argparse.Namespace, s: Services) -> None:
+    """The periodic GC (``--gc-interval``): in this process, beside the calls it serves."""
+    data_dir = data_dir_of(args)
+    while True:
+        await asyncio.sleep(args.gc_interval)
+        try:
+            report = await run_gc(s, data_dir, grace=args.gc_grace)
+        except GCBusyError as e:
+            log.info("gc skipped: %s", e)
+            continue
+        except Exception:
+            log.exception("gc failed; trying again in %.0f s", args.gc_interval)
+            continue
+        for line in describe(report):
+            log.info("gc: %s", line)
 
 
 def server_tls(args: argparse.Namespace) -> ServerTLS | None:
@@ -134,7 +168,13 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
             flush=True,
         )
         log.info("services: %s", ", ".join(server.service_names))
+        gc = None
+        if args.gc_interval is not None:
+            gc = asyncio.ensure_future(_collect_every(args, s))
         await stop.wait()
+        if gc is not None:
+            gc.cancel()
+            await asyncio.gather(gc, return_exceptions=True)
         log.info("shutting down; calls in flight get %.0f s", GRACE)
         await server.stop(GRACE)
         if metrics_server is not None:

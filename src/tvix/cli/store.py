@@ -31,6 +31,7 @@ from tvix.cli.contents import cmd_info, cmd_list, cmd_path_info
 from tvix.cli.copy import cmd_copy
 from tvix.cli.daemon import cmd_daemon
 from tvix.cli.extract import cmd_extract
+from tvix.cli.gc import add_gc_commands
 from tvix.cli.mount import add_mount_command
 from tvix.cli.nix_daemon import add_nix_daemon_command
 from tvix.cli.virtiofs import add_virtiofs_command
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
 
+    add_gc_commands(command)
     add_mount_command(sub)
     add_virtiofs_command(sub)
     add_nix_daemon_command(sub)

@@ -856,7 +856,7 @@ async def _ensure_path(s: Session, st: _Stats) -> None:
 @_op(11, "AddTempRoot")
 async def _add_temp_root(s: Session, st: _Stats) -> None:
     parse_path(await s.read_path_arg(st))
-    s.ok(wire.enc_u64(1))  # nothing is garbage-collected here, so no root is needed
+    s.ok(wire.enc_u64(1))  # every stored path is a GC root; uploads are kept for the grace period
 
 
 @_op(12, "AddIndirectRoot")
@@ -872,7 +872,7 @@ async def _sync_with_gc(s: Session, st: _Stats) -> None:
 
 @_op(14, "FindRoots")
 async def _find_roots(s: Session, st: _Stats) -> None:
-    s.ok(wire.enc_u64(0))  # no garbage collector, no roots
+    s.ok(wire.enc_u64(0))  # tvix-store gc needs no sync: see tvix.store.gc
 
 
 @_op(16, "ExportPath", refused=True)

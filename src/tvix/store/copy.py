@@ -41,7 +41,7 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.directoryservice.graph import leaves_to_root
-from tvix.castore.errors import IntegrityError, StorageError
+from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node
 from tvix.nixcompat.signing import VerifyingKey
 from tvix.nixcompat.storepath import StorePath
@@ -205,8 +205,15 @@ class StoreSource(PathSource):
         if isinstance(node, FileNode):
             await self._copy_blobs([node])
         elif isinstance(node, DirectoryNode):
-            if await self._dest_dirs.get(node.digest) is not None:
-                return
+            stored = await self._dest_dirs.get(node.digest)
+            if stored is not None:
+                try:
+                    # Put again: refreshes the tree, so a concurrent garbage collection
+                    # keeps it (see DirectoryService); refused if one just took part of it.
+                    await self._dest_dirs.put(stored)
+                    return
+                except ValidationError:
+                    pass  # copy it whole
             tree = {d.digest: d async for d in self._dirs.get_recursive(node.digest)}
             if node.digest not in tree:
                 raise StorageError(f"{self.description}: Directory {node.digest.hex()} is missing")

@@ -5,14 +5,26 @@ from __future__ import annotations
 import abc
 import asyncio
 import io
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from tvix.castore.digest import B3Digest
 
-__all__ = ["BlobReader", "BlobService", "BlobWriter", "ChunkMeta"]
+__all__ = ["BlobReader", "BlobService", "BlobSweep", "BlobWriter", "ChunkMeta"]
+
+
+@dataclass(slots=True)
+class BlobSweep:
+    """What :meth:`BlobService.sweep` deleted (or, dry, would delete)."""
+
+    blobs: int = 0
+    """Blob records (of blobs stored in several chunks) deleted."""
+    chunks: int = 0
+    """Chunks (single-chunk blobs included) deleted."""
+    bytes: int = 0
+    """Stored bytes no longer referenced (freed at once, or by a later compaction)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +124,18 @@ class BlobService(abc.ABC):
     that do not match their digest) raises
     :class:`~tvix.castore.errors.IntegrityError`. All methods may be called
     concurrently. Memory use is bounded regardless of blob size.
+
+    Backends with :attr:`supports_gc` remember when each blob (and chunk)
+    was last written or *refreshed*: :meth:`has` answering ``True`` and a
+    writer finding its bytes already stored both refresh what they found,
+    in the step that confirms it is still there. A client that skips an
+    upload because :meth:`has` said ``True`` is therefore safe from a
+    concurrent :meth:`sweep` (within its grace period, see
+    :mod:`tvix.store.gc`).
     """
+
+    supports_gc: ClassVar[bool] = False
+    """Whether :meth:`sweep` can delete blobs."""
 
     @abc.abstractmethod
     async def has(self, digest: B3Digest) -> bool:
@@ -156,6 +179,16 @@ class BlobService(abc.ABC):
         fetch and verify only the chunks it needs.
         """
         return [] if await self.has(digest) else None
+
+    async def sweep(self, live: Set[bytes], cutoff: float, *, dry_run: bool = False) -> BlobSweep:
+        """Delete every blob not in ``live`` that was not written or refreshed since ``cutoff``.
+
+        Atomic with respect to :meth:`has` and writers: a blob they find (and
+        so refresh) is not deleted. Chunks shared with a blob that stays stay.
+        ``dry_run``: nothing changes; the result says what would. Raises
+        :class:`NotImplementedError` without :attr:`supports_gc`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete blobs")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and handles; the service is unusable afterwards."""

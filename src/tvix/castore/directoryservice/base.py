@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 
-__all__ = ["DirectoryPutter", "DirectoryService"]
+__all__ = ["DirectoryPutter", "DirectoryService", "DirectorySweep"]
+
+
+@dataclass(slots=True)
+class DirectorySweep:
+    """What :meth:`DirectoryService.sweep` deleted (or, dry, would delete)."""
+
+    deleted: int = 0
+    kept: set[B3Digest] = field(default_factory=set)
+    """The Directories that stay though not asked to be kept: those written or
+    refreshed at or after the cutoff, and every Directory below them."""
 
 
 class DirectoryPutter(abc.ABC):
@@ -67,7 +78,18 @@ class DirectoryService(abc.ABC):
     record that does not decode, or does not match its digest) raises
     :class:`~tvix.castore.errors.IntegrityError`. Methods may be called
     concurrently.
+
+    Backends with :attr:`supports_gc` remember when each Directory was last
+    written or *refreshed*: putting a Directory that is stored refreshes it,
+    and a closure's put refreshes the stored Directories it refers to, in
+    the transaction that finds them present (a closure whose stored children
+    a concurrent :meth:`sweep` deleted is refused, never stored incomplete).
+    A writer that relies on a stored Directory without putting it again
+    must put it again (cheap: nothing is rewritten) to be safe from a GC.
     """
+
+    supports_gc: ClassVar[bool] = False
+    """Whether :meth:`sweep` can delete Directories."""
 
     @abc.abstractmethod
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -96,6 +118,21 @@ class DirectoryService(abc.ABC):
         async with self.put_multiple_start() as putter:
             await putter.put(directory)
         return await putter.close()
+
+    async def sweep(
+        self, keep: Set[B3Digest], cutoff: float, *, dry_run: bool = False
+    ) -> DirectorySweep:
+        """Delete every Directory not in ``keep`` that may go, atomically.
+
+        ``keep`` must be closed (every Directory below one in it is in it).
+        Stays: what is in ``keep``, every Directory written or refreshed at
+        or after ``cutoff`` (unix seconds), and everything below those, so
+        the store stays complete. The rest is deleted in one transaction
+        that puts wait for. ``dry_run``: nothing changes; the result says
+        what would. Raises :class:`NotImplementedError` without
+        :attr:`supports_gc`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete Directories")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and handles; the service is unusable afterwards."""

@@ -49,7 +49,8 @@ are re-exported here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Sequence, Set
 from dataclasses import dataclass
 
 from typing_extensions import override
@@ -57,9 +58,15 @@ from typing_extensions import override
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
-from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.base import (
+    DirectoryPutter,
+    DirectoryService,
+    DirectorySweep,
+)
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
 from tvix.castore.directoryservice.traverse import traverse_bfs
+from tvix.castore.errors import ValidationError
+from tvix.castore.proto import directory_from_bytes
 from tvix.castore.sql.postgres import PostgresConfig, PostgresDatabase, storage_errors
 from tvix.castore.sql.records import decode_directory
 
@@ -87,7 +94,16 @@ MIGRATIONS = [
         size BIGINT NOT NULL
     )
     """,
+    # 2: when each Directory was last written or refreshed, for garbage collection.
+    """
+    ALTER TABLE directories ADD COLUMN seen BIGINT NOT NULL DEFAULT 0
+    """,
 ]
+
+# A stored Directory is refreshed when last seen longer ago than this (seconds).
+REFRESH_SLACK = 60
+# A sweep locks the table against writes (not reads) while it decides and deletes.
+_LOCK_WRITES = "LOCK TABLE directories IN SHARE ROW EXCLUSIVE MODE"
 
 
 def _decode_rows(rows: Sequence[tuple[bytes, bytes]]) -> dict[B3Digest, Directory]:
@@ -95,7 +111,13 @@ def _decode_rows(rows: Sequence[tuple[bytes, bytes]]) -> dict[B3Digest, Director
 
 
 class PostgresDirectoryService(DirectoryService):
-    """Directories in one table of a PostgreSQL database (see the module docs)."""
+    """Directories in one table of a PostgreSQL database (see the module docs).
+
+    Supports garbage collection (:meth:`sweep`), which locks the table
+    against writes while it runs.
+    """
+
+    supports_gc = True
 
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
@@ -134,16 +156,75 @@ class PostgresDirectoryService(DirectoryService):
         digests = [d.digest for d in directories]
         datas = [d.encode() for d in directories]
         sizes = [d.size for d in directories]
+        inside = set(digests)
+        outside = sorted({c.digest for d in directories for c in d.directories} - inside)
+        now = int(time.time())
         async with self._db.connection() as conn, conn.transaction():
             for i in range(0, len(digests), BATCH):
+                # Stored ones are refreshed (see the DirectoryService docs).
                 await conn.execute(
-                    "INSERT INTO directories (digest, data, size) "
-                    "SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[]) "
-                    "ON CONFLICT (digest) DO NOTHING",
+                    "INSERT INTO directories (digest, data, size, seen) "
+                    "SELECT d, x, s, $4 FROM unnest($1::bytea[], $2::bytea[], $3::bigint[]) "
+                    "AS t(d, x, s) ON CONFLICT (digest) DO UPDATE SET seen = EXCLUDED.seen "
+                    "WHERE directories.seen < $5",
                     digests[i : i + BATCH],
                     datas[i : i + BATCH],
                     sizes[i : i + BATCH],
+                    now,
+                    now - REFRESH_SLACK,
                 )
+            for i in range(0, len(outside), BATCH):
+                batch = outside[i : i + BATCH]
+                await conn.execute(
+                    "UPDATE directories SET seen = $1 WHERE seen < $2 AND digest = ANY($3)",
+                    now,
+                    now - REFRESH_SLACK,
+                    batch,
+                )
+                found = await conn.fetchval(
+                    "SELECT count(*) FROM directories WHERE digest = ANY($1)", batch
+                )
+                if found != len(batch):
+                    raise ValidationError(
+                        "the closure refers to a Directory no longer stored (deleted by a "
+                        "garbage collection meanwhile); put it again"
+                    )
+
+    @override
+    async def sweep(
+        self, keep: Set[B3Digest], cutoff: float, *, dry_run: bool = False
+    ) -> DirectorySweep:
+        result = DirectorySweep()
+        async with self._db.connection() as conn, conn.transaction():
+            await conn.execute(_LOCK_WRITES)
+            rows = await conn.fetch("SELECT digest, seen FROM directories")
+            frontier = [
+                B3Digest(bytes(r[0])) for r in rows if r[1] >= cutoff and bytes(r[0]) not in keep
+            ]
+            kept = result.kept
+            kept.update(frontier)
+            while frontier:
+                below: list[B3Digest] = []
+                for i in range(0, len(frontier), BATCH):
+                    for (data,) in await conn.fetch(
+                        "SELECT data FROM directories WHERE digest = ANY($1::bytea[])",
+                        frontier[i : i + BATCH],
+                    ):
+                        for child in directory_from_bytes(bytes(data)).directories:
+                            if child.digest not in keep and child.digest not in kept:
+                                kept.add(child.digest)
+                                below.append(child.digest)
+                frontier = below
+            doomed = [bytes(r[0]) for r in rows if bytes(r[0]) not in keep]
+            doomed = [d for d in doomed if d not in kept]
+            result.deleted = len(doomed)
+            if not dry_run:
+                for i in range(0, len(doomed), BATCH):
+                    await conn.execute(
+                        "DELETE FROM directories WHERE digest = ANY($1::bytea[])",
+                        doomed[i : i + BATCH],
+                    )
+        return result
 
     @override
     async def close(self) -> None:

@@ -36,7 +36,8 @@ also used by the SQLite PathInfo service; it is re-exported here.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Sequence, Set
 from dataclasses import dataclass
 
 from typing_extensions import override
@@ -44,11 +45,17 @@ from typing_extensions import override
 from tvix.castore.composition import BuildContext
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
-from tvix.castore.directoryservice.base import DirectoryPutter, DirectoryService
+from tvix.castore.directoryservice.base import (
+    DirectoryPutter,
+    DirectoryService,
+    DirectorySweep,
+)
 from tvix.castore.directoryservice.closure import BufferedDirectoryPutter
 from tvix.castore.directoryservice.traverse import traverse_bfs
+from tvix.castore.errors import ValidationError
+from tvix.castore.proto import directory_from_bytes
 from tvix.castore.sql.records import decode_directory
-from tvix.castore.sql.sqlite import SQLiteConfig, SQLiteDatabase, select_in
+from tvix.castore.sql.sqlite import IN_BATCH, SQLiteConfig, SQLiteDatabase, select_in
 
 __all__ = [
     "SQLiteConfig",
@@ -67,16 +74,30 @@ MIGRATIONS = [
         size INTEGER NOT NULL
     )
     """,
+    # 2: when each Directory was last written or refreshed (unix seconds), for
+    # garbage collection; Directories from before count as written long ago.
+    """
+    ALTER TABLE directories ADD COLUMN seen INTEGER NOT NULL DEFAULT 0
+    """,
 ]
+
+# A stored Directory is refreshed when last seen longer ago than this
+# (seconds); a GC's grace period must be longer.
+REFRESH_SLACK = 60
 
 
 class SQLiteDirectoryService(DirectoryService):
     """Directories in one table of an SQLite file; a closure is one transaction.
 
+    Supports garbage collection (:meth:`sweep`): each row records when it was
+    last written or refreshed.
+
     Directories read back are verified against their digest (damage raises
     :class:`~tvix.castore.errors.IntegrityError`). ``get_recursive`` costs one
     query per level of the tree.
     """
+
+    supports_gc = True
 
     def __init__(self, path: str) -> None:
         """Use the database file at ``path`` (created if absent), or ``":memory:"``."""
@@ -111,12 +132,67 @@ class SQLiteDirectoryService(DirectoryService):
         return BufferedDirectoryPutter(self._commit, self._get_many)
 
     async def _commit(self, root: B3Digest, directories: list[Directory]) -> None:
-        rows = [(d.digest, d.encode(), d.size) for d in directories]
+        now = int(time.time())
+        rows = [(d.digest, d.encode(), d.size, now) for d in directories]
+        inside = {d.digest for d in directories}
+        outside = list({c.digest for d in directories for c in d.directories} - inside)
 
         def insert(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR IGNORE INTO directories VALUES (?, ?, ?)", rows)
+            # Stored ones are refreshed (see the DirectoryService docs), and the
+            # stored children the closure refers to must still be there.
+            conn.executemany(
+                "INSERT INTO directories VALUES (?, ?, ?, ?) ON CONFLICT (digest) "
+                "DO UPDATE SET seen = excluded.seen WHERE seen < ?",
+                [(*r, now - REFRESH_SLACK) for r in rows],
+            )
+            for i in range(0, len(outside), IN_BATCH):
+                batch = outside[i : i + IN_BATCH]
+                marks = ",".join("?" * len(batch))
+                conn.execute(
+                    f"UPDATE directories SET seen = ? WHERE seen < ? AND digest IN ({marks})",
+                    [now, now - REFRESH_SLACK, *batch],
+                )
+                (found,) = conn.execute(
+                    f"SELECT count(*) FROM directories WHERE digest IN ({marks})", batch
+                ).fetchone()
+                if found != len(batch):
+                    raise ValidationError(
+                        "the closure refers to a Directory no longer stored (deleted by a "
+                        "garbage collection meanwhile); put it again"
+                    )
 
         await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, insert))
+
+    @override
+    async def sweep(
+        self, keep: Set[B3Digest], cutoff: float, *, dry_run: bool = False
+    ) -> DirectorySweep:
+        def sweep(conn: sqlite3.Connection) -> DirectorySweep:
+            result = DirectorySweep()
+            rows = conn.execute("SELECT digest, seen FROM directories").fetchall()
+            frontier = [B3Digest(d) for d, seen in rows if seen >= cutoff and d not in keep]
+            kept = result.kept
+            kept.update(frontier)
+            while frontier:
+                below: list[B3Digest] = []
+                for i in range(0, len(frontier), IN_BATCH):
+                    batch = frontier[i : i + IN_BATCH]
+                    marks = ",".join("?" * len(batch))
+                    for (data,) in conn.execute(
+                        f"SELECT data FROM directories WHERE digest IN ({marks})", batch
+                    ):
+                        for child in directory_from_bytes(data).directories:
+                            if child.digest not in keep and child.digest not in kept:
+                                kept.add(child.digest)
+                                below.append(child.digest)
+                frontier = below
+            doomed = [(d,) for d, _seen in rows if d not in keep and d not in kept]
+            result.deleted = len(doomed)
+            if not dry_run:
+                conn.executemany("DELETE FROM directories WHERE digest = ?", doomed)
+            return result
+
+        return await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, sweep))
 
     @override
     async def close(self) -> None:

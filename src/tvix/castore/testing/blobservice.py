@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import pytest
 
@@ -147,6 +148,28 @@ class BlobServiceTests:
         await writer.close()
         with pytest.raises(ValueError, match="closed"):
             await writer.write(b"y")
+
+    async def test_sweep(self, blob_service: BlobService) -> None:
+        """Deletes blobs neither live nor written or refreshed since the cutoff."""
+        a = await write_all(blob_service, BLOB_A)
+        b = await write_all(blob_service, BLOB_B)
+        if not blob_service.supports_gc:
+            with pytest.raises(NotImplementedError):
+                await blob_service.sweep(set(), 0)
+            return
+        swept = await blob_service.sweep(set(), time.time() - 600)
+        assert swept.chunks == 0
+        dry = await blob_service.sweep({bytes(a)}, time.time() + 600, dry_run=True)
+        assert dry.chunks > 0
+        assert await blob_service.has(b)
+        swept = await blob_service.sweep({bytes(a)}, time.time() + 600)
+        assert swept.chunks == dry.chunks
+        assert swept.bytes > 0
+        assert not await blob_service.has(b)
+        assert await read_all(blob_service, a) == BLOB_A
+        # Written again, it is back.
+        assert await write_all(blob_service, BLOB_B) == b
+        assert await read_all(blob_service, b) == BLOB_B
 
 
 async def _write_then_fail(writer: BlobWriter, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -198,3 +199,27 @@ class DirectoryServiceTests:
         assert roots == [c[-1].digest for c in chains]
         for c in chains:
             assert await _collect(directory_service, c[-1].digest) == [c[-1], DIRECTORY_A]
+
+    async def test_sweep(self, directory_service: DirectoryService) -> None:
+        """Deletes what is neither kept nor young nor below a young one."""
+        parent = Directory(directories=[DirectoryNode(b"a", DIRECTORY_A.digest, DIRECTORY_A.size)])
+        await directory_service.put(DIRECTORY_A)
+        await directory_service.put(parent)
+        if not directory_service.supports_gc:
+            with pytest.raises(NotImplementedError):
+                await directory_service.sweep(set(), 0)
+            return
+        # Everything was written just now: a cutoff in the past keeps it all.
+        swept = await directory_service.sweep(set(), time.time() - 600)
+        assert swept.deleted == 0
+        assert swept.kept == {DIRECTORY_A.digest, parent.digest}
+        # Dry: nothing changes.
+        dry = await directory_service.sweep({DIRECTORY_A.digest}, time.time() + 600, dry_run=True)
+        assert dry.deleted == 1
+        assert await directory_service.get(parent.digest) is not None
+        # A cutoff in the future: only what is kept stays.
+        swept = await directory_service.sweep({DIRECTORY_A.digest}, time.time() + 600)
+        assert swept.deleted == 1
+        assert swept.kept == set()
+        assert await directory_service.get(parent.digest) is None
+        assert await directory_service.get(DIRECTORY_A.digest) == DIRECTORY_A

@@ -34,7 +34,8 @@ class PathInfoService(abc.ABC):
     Methods may be called concurrently.
 
     Capabilities: a service that cannot enumerate what it stores says so
-    with :attr:`supports_list`; a read-only one with :attr:`supports_put`.
+    with :attr:`supports_list`; a read-only one with :attr:`supports_put`;
+    one that can delete (for garbage collection) with :attr:`supports_delete`.
     Combinators answer for what they wrap.
     """
 
@@ -47,6 +48,11 @@ class PathInfoService(abc.ABC):
     def supports_put(self) -> bool:
         """Whether :meth:`put` can store PathInfos (default: true; false: read-only)."""
         return True
+
+    @property
+    def supports_delete(self) -> bool:
+        """Whether :meth:`delete` and :meth:`list_added` work (for GC; default false)."""
+        return False
 
     @abc.abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:
@@ -87,6 +93,23 @@ class PathInfoService(abc.ABC):
         :attr:`supports_list` is false.
         """
         raise ListNotSupportedError(f"{type(self).__name__} cannot list PathInfos")
+
+    async def delete(self, digest: bytes) -> bool:
+        """Remove the PathInfo of ``digest``; whether there was one.
+
+        Durable when it returns. Only the PathInfo goes: what it refers to
+        stays until a garbage collection finds nothing else refers to it.
+        Raises :class:`NotImplementedError` without :attr:`supports_delete`,
+        :class:`InvalidPathInfoError` if ``digest`` is not 20 bytes.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete PathInfos")
+
+    def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        """Every stored PathInfo with when it was last put (unix seconds; 0 if unknown).
+
+        Raises :class:`NotImplementedError` without :attr:`supports_delete`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not know when PathInfos came")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and handles; the service is unusable afterwards."""

@@ -18,6 +18,7 @@ iteration ends (or the iterator is closed).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ MIGRATIONS = [
         data BYTEA NOT NULL
     )
     """,
+    # 2: when each PathInfo was put, for garbage collection's retention by age.
+    """
+    ALTER TABLE pathinfos ADD COLUMN added BIGINT NOT NULL DEFAULT 0
+    """,
 ]
 
 # Rows fetched per round trip while listing.
@@ -46,6 +51,11 @@ LIST_PREFETCH = 1000
 
 class PostgresPathInfoService(PathInfoService):
     """PathInfos in one table of a PostgreSQL database (see the module docs)."""
+
+    @property
+    @override
+    def supports_delete(self) -> bool:
+        return True
 
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
@@ -62,10 +72,11 @@ class PostgresPathInfoService(PathInfoService):
         data = encode_pathinfo(info)
         async with self._db.connection() as conn:
             await conn.execute(
-                "INSERT INTO pathinfos (digest, data) VALUES ($1, $2) "
-                "ON CONFLICT (digest) DO UPDATE SET data = EXCLUDED.data",
+                "INSERT INTO pathinfos (digest, data, added) VALUES ($1, $2, $3) "
+                "ON CONFLICT (digest) DO UPDATE SET data = EXCLUDED.data, added = EXCLUDED.added",
                 info.store_path.digest,
                 data,
+                int(time.time()),
             )
         return info
 
@@ -76,6 +87,21 @@ class PostgresPathInfoService(PathInfoService):
                 "SELECT digest, data FROM pathinfos", prefetch=LIST_PREFETCH
             ):
                 yield decode_pathinfo(row[0], row[1])
+
+    @override
+    async def delete(self, digest: bytes) -> bool:
+        key = check_digest(digest)
+        async with self._db.connection() as conn:
+            status = await conn.execute("DELETE FROM pathinfos WHERE digest = $1", key)
+        return bool(status != "DELETE 0")
+
+    @override
+    async def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        async with self._db.connection() as conn, conn.transaction(readonly=True):
+            async for row in conn.cursor(
+                "SELECT digest, data, added FROM pathinfos", prefetch=LIST_PREFETCH
+            ):
+                yield decode_pathinfo(row[0], row[1]), float(row[2])
 
     @override
     async def close(self) -> None:

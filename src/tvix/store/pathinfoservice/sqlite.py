@@ -11,6 +11,7 @@ under the 20-byte digest of its store path, and validated when read back
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ _MIGRATIONS = [
         data BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2: when each PathInfo was put (unix seconds; 0: before this column), for
+    # garbage collection's retention by age.
+    """
+    ALTER TABLE pathinfos ADD COLUMN added INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # PathInfos fetched per query while listing (keyset pagination keeps memory bounded).
@@ -39,6 +45,11 @@ LIST_PAGE = 1000
 
 class SQLitePathInfoService(PathInfoService):
     """PathInfos in an SQLite database file (``:memory:`` for a private one)."""
+
+    @property
+    @override
+    def supports_delete(self) -> bool:
+        return True
 
     def __init__(self, path: str) -> None:
         self._db = SQLiteDatabase(path, "pathinfos", _MIGRATIONS)
@@ -58,12 +69,14 @@ class SQLitePathInfoService(PathInfoService):
     async def put(self, info: PathInfo) -> PathInfo:
         data = encode_pathinfo(info)
         key = info.store_path.digest
+        added = int(time.time())
 
         def put(conn: sqlite3.Connection) -> None:
             SQLiteDatabase.transaction(
                 conn,
                 lambda c: c.execute(
-                    "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)", (key, data)
+                    "INSERT OR REPLACE INTO pathinfos (digest, data, added) VALUES (?, ?, ?)",
+                    (key, data, added),
                 ),
             )
 
@@ -88,6 +101,42 @@ class SQLitePathInfoService(PathInfoService):
             rows = await self._db.run(page)
             for digest, data in rows:
                 yield decode_pathinfo(digest, data)
+            if len(rows) < LIST_PAGE:
+                return
+            after = rows[-1][0]
+
+    @override
+    async def delete(self, digest: bytes) -> bool:
+        key = check_digest(digest)
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            return SQLiteDatabase.transaction(
+                conn,
+                lambda c: c.execute("DELETE FROM pathinfos WHERE digest = ?", (key,)).rowcount > 0,
+            )
+
+        return await self._db.run(delete)
+
+    @override
+    async def list_added(self) -> AsyncIterator[tuple[PathInfo, float]]:
+        after = b""
+        while True:
+
+            def page(
+                conn: sqlite3.Connection, after: bytes = after
+            ) -> list[tuple[bytes, bytes, int]]:
+                return [
+                    (bytes(d), bytes(v), int(t))
+                    for d, v, t in conn.execute(
+                        "SELECT digest, data, added FROM pathinfos WHERE digest > ? "
+                        "ORDER BY digest LIMIT ?",
+                        (after, LIST_PAGE),
+                    )
+                ]
+
+            rows = await self._db.run(page)
+            for digest, data, added in rows:
+                yield decode_pathinfo(digest, data), float(added)
             if len(rows) < LIST_PAGE:
                 return
             after = rows[-1][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -34,6 +35,7 @@ class PathInfoServiceTests:
     async def test_capabilities(self, path_info_service: PathInfoService) -> None:
         assert isinstance(path_info_service.supports_put, bool)
         assert isinstance(path_info_service.supports_list, bool)
+        assert isinstance(path_info_service.supports_delete, bool)
 
     @pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
     async def test_round_trip(self, path_info_service: PathInfoService, kind: str) -> None:
@@ -96,3 +98,25 @@ class PathInfoServiceTests:
             return  # nothing of ours to look for: listing without failing is the test
         for info in infos:
             assert listed[info.store_path].nar_sha256 == info.nar_sha256
+
+    async def test_delete(self, path_info_service: PathInfoService) -> None:
+        info = path_info(21)
+        if not path_info_service.supports_delete:
+            with pytest.raises(NotImplementedError):
+                await path_info_service.delete(info.store_path.digest)
+            return
+        await path_info_service.put(info)
+        assert await path_info_service.delete(info.store_path.digest)
+        assert await path_info_service.get(info.store_path.digest) is None
+        assert not await path_info_service.delete(info.store_path.digest)
+        with pytest.raises(InvalidPathInfoError, match="20 bytes"):
+            await path_info_service.delete(b"\0" * 19)
+
+    async def test_list_added(self, path_info_service: PathInfoService) -> None:
+        if not path_info_service.supports_delete:
+            return
+        before = time.time()
+        info = path_info(22)
+        await path_info_service.put(info)
+        added = {i.store_path: t async for i, t in path_info_service.list_added()}
+        assert before - 1 <= added[info.store_path] <= time.time() + 1

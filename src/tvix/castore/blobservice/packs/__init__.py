@@ -30,6 +30,6 @@ Every chunk is verified against its digest when read.
 from __future__ import annotations
 
 from tvix.castore.blobservice.packs._config import PacksFileConfig, PacksS3Config
-from tvix.castore.blobservice.packs._service import PacksBlobService
+from tvix.castore.blobservice.packs._service import CompactResult, PacksBlobService
 
-__all__ = ["PacksBlobService", "PacksFileConfig", "PacksS3Config"]
+__all__ = ["CompactResult", "PacksBlobService", "PacksFileConfig", "PacksS3Config"]

@@ -14,6 +14,13 @@ Three tables, the same in SQLite (``packs+file``) and PostgreSQL (``packs+s3``):
     The chunk list of each blob stored in more than one chunk:
     ``(digest, u32 size)`` pairs, concatenated.
 
+Chunks and blob records also carry ``seen``: the time (unix seconds) they
+were last written or *refreshed* — found present by a writer deduplicating
+against them or by ``has``. Garbage collection deletes only rows seen
+before its cutoff, in the transaction that checks it (:meth:`PackIndex.sweep`),
+so whoever relies on a row it found has refreshed it first (see
+:mod:`tvix.store.gc`).
+
 A commit adds one pack's new entries, the blob records whose chunks are now
 all stored, and the pack's new committed size and live bytes, in one
 transaction. Entries already indexed (another writer won the race) are not
@@ -27,8 +34,11 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from typing_extensions import override
 
 from tvix.castore.blobservice.base import ChunkMeta
 from tvix.castore.blobservice.packs._format import HEADER_SIZE, Location
@@ -41,6 +51,7 @@ __all__ = [
     "PackIndex",
     "PackInfo",
     "SQLiteIndex",
+    "SweepResult",
     "decode_record",
     "encode_record",
     "sqlite_path",
@@ -71,6 +82,21 @@ class PackInfo:
     live: int
 
 
+@dataclass(slots=True)
+class SweepResult:
+    """What :meth:`PackIndex.sweep` deleted (or, dry, would delete)."""
+
+    records: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    """Bytes of pack entries (headers included) no longer live."""
+
+
+def now() -> int:
+    """The ``seen`` time of a row written or refreshed now."""
+    return int(time.time())
+
+
 def encode_record(chunks: Sequence[ChunkMeta]) -> bytes:
     return b"".join(_RECORD.pack(c.digest, c.size) for c in chunks)
 
@@ -89,6 +115,9 @@ class PackIndex(abc.ABC):
     """
 
     sync_commit = False
+    supports_gc = False
+    """Whether :meth:`refresh`, :meth:`sweep`, :meth:`relocate` and
+    :meth:`forget_if_empty` work."""
 
     @abc.abstractmethod
     async def locate(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -126,6 +155,43 @@ class PackIndex(abc.ABC):
     async def all_records(self) -> list[tuple[bytes, bytes]]:
         """Every blob record (for ``verify``)."""
 
+    async def refresh(self, digests: Sequence[bytes], fresh_after: int) -> set[bytes]:
+        """Those of ``digests`` stored (as chunks or blob records), refreshed.
+
+        Each is now seen no earlier than ``fresh_after`` (rows seen before are
+        set to now).
+
+        Atomic with :meth:`sweep`: a digest returned is not deleted by a sweep
+        whose cutoff is at most ``fresh_after``.
+        """
+        raise NotImplementedError
+
+    async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
+        """Delete the blob records and chunks no longer needed, in one transaction.
+
+        Kept: records of ``live`` blobs, records seen at or after ``cutoff``,
+        the chunks those records list, chunks in ``live`` (single-chunk
+        blobs) and chunks seen at or after ``cutoff``. Everything else is
+        deleted and each pack's live bytes lowered by what it lost. With
+        ``dry_run`` nothing changes; the result says what would go.
+        """
+        raise NotImplementedError
+
+    async def relocate(
+        self, old: str, new: str, size: int, moves: Sequence[Entry]
+    ) -> tuple[int, bool]:
+        """Point the chunks ``moves`` still in pack ``old`` at their copies in ``new``.
+
+        Atomically; ``new`` is durable up to ``size``; ``old`` is forgotten
+        once nothing is left in it. Returns the bytes moved and whether
+        ``old`` is forgotten.
+        """
+        raise NotImplementedError
+
+    async def forget_if_empty(self, pack: str) -> bool:
+        """Drop the row of ``pack`` if no chunk is in it; whether it is gone."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
@@ -144,14 +210,23 @@ CREATE TABLE IF NOT EXISTS chunks (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    codec INTEGER NOT NULL
+    codec INTEGER NOT NULL,
+    seen INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack, offset);
 CREATE TABLE IF NOT EXISTS blobs (
     digest BLOB PRIMARY KEY,
-    chunks BLOB NOT NULL
+    chunks BLOB NOT NULL,
+    seen INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID
 """
+
+# Indexes made before garbage collection lack ``seen``: their rows count as
+# seen long ago, which is what they are.
+_ADD_SEEN = [
+    ("chunks", "ALTER TABLE chunks ADD COLUMN seen INTEGER NOT NULL DEFAULT 0"),
+    ("blobs", "ALTER TABLE blobs ADD COLUMN seen INTEGER NOT NULL DEFAULT 0"),
+]
 
 _LOCATE = "SELECT digest, pack, offset, length, size, codec FROM chunks WHERE digest IN ({})"
 
@@ -166,6 +241,7 @@ class SQLiteIndex(PackIndex):
     """
 
     sync_commit = True
+    supports_gc = True
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -212,6 +288,19 @@ class SQLiteIndex(PackIndex):
                 c.execute("BEGIN IMMEDIATE")
                 for stmt in SQLITE_SCHEMA.split(";"):
                     c.execute(stmt)
+                c.execute("COMMIT")
+            missing = [
+                alter
+                for table, alter in _ADD_SEEN
+                if "seen" not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+            ]
+            if missing:
+                c.execute("BEGIN IMMEDIATE")
+                for alter in missing:
+                    # Ask again under the lock: another process may have added it.
+                    table = alter.split()[2]
+                    if "seen" not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
+                        c.execute(alter)
                 c.execute("COMMIT")
         except BaseException:
             c.close()
@@ -319,7 +408,12 @@ class SQLiteIndex(PackIndex):
             try:
                 if entries:
                     self._add_entries(conn, pack, size, entries)
-                conn.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?)", records)
+                t = now()
+                conn.executemany(
+                    "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                    "SET seen = excluded.seen",
+                    [(d, c, t) for d, c in records],
+                )
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -338,13 +432,17 @@ class SQLiteIndex(PackIndex):
         )
         (pack_id,) = conn.execute("SELECT id FROM packs WHERE name = ?", (pack,)).fetchone()
         live = 0
+        t = now()
         for e in entries:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                (e.digest, pack_id, e.offset, e.length, e.size, e.codec),
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (e.digest, pack_id, e.offset, e.length, e.size, e.codec, t),
             )
             if cur.rowcount:
                 live += HEADER_SIZE + e.length
+            else:
+                # Stored by another writer: this copy is dead, the row is refreshed.
+                conn.execute("UPDATE chunks SET seen = ? WHERE digest = ?", (t, e.digest))
         if live:
             conn.execute("UPDATE packs SET live = live + ? WHERE id = ?", (live, pack_id))
 
@@ -370,6 +468,157 @@ class SQLiteIndex(PackIndex):
 
     async def all_records(self) -> list[tuple[bytes, bytes]]:
         return self.conn().execute("SELECT digest, chunks FROM blobs").fetchall()
+
+    @override
+    async def refresh(self, digests: Sequence[bytes], fresh_after: int) -> set[bytes]:
+        conn = self.conn()
+        present: set[bytes] = set()
+        stale: list[bytes] = []
+        try:
+            for table in ("chunks", "blobs"):
+                for i in range(0, len(digests), _SQLITE_BATCH):
+                    part = digests[i : i + _SQLITE_BATCH]
+                    marks = ",".join("?" * len(part))
+                    for d, seen in conn.execute(
+                        f"SELECT digest, seen FROM {table} WHERE digest IN ({marks})", part
+                    ):
+                        if seen >= fresh_after:
+                            present.add(d)
+                        else:
+                            stale.append(d)
+            if stale:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    t = now()
+                    for table in ("chunks", "blobs"):
+                        for i in range(0, len(stale), _SQLITE_BATCH):
+                            part = stale[i : i + _SQLITE_BATCH]
+                            marks = ",".join("?" * len(part))
+                            conn.execute(
+                                f"UPDATE {table} SET seen = ? WHERE digest IN ({marks})",
+                                [t, *part],
+                            )
+                            present.update(
+                                r[0]
+                                for r in conn.execute(
+                                    f"SELECT digest FROM {table} WHERE digest IN ({marks})", part
+                                )
+                            )
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {e}") from e
+        return present
+
+    @override
+    async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
+        conn = self.conn()
+        result = SweepResult()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS gc_live "
+                    "(digest BLOB PRIMARY KEY) WITHOUT ROWID"
+                )
+                conn.execute("DELETE FROM gc_live")
+                conn.executemany("INSERT OR IGNORE INTO gc_live VALUES (?)", ((d,) for d in live))
+                cur = conn.execute(
+                    "DELETE FROM blobs WHERE seen < ? "
+                    "AND digest NOT IN (SELECT digest FROM gc_live)",
+                    (cutoff,),
+                )
+                result.records = cur.rowcount
+                # The chunks of every record that stays are live.
+                for digest, raw in conn.execute("SELECT digest, chunks FROM blobs").fetchall():
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO gc_live VALUES (?)",
+                        ((c.digest,) for c in decode_record(raw, digest)),
+                    )
+                dead = "seen < ? AND digest NOT IN (SELECT digest FROM gc_live)"
+                freed = conn.execute(
+                    f"SELECT pack, count(*), sum(length + {HEADER_SIZE}) FROM chunks "
+                    f"WHERE {dead} GROUP BY pack",
+                    (cutoff,),
+                ).fetchall()
+                conn.execute(f"DELETE FROM chunks WHERE {dead}", (cutoff,))
+                for pack_id, count, nbytes in freed:
+                    result.chunks += count
+                    result.bytes += nbytes
+                    conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (nbytes, pack_id))
+                conn.execute("DELETE FROM gc_live")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {e}") from e
+        return result
+
+    @override
+    async def relocate(
+        self, old: str, new: str, size: int, moves: Sequence[Entry]
+    ) -> tuple[int, bool]:
+        conn = self.conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT id FROM packs WHERE name = ?", (old,)).fetchone()
+                moved = 0
+                if row is not None:
+                    conn.execute(
+                        "INSERT INTO packs (name, size, live) VALUES (?, ?, 0) "
+                        "ON CONFLICT (name) DO UPDATE SET size = max(size, excluded.size)",
+                        (new, size),
+                    )
+                    (new_id,) = conn.execute(
+                        "SELECT id FROM packs WHERE name = ?", (new,)
+                    ).fetchone()
+                    for e in moves:
+                        cur = conn.execute(
+                            "UPDATE chunks SET pack = ?, offset = ?, length = ?, codec = ? "
+                            "WHERE digest = ? AND pack = ?",
+                            (new_id, e.offset, e.length, e.codec, e.digest, row[0]),
+                        )
+                        if cur.rowcount:
+                            moved += HEADER_SIZE + e.length
+                    conn.execute("UPDATE packs SET live = live + ? WHERE id = ?", (moved, new_id))
+                    conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (moved, row[0]))
+                gone = self._forget_if_empty(conn, old)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {e}") from e
+        return moved, gone
+
+    @staticmethod
+    def _forget_if_empty(conn: sqlite3.Connection, pack: str) -> bool:
+        row = conn.execute("SELECT id FROM packs WHERE name = ?", (pack,)).fetchone()
+        if row is None:
+            return True
+        if conn.execute("SELECT 1 FROM chunks WHERE pack = ? LIMIT 1", (row[0],)).fetchone():
+            return False
+        conn.execute("DELETE FROM packs WHERE id = ?", (row[0],))
+        return True
+
+    @override
+    async def forget_if_empty(self, pack: str) -> bool:
+        conn = self.conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._forget_if_empty(conn, pack)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {e}") from e
+        return gone
 
     async def close(self) -> None:
         self._closed = True

@@ -13,9 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from typing_extensions import override
 
 from tvix.castore.blobservice.packs._format import HEADER_SIZE, Location
-from tvix.castore.blobservice.packs._index import Entry, PackIndex, PackInfo
+from tvix.castore.blobservice.packs._index import (
+    Entry,
+    PackIndex,
+    PackInfo,
+    SweepResult,
+    decode_record,
+    now,
+)
 from tvix.castore.sql.postgres import PostgresConfig
 
 __all__ = ["PackIndexConfig", "PostgresIndex"]
@@ -44,14 +52,26 @@ MIGRATIONS = [
         chunks BYTEA NOT NULL
     )
     """,
+    # 2: when each chunk and blob record was last written or refreshed (garbage collection).
+    """
+    ALTER TABLE chunks ADD COLUMN seen BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE blobs ADD COLUMN seen BIGINT NOT NULL DEFAULT 0
+    """,
 ]
+
+# A sweep locks out writes (not reads) to the index while it decides and deletes.
+_LOCK_WRITES = "LOCK TABLE packs, chunks, blobs IN SHARE ROW EXCLUSIVE MODE"
 
 
 class PostgresIndex(PackIndex):
     """A :class:`PackIndex` in a PostgreSQL database.
 
     Its URL is what the PostgreSQL services take (``schema=`` and ``pool_size=`` too).
+    Supports garbage collection: a sweep locks the tables against writes
+    (not reads) while it runs.
     """
+
+    supports_gc = True
 
     def __init__(self, config: PostgresConfig) -> None:
         self._db = config.database("castore.packs", MIGRATIONS)
@@ -98,11 +118,14 @@ class PostgresIndex(PackIndex):
             if entries:
                 await self._add_entries(conn, pack, size, entries)
             if records:
+                records = list(dict(records).items())  # once each: ON CONFLICT updates
                 await conn.execute(
-                    "INSERT INTO blobs SELECT * FROM unnest($1::bytea[], $2::bytea[]) "
-                    "ON CONFLICT (digest) DO NOTHING",
+                    "INSERT INTO blobs (digest, chunks, seen) "
+                    "SELECT d, c, $3 FROM unnest($1::bytea[], $2::bytea[]) AS t(d, c) "
+                    "ON CONFLICT (digest) DO UPDATE SET seen = EXCLUDED.seen",
                     [r[0] for r in records],
                     [r[1] for r in records],
+                    now(),
                 )
 
     @staticmethod
@@ -118,22 +141,25 @@ class PostgresIndex(PackIndex):
         )
         live = 0
         # In digest order, so concurrent commits of the same chunks cannot deadlock.
-        ordered = sorted(entries, key=lambda e: e.digest)
+        ordered = sorted({e.digest: e for e in entries}.values(), key=lambda e: e.digest)
         for i in range(0, len(ordered), _BATCH):
             part = ordered[i : i + _BATCH]
+            # Rows stored by another writer are refreshed (xmax <> 0), not counted live.
             rows = await conn.fetch(
-                'INSERT INTO chunks (digest, pack, "offset", length, size, codec) '
-                "SELECT d, $1, o, n, s, k FROM unnest($2::bytea[], $3::bigint[], "
+                'INSERT INTO chunks (digest, pack, "offset", length, size, codec, seen) '
+                "SELECT d, $1, o, n, s, k, $7 FROM unnest($2::bytea[], $3::bigint[], "
                 "$4::int[], $5::int[], $6::smallint[]) AS t(d, o, n, s, k) "
-                "ON CONFLICT (digest) DO NOTHING RETURNING length",
+                "ON CONFLICT (digest) DO UPDATE SET seen = EXCLUDED.seen "
+                "RETURNING length, (xmax = 0) AS inserted",
                 pack_id,
                 [e.digest for e in part],
                 [e.offset for e in part],
                 [e.length for e in part],
                 [e.size for e in part],
                 [e.codec for e in part],
+                now(),
             )
-            live += sum(HEADER_SIZE + r[0] for r in rows)
+            live += sum(HEADER_SIZE + r[0] for r in rows if r[1])
         if live:
             await conn.execute("UPDATE packs SET live = live + $1 WHERE id = $2", live, pack_id)
 
@@ -155,6 +181,135 @@ class PostgresIndex(PackIndex):
         async with self._db.connection() as conn:
             rows = await conn.fetch("SELECT digest, chunks FROM blobs")
         return [(bytes(d), bytes(c)) for d, c in rows]
+
+    @override
+    async def refresh(self, digests: Sequence[bytes], fresh_after: int) -> set[bytes]:
+        present: set[bytes] = set()
+        async with self._db.connection() as conn:
+            for i in range(0, len(digests), _BATCH):
+                part = list(digests[i : i + _BATCH])
+                stale: list[bytes] = []
+                for table in ("chunks", "blobs"):
+                    for d, seen in await conn.fetch(
+                        f"SELECT digest, seen FROM {table} WHERE digest = ANY($1)", part
+                    ):
+                        if seen >= fresh_after:
+                            present.add(bytes(d))
+                        else:
+                            stale.append(bytes(d))
+                if stale:
+                    async with conn.transaction():
+                        t = now()
+                        for table in ("chunks", "blobs"):
+                            rows = await conn.fetch(
+                                f"UPDATE {table} SET seen = $1 WHERE digest = ANY($2) "
+                                "RETURNING digest",
+                                t,
+                                stale,
+                            )
+                            present.update(bytes(r[0]) for r in rows)
+        return present
+
+    @override
+    async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
+        result = SweepResult()
+        async with self._db.connection() as conn:
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute(_LOCK_WRITES)
+                await conn.execute(
+                    "CREATE TEMP TABLE gc_live (digest BYTEA PRIMARY KEY) ON COMMIT DROP"
+                )
+                keep = list(live)
+                for i in range(0, len(keep), _BATCH):
+                    await conn.execute(
+                        "INSERT INTO gc_live SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING",
+                        keep[i : i + _BATCH],
+                    )
+                dead_sql = (
+                    "seen < $1::float8 AND "
+                    "NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.digest = {t}.digest)"
+                )
+                status = await conn.execute(
+                    f"DELETE FROM blobs WHERE {dead_sql.format(t='blobs')}", cutoff
+                )
+                result.records = int(status.split()[-1])
+                for digest, raw in await conn.fetch("SELECT digest, chunks FROM blobs"):
+                    listed = [bytes(c.digest) for c in decode_record(bytes(raw), bytes(digest))]
+                    await conn.execute(
+                        "INSERT INTO gc_live SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING",
+                        listed,
+                    )
+                dead = dead_sql.format(t="chunks")
+                freed = await conn.fetch(
+                    f"SELECT pack, count(*), sum(length + {HEADER_SIZE}) FROM chunks "
+                    f"WHERE {dead} GROUP BY pack",
+                    cutoff,
+                )
+                await conn.execute(f"DELETE FROM chunks WHERE {dead}", cutoff)
+                for pack_id, count, nbytes in freed:
+                    result.chunks += count
+                    result.bytes += int(nbytes)
+                    await conn.execute(
+                        "UPDATE packs SET live = live - $1 WHERE id = $2", int(nbytes), pack_id
+                    )
+            except BaseException:
+                await tr.rollback()
+                raise
+            if dry_run:
+                await tr.rollback()
+            else:
+                await tr.commit()
+        return result
+
+    @override
+    async def relocate(
+        self, old: str, new: str, size: int, moves: Sequence[Entry]
+    ) -> tuple[int, bool]:
+        moved = 0
+        async with self._db.connection() as conn, conn.transaction():
+            old_id = await conn.fetchval("SELECT id FROM packs WHERE name = $1", old)
+            if old_id is not None:
+                new_id = await conn.fetchval(
+                    "INSERT INTO packs (name, size, live) VALUES ($1, $2, 0) "
+                    "ON CONFLICT (name) DO UPDATE SET size = GREATEST(packs.size, EXCLUDED.size) "
+                    "RETURNING id",
+                    new,
+                    size,
+                )
+                ordered = sorted(moves, key=lambda e: e.digest)
+                rows = await conn.fetch(
+                    'UPDATE chunks c SET pack = $1, "offset" = t.o, length = t.n, codec = t.k '
+                    "FROM unnest($2::bytea[], $3::bigint[], $4::int[], $5::smallint[]) "
+                    "AS t(d, o, n, k) WHERE c.digest = t.d AND c.pack = $6 RETURNING t.n",
+                    new_id,
+                    [e.digest for e in ordered],
+                    [e.offset for e in ordered],
+                    [e.length for e in ordered],
+                    [e.codec for e in ordered],
+                    old_id,
+                )
+                moved = sum(HEADER_SIZE + r[0] for r in rows)
+                await conn.execute("UPDATE packs SET live = live + $1 WHERE id = $2", moved, new_id)
+                await conn.execute("UPDATE packs SET live = live - $1 WHERE id = $2", moved, old_id)
+            gone = await self._forget_if_empty(conn, old)
+        return moved, gone
+
+    @staticmethod
+    async def _forget_if_empty(conn: asyncpg.Connection, pack: str) -> bool:
+        pack_id = await conn.fetchval("SELECT id FROM packs WHERE name = $1 FOR UPDATE", pack)
+        if pack_id is None:
+            return True
+        if await conn.fetchval("SELECT 1 FROM chunks WHERE pack = $1 LIMIT 1", pack_id):
+            return False
+        await conn.execute("DELETE FROM packs WHERE id = $1", pack_id)
+        return True
+
+    @override
+    async def forget_if_empty(self, pack: str) -> bool:
+        async with self._db.connection() as conn, conn.transaction():
+            return await self._forget_if_empty(conn, pack)
 
     async def close(self) -> None:
         await self._db.close()

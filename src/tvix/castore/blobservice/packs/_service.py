@@ -24,6 +24,15 @@ multi-chunk blob fetches 32 chunks (8 MiB) at a time and the next window
 while the current one is consumed, and, read front to back, checks the
 whole blob's digest too. Index lookups from many concurrent callers in one
 turn of the event loop are answered by one query.
+
+Garbage collection (an index with ``supports_gc``: both). A chunk
+or blob found present by ``has`` or by a writer deduplicating against it is
+*refreshed* (its ``seen`` time moved to now, when older than
+:data:`REFRESH_SLACK`) in the same step that confirms it is still there; a
+sweep deletes only rows seen before its cutoff (:meth:`PacksBlobService.sweep`).
+:meth:`PacksBlobService.compact` rewrites the live chunks of packs that are
+mostly dead into new packs, switches their index rows, then deletes the old
+pack; a reader that raced it looks its chunks up again.
 """
 
 from __future__ import annotations
@@ -32,16 +41,24 @@ import asyncio
 import bisect
 import io
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import blake3
 from pyfastcdc.cy import FastCDC
+from typing_extensions import override
 
 from tvix.castore.blobservice import BytesBlobReader
-from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobSweep,
+    BlobWriter,
+    ChunkMeta,
+)
 from tvix.castore.blobservice.packs._format import (
     CODEC_ZSTD,
     HEADER,
@@ -55,15 +72,17 @@ from tvix.castore.blobservice.packs._format import (
 from tvix.castore.blobservice.packs._index import (
     Entry,
     PackIndex,
+    PackInfo,
     SQLiteIndex,
     decode_record,
     encode_record,
+    now,
 )
 from tvix.castore.blobservice.packs._storage import PackStorage
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import CastoreError, IntegrityError, StorageError, ValidationError
 
-__all__ = ["PacksBlobService"]
+__all__ = ["CompactResult", "PacksBlobService"]
 
 V = TypeVar("V")
 T = TypeVar("T")
@@ -93,6 +112,28 @@ IO_THREADS = 4
 # the windows it keeps in flight ahead (fetched and verified in parallel).
 WINDOW = 32
 AHEAD = 1
+# Rows found present are refreshed when last seen longer ago than this
+# (seconds): a refresh is a write, so a busy store writes each row at most
+# once a minute. A GC's grace period must be longer (see tvix.store.gc).
+REFRESH_SLACK = 60
+# A pack object the index does not know is deleted by compaction once older
+# than this (seconds): a commit follows its PUT within moments.
+ORPHAN_AGE = 3600
+# Bytes of live entries compaction copies per new-pack append.
+COMPACT_BATCH = 16 * MIB
+
+
+@dataclass(slots=True)
+class CompactResult:
+    """What :meth:`PacksBlobService.compact` did (or, dry, would do)."""
+
+    packs: int = 0
+    """Packs rewritten (or deleted, when nothing in them was live)."""
+    moved: int = 0
+    """Live bytes copied into new packs."""
+    freed: int = 0
+    """Bytes of pack storage released (old packs' size minus what was copied)."""
+
 
 # A verified chunk: bytes, or a view into the buffer it was read into.
 Chunk = bytes | memoryview
@@ -234,6 +275,7 @@ class PacksBlobService(BlobService):
         self._records: _Batcher[bytes] = _Batcher(
             index.records, sync.records_sync if sync else None
         )
+        self._refreshed: _Batcher[bool] = _Batcher(self._refresh_many)
         # Single-chunk blobs opened in one turn of the loop (extraction and
         # mounts open many at once): read together, in one job.
         self._small: _Batcher[bytes | CastoreError] = _Batcher(self._read_chunks)
@@ -390,6 +432,26 @@ class PacksBlobService(BlobService):
         for fut in waits:
             await asyncio.shield(fut)
 
+    # -- refreshing ---------------------------------------------------------------------------
+
+    @property
+    def supports_gc(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`sweep` and :meth:`compact` work (the index supports them)."""
+        return self.index.supports_gc
+
+    async def _refresh_many(self, digests: list[bytes]) -> dict[bytes, bool]:
+        present = await self.index.refresh(digests, now() - REFRESH_SLACK)
+        return dict.fromkeys(present, True)
+
+    async def _found(self, digest: bytes) -> bool:
+        """Whether ``digest`` is stored (chunk or blob record), refreshing it."""
+        if self.index.supports_gc:
+            return await self._refreshed.get(digest) is not None
+        return (
+            await self._present.get(digest) is not None
+            or await self._records.get(digest) is not None
+        )
+
     # -- reading ------------------------------------------------------------------------------
 
     def _read_sync(
@@ -399,8 +461,26 @@ class PacksBlobService(BlobService):
     ) -> list[Chunk]:
         """The verified chunks ``wanted``, with neighbours in a pack read at once.
 
-        ``after`` is called with them in this thread.
+        ``after`` is called with them in this thread. A chunk that compaction
+        moved meanwhile (its pack gone) is looked up again and read from where
+        it is now.
         """
+        try:
+            return self._read_sync_once(wanted, after)
+        except (StorageError, IntegrityError):
+            if not isinstance(self.index, SQLiteIndex):
+                raise
+            fresh = self.index.locate_sync([d for d, _loc in wanted])
+            if all(fresh.get(d) == loc for d, loc in wanted):
+                raise
+            moved = [(d, fresh.get(d, loc)) for d, loc in wanted]
+            return self._read_sync_once(moved, after)
+
+    def _read_sync_once(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
         out: list[Chunk] = [b""] * len(wanted)
         for run in coalesce([loc for _d, loc in wanted]):
             buf = memoryview(self.storage.read(run.pack, run.start, run.end))
@@ -413,6 +493,22 @@ class PacksBlobService(BlobService):
         return out
 
     async def _read(
+        self,
+        wanted: Sequence[tuple[bytes, Location]],
+        after: Callable[[list[Chunk]], None] | None = None,
+    ) -> list[Chunk]:
+        try:
+            return await self._read_once(wanted, after)
+        except (StorageError, IntegrityError):
+            if isinstance(self.index, SQLiteIndex) or not self.index.supports_gc:
+                raise  # the SQLite index is asked again in _read_sync already
+            # Compaction may have moved the chunks (their pack object deleted).
+            fresh = await self.index.locate(list({d for d, _loc in wanted}))
+            if all(fresh.get(d) == loc for d, loc in wanted):
+                raise
+            return await self._read_once([(d, fresh.get(d, loc)) for d, loc in wanted], after)
+
+    async def _read_once(
         self,
         wanted: Sequence[tuple[bytes, Location]],
         after: Callable[[list[Chunk]], None] | None = None,
@@ -451,10 +547,7 @@ class PacksBlobService(BlobService):
     # -- BlobService --------------------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        return (
-            await self._present.get(digest) is not None
-            or await self._records.get(digest) is not None
-        )
+        return await self._found(digest)
 
     async def _read_chunks(self, digests: list[bytes]) -> dict[bytes, bytes | CastoreError]:
         """The chunks among ``digests``, read and verified together.
@@ -532,6 +625,158 @@ class PacksBlobService(BlobService):
         if chunks is not None:
             return chunks
         return [] if await self._locations.get(digest) is not None else None
+
+    # -- garbage collection -------------------------------------------------------------------
+
+    @override
+    async def sweep(self, live: Set[bytes], cutoff: float, *, dry_run: bool = False) -> BlobSweep:
+        """Only the index changes: the bytes stay in their packs until :meth:`compact`."""
+        self._check_gc()
+        r = await self.index.sweep(set(live), cutoff, dry_run=dry_run)
+        return BlobSweep(r.records, r.chunks, r.bytes)
+
+    def _check_gc(self) -> None:
+        if not self.index.supports_gc:
+            raise StorageError(
+                f"{type(self.index).__name__}: this pack index has no garbage collection"
+            )
+
+    async def compact(
+        self, threshold: float, max_unused: float = 1.0, *, dry_run: bool = False
+    ) -> CompactResult:
+        """Rewrite the packs that are mostly dead, and then the most dead ones.
+
+        First those whose live fraction is below ``threshold``, then, while
+        dead bytes exceed ``max_unused`` of all pack bytes, the next most dead.
+        The first rule reclaims mostly dead packs at a low copying cost; the
+        second bounds the waste of the whole store (restic's ``--max-unused``)
+        when deletions are spread thinly over many packs. Each pack chosen
+        (one no writer is appending to) has its live entries copied into new
+        packs, durably, then its index rows switched to the copies in one
+        transaction, then the pack deleted. Packs with nothing
+        live are just deleted. A crash at any point leaves every chunk
+        indexed in a pack that holds it; a pack the index forgot or never
+        learnt of is deleted by the next compaction (or writer).
+        """
+        self._check_gc()
+        loop = asyncio.get_running_loop()
+        result = CompactResult()
+        output = self.storage.compactor()
+        try:
+            if not dry_run:
+                await loop.run_in_executor(self._writer, self._let_go)
+                await loop.run_in_executor(self._writer, output.reclaim)
+                if not self._local:
+                    await self._reclaim_remote()
+            for info in self._choose(await self.index.packs(), threshold, max_unused):
+                if dry_run:
+                    result.packs += 1
+                    result.moved += info.live
+                    result.freed += info.size - info.live
+                    continue
+                claim = await loop.run_in_executor(self._writer, self.storage.claim, info.name)
+                if claim is None:
+                    continue  # a writer is appending to it: next time
+                try:
+                    moved = await self._compact_pack(info.name, output)
+                    if await self.index.forget_if_empty(info.name):
+                        await loop.run_in_executor(self._writer, self.storage.delete, info.name)
+                        result.packs += 1
+                        result.moved += moved
+                        result.freed += info.size - moved
+                finally:
+                    await loop.run_in_executor(self._writer, self.storage.unclaim, claim)
+        finally:
+            if output is not self.storage:
+                await loop.run_in_executor(self._writer, output.close)
+        return result
+
+    @staticmethod
+    def _choose(infos: list[PackInfo], threshold: float, max_unused: float) -> list[PackInfo]:
+        """The packs to compact (see :meth:`compact`), most dead first."""
+
+        def live_fraction(info: PackInfo) -> float:
+            body = info.size - len(MAGIC)
+            return info.live / body if body > 0 else 1.0
+
+        total = sum(i.size for i in infos)
+        dead = sum(i.size - len(MAGIC) - i.live for i in infos)
+        chosen = []
+        for info in sorted(infos, key=live_fraction):
+            fraction = live_fraction(info)
+            if fraction >= 1.0:
+                break
+            if info.live == 0 or fraction < threshold or dead > max_unused * total:
+                chosen.append(info)
+                waste = info.size - len(MAGIC) - info.live
+                dead -= waste
+                total -= waste
+        return chosen
+
+    async def _reclaim_remote(self) -> None:
+        """Delete pack objects the index never learnt of, once older than :data:`ORPHAN_AGE`.
+
+        Those are left by a crash between a pack's PUT and its index commit.
+        """
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self._io, self.storage.listing)
+        indexed = {p.name for p in await self.index.packs()}
+        for name in stored.keys() - indexed:
+            try:
+                born = int(name.partition("-")[0], 16)
+            except ValueError:
+                continue  # not one of ours
+            if time.time() - born > ORPHAN_AGE:
+                await loop.run_in_executor(self._io, self.storage.delete, name)
+
+    def _let_go(self) -> None:
+        """Commit what this service appended and let its pack go (in the writer thread)."""
+        self._sync_unsynced([])
+        self.storage.let_go()
+
+    async def _compact_pack(self, pack: str, output: PackStorage) -> int:
+        loop = asyncio.get_running_loop()
+        entries = await self.index.entries(pack)
+        moved = 0
+        i = 0
+        while i < len(entries):
+            batch: list[tuple[bytes, Location]] = []
+            size = 0
+            while i < len(entries) and (not batch or size < COMPACT_BATCH):
+                batch.append(entries[i])
+                size += entries[i][1].length
+                i += 1
+            parts, raw = await loop.run_in_executor(self._io, self._copy_sync, batch)
+            name, start, end = await loop.run_in_executor(
+                self._writer, output.append, parts, self._pack_size, True
+            )
+            moves = []
+            pos = start
+            for digest, length, size_, codec in raw:
+                pos += HEADER_SIZE
+                moves.append(Entry(digest, pos, length, size_, codec))
+                pos += length
+            got, _gone = await self.index.relocate(pack, name, end, moves)
+            moved += got
+        return moved
+
+    def _copy_sync(
+        self, batch: list[tuple[bytes, Location]]
+    ) -> tuple[list[bytes], list[tuple[bytes, int, int, int]]]:
+        """The entries of ``batch`` read back and verified, ready to append."""
+        parts: list[bytes] = []
+        raw: list[tuple[bytes, int, int, int]] = []
+        for run in coalesce([loc for _d, loc in batch]):
+            buf = memoryview(self.storage.read(run.pack, run.start, run.end))
+            for j in run.members:
+                digest, loc = batch[j]
+                at = loc.offset - run.start
+                payload = buf[at : at + loc.length]
+                decode(payload, digest, loc.size, loc.codec)  # never copy damage along
+                parts.append(HEADER.pack(digest, loc.size, loc.length, loc.codec))
+                parts.append(bytes(payload))
+                raw.append((digest, loc.length, loc.size, loc.codec))
+        return parts, raw
 
     async def verify_storage(self) -> list[str]:
         """Check that packs and index agree; the problems found (empty: all is well).
@@ -891,7 +1136,11 @@ class _PacksBlobWriter(BlobWriter):
                 self._seen.add(item.digest)
                 new.append(item)
         if new:
-            known = await service.index.locate([i.digest for i in new])
+            digests = [i.digest for i in new]
+            if service.index.supports_gc:
+                known: Iterable[bytes] = await service.index.refresh(digests, now() - REFRESH_SLACK)
+            else:
+                known = await service.index.locate(digests)
             new = [i for i in new if i.digest not in known]
         if new:
             # Compressed here, beside the committer writing the previous batch.
@@ -920,13 +1169,13 @@ class _PacksBlobWriter(BlobWriter):
                 fut = service._inflight.get(digest)
                 if fut is not None:
                     await asyncio.shield(fut)
-                elif await service._present.get(digest) is None:
+                elif not await service._found(digest):
                     await service._wait(service._submit([_Item(digest, data)]))
                 self._digest = digest
                 return digest
             await self._flush(final=True)
             digest = B3Digest(self._hasher.digest())
-            if len(self._chunks) > 1 and await service._records.get(digest) is None:
+            if len(self._chunks) > 1 and not await service._found(digest):
                 # Only now: every chunk it lists is committed.
                 record = encode_record(self._chunks)
                 await service._wait(service._submit((), [(bytes(digest), record)]))

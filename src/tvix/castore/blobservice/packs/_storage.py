@@ -33,6 +33,7 @@ import time
 import obstore
 from obstore.exceptions import BaseError
 from obstore.store import S3Store
+from typing_extensions import override
 
 from tvix.castore.blobservice.packs._format import MAGIC
 from tvix.castore.blobservice.packs._index import SQLiteIndex
@@ -40,6 +41,8 @@ from tvix.castore.errors import StorageError
 
 __all__ = ["LocalPacks", "PackStorage", "S3Packs"]
 
+# Seconds between checks for read descriptors of packs deleted meanwhile.
+PRUNE_EVERY = 30.0
 # A temporary pack file older than this with nobody holding it is a crash's leftover.
 _STALE_TMP = 60.0
 
@@ -80,15 +83,54 @@ class PackStorage(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and locks."""
 
+    # -- compaction ----------------------------------------------------------------------------
+
+    def compactor(self) -> PackStorage:
+        """Another appender to this storage that only ever writes new packs.
+
+        For compaction: it must not take over a pack being compacted.
+        """
+        raise NotImplementedError
+
+    def claim(self, pack: str) -> object | None:
+        """Keep writers from appending to ``pack`` until :meth:`unclaim`.
+
+        ``None`` when a writer holds it (it is skipped this time).
+        """
+        return True
+
+    def unclaim(self, claim: object) -> None:  # noqa: B027 - optional hook
+        """Let go of a :meth:`claim`."""
+
+    def let_go(self) -> None:  # noqa: B027 - optional hook
+        """Stop appending to the current pack, so that it can be compacted.
+
+        Everything appended is committed; the next append picks a pack anew.
+        """
+
+    @abc.abstractmethod
+    def delete(self, pack: str) -> None:
+        """Delete ``pack`` (the index no longer knows it); absent is fine."""
+
+    def reclaim(self) -> None:  # noqa: B027 - optional hook
+        """Delete packs a crash left that the index never learnt of."""
+
 
 class LocalPacks(PackStorage):
     """Pack files below ``root/packs`` (see the module docs)."""
 
-    def __init__(self, root: str, index: SQLiteIndex) -> None:
+    def __init__(self, root: str, index: SQLiteIndex, *, take_over: bool = True) -> None:
+        self.root = root
         self.dir = os.path.join(root, "packs")
         os.makedirs(self.dir, exist_ok=True)
         self._index = index
+        self._take_over = take_over
         self._read_fds: dict[str, int] = {}
+        # Read descriptors of packs deleted since (by a GC, perhaps in another
+        # process), closed at the next prune: late enough that no read still
+        # uses them, soon enough that their disk space is returned.
+        self._retired: list[int] = []
+        self._pruned = time.monotonic()
         self._lock = threading.Lock()
         # The pack this service appends to (touched by the writer thread only).
         self._fd: int | None = None
@@ -141,7 +183,7 @@ class LocalPacks(PackStorage):
             self._reclaimed = True
             self._reclaim()
         for info in sorted(self._index.packs_sync(), key=lambda p: p.size):
-            if info.size >= limit:
+            if info.size >= limit or not self._take_over:
                 break
             fd = self._try_lock(self.path(info.name), os.O_RDWR)
             if fd is None:
@@ -216,6 +258,8 @@ class LocalPacks(PackStorage):
     # -- reading -----------------------------------------------------------------------------
 
     def _read_fd(self, pack: str) -> int:
+        if time.monotonic() - self._pruned > PRUNE_EVERY:
+            self._prune()
         fd = self._read_fds.get(pack)
         if fd is None:
             with self._lock:
@@ -259,12 +303,59 @@ class LocalPacks(PackStorage):
                 out[entry.name.removesuffix(".pack")] = entry.stat().st_size
         return out
 
+    def _prune(self) -> None:
+        """Retire the read descriptors of deleted packs; close those retired before."""
+        with self._lock:
+            self._pruned = time.monotonic()
+            retired, self._retired = self._retired, []
+            for name, fd in list(self._read_fds.items()):
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    self._retired.append(self._read_fds.pop(name))
+        for fd in retired:
+            os.close(fd)
+
     def close(self) -> None:
         self._release()
         with self._lock:
-            fds, self._read_fds = self._read_fds, {}
-        for fd in fds.values():
+            fds = [*self._read_fds.values(), *self._retired]
+            self._read_fds, self._retired = {}, []
+        for fd in fds:
             os.close(fd)
+
+    @override
+    def let_go(self) -> None:
+        self._release()
+
+    @override
+    def compactor(self) -> LocalPacks:
+        return LocalPacks(self.root, self._index, take_over=False)
+
+    @override
+    def claim(self, pack: str) -> object | None:
+        return self._try_lock(self.path(pack), os.O_RDWR)
+
+    @override
+    def unclaim(self, claim: object) -> None:
+        assert isinstance(claim, int)
+        os.close(claim)
+
+    @override
+    def delete(self, pack: str) -> None:
+        with self._lock:
+            fd = self._read_fds.pop(pack, None)
+            if fd is not None:
+                self._retired.append(fd)  # closed at the next prune
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(pack))
+        _fsync_dir(self.dir)
+
+    @override
+    def reclaim(self) -> None:
+        self._reclaim()
 
 
 def _fsync_dir(path: str) -> None:
@@ -320,6 +411,20 @@ class S3Packs(PackStorage):
         if len(data) != end - start:
             raise StorageError(f"S3: pack {key} is shorter than its index says (damaged)")
         return data
+
+    @override
+    def compactor(self) -> S3Packs:
+        return self  # every append is a new object
+
+    @override
+    def delete(self, pack: str) -> None:
+        key = self.key(pack)
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            pass
+        except (BaseError, OSError) as e:
+            raise StorageError(f"S3: deleting {key} failed: {_first_line(e)}") from e
 
     def listing(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -1,0 +1,275 @@
+"""``tvix-store delete``, ``pin`` and ``gc`` end to end, against the real Nix's NARs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.nix import Nix
+from tests.support.services import Run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
+
+# Small packs, so that a GC has many packs to compact (and to be killed in).
+SMALL_PACKS = "packs+file://{}/packs?pack_size=1048576"
+
+
+def _usage(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def _pack_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (data_dir / "packs" / "packs").glob("*.pack"))
+
+
+def _chunks(data_dir: Path) -> set[bytes]:
+    db = sqlite3.connect(data_dir / "packs" / "index.sqlite")
+    try:
+        return {r[0] for r in db.execute("SELECT digest FROM chunks")}
+    finally:
+        db.close()
+
+
+def _wait_for_lock(lock: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until the GC ``proc`` holds its lock (its work begins), or has ended."""
+    while proc.poll() is None:
+        if lock.exists():
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        time.sleep(0.005)
+
+
+def _snapshot(data_dir: Path) -> tuple[object, ...]:
+    """What a GC changes: pack files and their sizes, and the index's rows."""
+    packs = sorted((p.name, p.stat().st_size) for p in (data_dir / "packs" / "packs").iterdir())
+    db = sqlite3.connect(data_dir / "packs" / "index.sqlite")
+    try:
+        rows = db.execute("SELECT count(*), sum(pack) FROM chunks").fetchone()
+    finally:
+        db.close()
+    dirs = sqlite3.connect(data_dir / "directories.sqlite")
+    try:
+        (ndirs,) = dirs.execute("SELECT count(*) FROM directories").fetchone()
+    finally:
+        dirs.close()
+    return (tuple(packs), rows, ndirs)
+
+
+def _trees(root: Path, count: int, seed: int = 7) -> tuple[list[Path], int]:
+    """``count`` trees sharing most files; returns them and the bytes unique to the first."""
+    r = random.Random(seed)
+    shared = [r.randbytes(r.randint(100, 300_000)) for _ in range(40)]
+    trees = []
+    unique_first = 0
+    for t in range(count):
+        tree = root / f"tree{t}"
+        (tree / "lib" / "sub").mkdir(parents=True)
+        for i, data in enumerate(shared):
+            (tree / ("lib" if i % 2 else "lib/sub") / f"s{i}").write_bytes(data)
+        for i in range(6):
+            data = r.randbytes(r.randint(50_000, 400_000))
+            (tree / f"own{i}").write_bytes(data)
+            if t == 0:
+                unique_first += len(data)
+        (tree / "link").symlink_to("lib/s1")
+        exe = tree / "run.sh"
+        exe.write_bytes(b"#!/bin/sh\n")
+        exe.chmod(0o755)
+        trees.append(tree)
+    return trees, unique_first
+
+
+def _import(tvix_store: Run, path: Path, env: dict[str, str] | None = None) -> str:
+    return tvix_store("import", path, env=env).stdout.decode().strip()
+
+
+def test_delete_then_gc_frees_a_tree_and_keeps_its_sibling(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    (a_tree, b_tree), a_unique = _trees(tmp_path, 2)
+    a = _import(tvix_store, a_tree)
+    b = _import(tvix_store, b_tree)
+    b_chunks_before = _chunks(data_dir)
+
+    # Nothing is garbage yet.
+    dry = tvix_store("gc", "--dry-run", "--grace", "0").stdout.decode()
+    assert "would delete 0 store paths, 0 Directories, 0 chunks" in dry
+
+    # A pinned path is refused by delete, nothing removed.
+    tvix_store("pin", "add", "a", a)
+    assert tvix_store("pin", "list").stdout.decode() == f"a\t{a}\n"
+    refused = tvix_store("delete", a, check=False)
+    assert refused.returncode == 1
+    assert "pinned by 'a'" in refused.stderr.decode()
+    assert tvix_store("path-info", a).returncode == 0
+    tvix_store("pin", "remove", "a")
+
+    assert tvix_store("delete", a).stdout.decode().strip() == a
+    assert tvix_store("path-info", a, check=False).returncode != 0
+    before = _usage(data_dir)
+    out = tvix_store("gc", "--grace", "0").stdout.decode()
+    assert "deleted 0 store paths, 1 Directories" in out
+    after = _usage(data_dir)
+    assert before - after >= 0.9 * a_unique, (before, after, a_unique, out)
+
+    # B renders byte-identical to Nix's NAR, its chunks all still indexed.
+    assert tvix_store("dump-path", b).stdout == nix.dump(b_tree)
+    assert tvix_store("verify").returncode == 0
+    b_chunks = _chunks(data_dir)
+    assert b_chunks < b_chunks_before
+    assert tvix_store("delete", "/nix/store/" + "0" * 32 + "-x", check=False).returncode != 0
+
+
+def test_two_gcs_at_once_one_is_refused(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
+    from tvix.store.gc import GCLock
+
+    (tree,), _ = _trees(tmp_path, 1)
+    _import(tvix_store, tree)
+    with GCLock(str(data_dir / "gc.lock")):
+        proc = tvix_store("gc", check=False)
+    assert proc.returncode == 1
+    assert "another garbage collection is running" in proc.stderr.decode()
+    assert tvix_store("gc").returncode == 0
+
+
+def _start_gc(data_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    full = dict(os.environ, TVIX_STORE_DATA_DIR=str(data_dir), **env)
+    for var in ("DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR"):
+        full.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tvix.cli.store", "gc", "--grace", "0", "--threshold", "1"],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+def test_gc_killed_repeatedly_loses_nothing_and_converges(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    env = {"BLOB_SERVICE_ADDR": SMALL_PACKS.format(data_dir)}
+    trees, _ = _trees(tmp_path, 8)
+    paths = [_import(tvix_store, t, env) for t in trees]
+    live = dict(zip(paths[3:], trees[3:], strict=True))
+    churn = trees[:3]  # imported and deleted again before each GC: work to be killed in
+    for p in paths[:3]:
+        tvix_store("delete", p, env=env)
+    rng = random.Random(15)
+    killed = 0
+    mid_work = 0  # kills after the GC had changed something (not during start-up)
+    delay = 0.3  # after the GC took its lock; adapted so most are killed mid-way
+    attempts = 0
+    while killed < 10 and attempts < 40:
+        attempts += 1
+        if attempts > 1:
+            again = _import(tvix_store, churn[attempts % 3], env)
+            tvix_store("delete", again, env=env)
+        before = _snapshot(data_dir)
+        proc = _start_gc(data_dir, env)
+        _wait_for_lock(data_dir / "gc.lock", proc)
+        time.sleep(rng.uniform(0, delay))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed += 1
+            mid_work += _snapshot(data_dir) != before
+            delay *= 1.1
+        else:
+            delay *= 0.7
+        proc.wait()
+        verified = tvix_store("verify", env=env)
+        assert "all intact" in verified.stderr.decode()
+        if attempts % 5 == 0:
+            for p, tree in live.items():
+                assert tvix_store("dump-path", p, env=env).stdout == nix.dump(tree)
+    assert killed >= 10, f"only {killed} of the GCs were killed mid-way"
+    assert mid_work >= 3, f"only {mid_work} of {killed} kills came after the GC changed anything"
+
+    # The next GC finishes the job: as small as a store that only ever held the rest.
+    tvix_store("gc", "--grace", "0", "--threshold", "1", env=env)
+    for p, tree in live.items():
+        assert tvix_store("dump-path", p, env=env).stdout == nix.dump(tree)
+    assert "all intact" in tvix_store("verify", env=env).stderr.decode()
+    fresh = tmp_path / "fresh"
+    fresh_env = {"TVIX_STORE_DATA_DIR": str(fresh), "BLOB_SERVICE_ADDR": SMALL_PACKS.format(fresh)}
+    for tree in live.values():
+        tvix_store("import", tree, env=fresh_env)
+    ours, scratch = _pack_bytes(data_dir), _pack_bytes(fresh)
+    assert ours <= scratch * 1.02 + 4096, (ours, scratch)
+    assert not list((data_dir / "packs" / "packs").glob("*.tmp"))
+
+
+def test_daemon_collects_periodically_beside_a_cli_gc(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    # Imported before the daemon starts: its GC runs with grace 0, which is only
+    # for a store nobody else writes to meanwhile.
+    (a_tree, b_tree), a_unique = _trees(tmp_path, 2)
+    a = _import(tvix_store, a_tree)
+    b = _import(tvix_store, b_tree)
+    full = _pack_bytes(data_dir)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
+    env["TVIX_STORE_DATA_DIR"] = str(data_dir)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvix.cli.store",
+            "daemon",
+            "--listen-address",
+            f"unix://{tmp_path}/d.sock",
+            "--gc-interval",
+            "1",
+            "--gc-grace",
+            "0",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert "listening on" in line, line
+        url = f"grpc+unix://{tmp_path}/d.sock"
+        remote = {
+            "BLOB_SERVICE_ADDR": url,
+            "DIRECTORY_SERVICE_ADDR": url,
+            "PATH_INFO_SERVICE_ADDR": url,
+        }
+        # Deleting on the data directory while the daemon serves it: its GC frees A.
+        tvix_store("delete", a)
+        deadline = time.monotonic() + 30
+        while _pack_bytes(data_dir) > full - 0.9 * a_unique and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _pack_bytes(data_dir) <= full - 0.9 * a_unique
+        assert tvix_store("dump-path", b, env=remote).stdout == nix.dump(b_tree)
+        # A GC from the command line beside the daemon's: it runs, or is refused.
+        for _ in range(3):
+            cli = tvix_store("gc", "--grace", "0", check=False)
+            assert cli.returncode == 0 or b"another garbage collection" in cli.stderr
+        assert tvix_store("dump-path", b, env=remote).stdout == nix.dump(b_tree)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "all intact" in tvix_store("verify").stderr.decode()
+    refused = tvix_store("gc", "--grace", "10", check=False)
+    assert refused.returncode == 1
+    assert "at least 120 s" in refused.stderr.decode()
