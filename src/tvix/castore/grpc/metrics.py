@@ -16,29 +16,39 @@ when metrics are asked for.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from typing_extensions import override
+
+from tvix.castore.grpc.observe import CallObserver, Watch
 
 __all__ = ["CallMetrics"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
-def _code(context: Any, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
-    if error is not None and not isinstance(error, grpc.aio.AbortError):
-        return "UNKNOWN"  # what grpc answers for an exception the handler let out
-    code = context.code() if hasattr(context, "code") else None
-    return getattr(code, "name", None) or "OK"
+class _MethodMetrics(Watch):
+    def __init__(self, metrics: CallMetrics, service: str, method: str) -> None:
+        self._labels = (service, method)
+        self._metrics = metrics
+        self._started = metrics.started.labels(service, method)
+        self._seconds = metrics.seconds.labels(service, method)
+        self._sent = metrics.sent.labels(service, method)
+
+    @override
+    def started(self) -> None:
+        self._started.inc()
+
+    @override
+    def sent(self) -> None:
+        self._sent.inc()
+
+    @override
+    def finished(self, code: str, seconds: float, messages: int) -> None:
+        self._seconds.observe(seconds)
+        self._metrics.handled.labels(*self._labels, code).inc()
 
 
-class CallMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class CallMetrics(CallObserver):
     """Counts and times every call; the metrics live in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -61,66 +71,6 @@ class CallMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             "grpc_server_msg_sent", "Messages streamed to clients", labels, registry=registry
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        """Wrap the method's handler so that it counts and times its calls."""
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        service, _, method = details.method.lstrip("/").rpartition("/")
-        started = self.started.labels(service, method)
-        seconds = self.seconds.labels(service, method)
-        sent = self.sent.labels(service, method)
-
-        def done(start: float, context: Any, error: BaseException | None) -> None:
-            seconds.observe(time.perf_counter() - start)
-            self.handled.labels(service, method, _code(context, error)).inc()
-
-        if handler.unary_unary or handler.stream_unary:
-            inner: Any = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: Any) -> Any:
-                started.inc()
-                start, error = time.perf_counter(), None
-                try:
-                    return await inner(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    done(start, context, error)
-
-            make = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return make(unary_response, handler.request_deserializer, handler.response_serializer)
-        inner_stream: Any = handler.unary_stream or handler.stream_stream
-
-        async def stream_response(request: Any, context: Any) -> AsyncIterator[Any]:
-            started.inc()
-            start, error = time.perf_counter(), None
-            try:
-                async for item in inner_stream(request, context):
-                    sent.inc()
-                    yield item
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                done(start, context, error)
-
-        make_stream = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return make_stream(
-            stream_response, handler.request_deserializer, handler.response_serializer
-        )
+    @override
+    def watch(self, service: str, method: str) -> Watch:
+        return _MethodMetrics(self, service, method)

@@ -25,8 +25,7 @@ import errno
 import logging
 import os
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+from typing_extensions import override
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -43,6 +43,7 @@ from tvix.castore.grpc._wire import MAX_MESSAGE_SIZE
 from tvix.castore.grpc.blobservice_wrapper import GRPCBlobServiceWrapper
 from tvix.castore.grpc.channel import HOST_PORT, read_pem
 from tvix.castore.grpc.directoryservice_wrapper import GRPCDirectoryServiceWrapper
+from tvix.castore.grpc.observe import CallObserver, Watch
 
 __all__ = [
     "SERVER_OPTIONS",
@@ -79,76 +80,32 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 call_log = logging.getLogger("tvix.grpc.calls")
 
 
-class CallLog(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class _LoggedMethod(Watch):
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @override
+    def finished(self, code: str, seconds: float, messages: int) -> None:
+        call_log.info(
+            "%s %s %.1f ms%s",
+            self._name,
+            code,
+            seconds * 1000,
+            f", {messages} messages" if messages != 1 else "",
+        )
+
+
+class CallLog(CallObserver):
     """One INFO line per call on ``tvix.grpc.calls``: method, outcome, milliseconds.
 
     Costs nothing unless that logger is enabled for INFO (``-v``).
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        """Wrap the method's handler in a timer when calls are logged."""
-        handler = await continuation(details)
-        if handler is None or not call_log.isEnabledFor(logging.INFO):
-            return handler
-        method = details.method
-
-        def done(start: float, outcome: str) -> None:
-            ms = (time.monotonic() - start) * 1000
-            call_log.info("%s %s %.1f ms", method, outcome, ms)
-
-        def outcome_of(context: Any, error: BaseException | None) -> str:
-            if error is not None and not isinstance(error, grpc.aio.AbortError):
-                return f"failed ({type(error).__name__})"
-            code = context.code() if hasattr(context, "code") else None
-            return getattr(code, "name", None) or "OK"
-
-        if handler.unary_unary or handler.stream_unary:
-            inner: Any = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: Any) -> Any:
-                start, error = time.monotonic(), None
-                try:
-                    return await inner(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    done(start, outcome_of(context, error))
-
-            if handler.unary_unary:
-                return grpc.unary_unary_rpc_method_handler(
-                    unary_response, handler.request_deserializer, handler.response_serializer
-                )
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response, handler.request_deserializer, handler.response_serializer
-            )
-        inner_stream: Any = handler.unary_stream or handler.stream_stream
-
-        async def stream_response(request: Any, context: Any) -> AsyncIterator[Any]:
-            start, error, sent = time.monotonic(), None, 0
-            try:
-                async for item in inner_stream(request, context):
-                    sent += 1
-                    yield item
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                done(start, f"{outcome_of(context, error)}, {sent} messages")
-
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response, handler.request_deserializer, handler.response_serializer
-        )
+    @override
+    def watch(self, service: str, method: str) -> Watch | None:
+        if not call_log.isEnabledFor(logging.INFO):
+            return None
+        return _LoggedMethod(f"/{service}/{method}")
 
 
 def snix_name(service_name: str) -> str:
