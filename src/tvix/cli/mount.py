@@ -9,7 +9,7 @@ from pathlib import Path
 from tvix.cli.common import CLIError, add_service_args, open_services
 from tvix.fs import FsOptions
 
-__all__ = ["add_mount_command", "cmd_mount"]
+__all__ = ["add_fs_options", "add_mount_command", "cmd_mount", "fs_options"]
 
 PROG = "tvix-store"
 
@@ -22,11 +22,7 @@ async def cmd_mount(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CLIError(f"mount needs pyfuse3 (pip install 'tvix-store[fuse]'): {e}") from None
     options = MountOptions(
-        fs=FsOptions(
-            list_root=args.list_root,
-            show_xattr=args.show_xattr,
-            request_timeout=args.request_timeout,
-        ),
+        fs=fs_options(args),
         allow_other=args.allow_other,
         workers=args.workers,
     )
@@ -59,6 +55,39 @@ def _seconds(text: str) -> float:
     return value
 
 
+def add_fs_options(p: argparse.ArgumentParser) -> None:
+    """The filesystem's options, shared by ``mount`` and ``virtiofs`` (see :func:`fs_options`)."""
+    p.add_argument(
+        "--list-root",
+        action="store_true",
+        help="list every store path when the root is read (the path info service must be "
+        "able to list); without it, reading the root fails with EPERM, while looking up "
+        "store paths in it works",
+    )
+    p.add_argument(
+        "--show-xattr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="expose the blake3 digests as extended attributes (default: on)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="a request waiting longer on the store fails with EIO (default: 60)",
+    )
+
+
+def fs_options(args: argparse.Namespace) -> FsOptions:
+    """The :class:`FsOptions` the options of :func:`add_fs_options` give."""
+    return FsOptions(
+        list_root=args.list_root,
+        show_xattr=args.show_xattr,
+        request_timeout=args.request_timeout,
+    )
+
+
 def add_mount_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``mount`` to the ``tvix-store`` subcommands ``sub``."""
     p = sub.add_parser(
@@ -73,13 +102,7 @@ def add_mount_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_service_args(p)
     p.set_defaults(func=cmd_mount)
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument(
-        "--list-root",
-        action="store_true",
-        help="list every store path when the root is read (the path info service must be "
-        "able to list); without it, reading the root fails with EPERM, while looking up "
-        "store paths in it works",
-    )
+    add_fs_options(p)
     p.add_argument(
         "--allow-other",
         action="store_true",
@@ -87,22 +110,9 @@ def add_mount_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "/etc/fuse.conf)",
     )
     p.add_argument(
-        "--show-xattr",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="expose the blake3 digests as extended attributes (default: on)",
-    )
-    p.add_argument(
         "--workers",
         type=_positive,
         default=64,
         metavar="N",
         help="requests served concurrently at most (default: 64)",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=_seconds,
-        default=60.0,
-        metavar="SECONDS",
-        help="a request waiting longer on the store fails with EIO (default: 60)",
     )

@@ -9,8 +9,8 @@ import sys
 import threading
 
 from tvix.cli.common import CLIError, add_service_args, open_services
+from tvix.cli.mount import add_fs_options, fs_options
 from tvix.fs.core import StoreFs
-from tvix.fs.requests import FsOptions
 from tvix.fs.virtiofs import VirtiofsError, serve_virtiofs
 
 __all__ = ["add_virtiofs_command", "cmd_virtiofs"]
@@ -20,11 +20,7 @@ PROG = "tvix-store"
 
 async def cmd_virtiofs(args: argparse.Namespace) -> int:
     """Listen at SOCKET and serve one VM after another until SIGINT/SIGTERM."""
-    options = FsOptions(
-        list_root=args.list_root,
-        show_xattr=args.show_xattr,
-        request_timeout=args.request_timeout,
-    )
+    options = fs_options(args)
 
     def listening(path: str) -> None:
         # Scripts and tests wait for this line before starting the VM.
@@ -59,13 +55,6 @@ async def cmd_virtiofs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
 def add_virtiofs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``virtiofs`` to the ``tvix-store`` subcommands ``sub``."""
     p = sub.add_parser(
@@ -82,23 +71,4 @@ def add_virtiofs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     add_service_args(p)
     p.set_defaults(func=cmd_virtiofs)
     p.add_argument("socket", metavar="SOCKET", help="the Unix socket path to listen on")
-    p.add_argument(
-        "--list-root",
-        action="store_true",
-        help="list every store path when the root is read (the path info service must be "
-        "able to list); without it, reading the root fails with EPERM, while looking up "
-        "store paths in it works",
-    )
-    p.add_argument(
-        "--show-xattr",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="expose the blake3 digests as extended attributes (default: on)",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=_seconds,
-        default=60.0,
-        metavar="SECONDS",
-        help="a request waiting longer on the store fails with EIO (default: 60)",
-    )
+    add_fs_options(p)
