@@ -5,7 +5,8 @@ The guest is QEMU's q35 machine with 256 MiB of RAM shared with the backend
 ``vhost-user-fs-pci`` device with the tag ``tvix``, and no disk: the kernel
 is the Debian cloud kernel (fetched once with ``apt-get download`` into
 :func:`cache_dir`, never installed), and the initramfs holds the static
-busybox, the virtio and virtiofs modules, and an ``/init`` that loads them,
+busybox, the host's ``getfattr`` (busybox has none) with the libraries it
+links, the virtio and virtiofs modules, and an ``/init`` that loads them,
 mounts ``-t virtiofs tvix /nix/store -o ro`` (as upstream's tvix-init does),
 runs the test's shell commands in ``/nix/store``, unmounts and powers off.
 The guest's output comes back on the serial console, one ``@@`` line per
@@ -39,6 +40,8 @@ __all__ = [
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
+# Dynamically linked: copied into the guest with what ``ldd`` says it needs.
+GUEST_TOOLS = ("getfattr",)
 KERNEL_META = "linux-image-cloud-amd64"
 # Load order (dependencies first); whichever are modules in this kernel.
 MODULES = (
@@ -69,6 +72,8 @@ def missing_tools() -> list[str]:
         missing.append("busybox-static")
     if shutil.which("cpio") is None:
         missing.append("cpio")
+    if shutil.which("getfattr") is None:
+        missing.append("attr")
     return missing
 
 
@@ -181,6 +186,8 @@ def build_initramfs(dest: Path, vm: VmAssets, guest_script: str) -> Path:
     for d in ("bin", "dev", "proc", "sys", "nix/store", "modules"):
         (root / d).mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for tool in GUEST_TOOLS:
+        _copy_with_libraries(tool, root)
     for i, ko in enumerate(vm.modules):
         data = ko.read_bytes()
         # Numbered so the shell's glob loads them in dependency order.
@@ -204,6 +211,24 @@ def build_initramfs(dest: Path, vm: VmAssets, guest_script: str) -> Path:
     dest.write_bytes(gzip.compress(archive, compresslevel=1))
     shutil.rmtree(root)
     return dest
+
+
+def _copy_with_libraries(tool: str, root: Path) -> None:
+    """Put the host's ``tool`` in ``root/bin`` and its shared libraries at their own paths."""
+    exe = shutil.which(tool)
+    if exe is None:
+        raise RuntimeError(f"{tool} is not installed on the host")
+    shutil.copy(exe, root / "bin" / tool)
+    out = subprocess.run(["ldd", exe], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux….so.2 (0x…)"
+        words = line.split()
+        library = words[2] if len(words) > 2 and words[1] == "=>" else words[0]
+        if not library.startswith("/"):
+            continue  # the vDSO
+        dest = root / library.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(library, dest)  # follows the symlink: the guest gets the file
 
 
 @dataclass

@@ -5,13 +5,14 @@ store path the guest sees is fetched on demand from a remote store), serves
 two VMs one after the other; the first checks what the issue asks for
 (nested directories, exec bits, symlinks, empty files, a file of many chunks
 read at offsets and whole, the root listed with ``--list-root``, a missing
-store path), the second that the backend serves the next VM (one with two
-request queues). See
+store path, the digests in extended attributes), the second that the backend
+serves the next VM (one with two request queues). See
 :mod:`tests.support.microvm` for the guest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -23,9 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 
 from tests.support.daemons import TVIX_STORE, cli_env, daemon, tvix_store
 from tests.support.microvm import VmAssets, assets, missing_tools, run_vm
+from tvix.castore.blobservice.memory import MemoryBlobService
+from tvix.castore.digest import EMPTY_BLOB_DIGEST, B3Digest
+from tvix.castore.directoryservice.memory import MemoryDirectoryService
+from tvix.castore.ingest import ingest_path
+from tvix.castore.nodes import DirectoryNode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -94,6 +101,46 @@ done
 """
 
 
+# (key, attribute, path below the store path) read with getfattr in the guest.
+XATTRS = (
+    ("XD", "user.tvix.castore.directory.digest", ""),
+    ("XN", "user.tvix.castore.directory.digest", "/nested/deeper"),
+    ("XB", "user.tvix.castore.blob.digest", "/big.bin"),
+    ("XE", "user.tvix.castore.blob.digest", "/empty"),
+)
+
+
+def xattr_script(name: str) -> str:
+    """getfattr in the guest: values, the names listed, a missing attribute, a symlink's."""
+    return (
+        "".join(
+            f'echo "@@ {key} $(getfattr --only-values -n {attr} {name}{below})"\n'
+            for key, attr, below in XATTRS
+        )
+        + f'echo "@@ XL $(getfattr -d -m - {name}/plain.txt 2>&1 | grep =)"\n'
+        + f"getfattr -n user.other {name}/plain.txt >/dev/null 2>&1; "
+        + 'echo "@@ XM $?"\n'
+        + f'echo "@@ XS $(getfattr -h -d -m - {name}/link 2>&1 | grep -c =)"\n'
+    )
+
+
+async def expected_xattrs(tree: Path) -> dict[str, str]:
+    """The digests the guest must read: the tree ingested again, here, in memory."""
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    root = await ingest_path(blobs, directories, tree)
+    assert isinstance(root, DirectoryNode)
+    digests = {"XD": root.digest}
+    digest = root.digest
+    for name in (b"nested", b"deeper"):
+        directory = await directories.get(digest)
+        assert directory is not None
+        digest = next(d for d in directory.directories if d.name == name).digest
+    digests["XN"] = digest
+    digests["XB"] = B3Digest(blake3((tree / "big.bin").read_bytes()).digest())
+    digests["XE"] = EMPTY_BLOB_DIGEST
+    return {key: str(value) for key, value in digests.items()}
+
+
 def first_boot_script(name: str) -> str:
     reads = "".join(
         f'echo "@@ R {bs} {skip} {count} '
@@ -109,6 +156,7 @@ def first_boot_script(name: str) -> str:
         + f'stat {MISSING} >/dev/null 2>&1; echo "@@ M $?"\n'
         + f'echo "@@ E $(cat {MISSING}/x 2>&1)"\n'
         + 'echo "@@ ROOT $(ls | tr "\\n" " ")"\n'
+        + xattr_script(name)
         + LIST
     )
 
@@ -174,6 +222,14 @@ def test_two_vms_see_the_store(
     assert "No such file or directory" in first.values("E")[0]
     assert first.values("ROOT") == [name + " "]  # --list-root
     assert set(first.values("L")) == expected_listing(tree, name)
+    # The digests in extended attributes, as upstream names them; none on a symlink.
+    digests = asyncio.run(expected_xattrs(tree))
+    for key, _attr, _below in XATTRS:
+        assert first.values(key) == [digests[key]], first.console
+    blob = str(B3Digest(blake3(b"hello\n").digest()))
+    assert first.values("XL") == [f'user.tvix.castore.blob.digest="{blob}"'], first.console
+    assert first.values("XM") == ["1"]  # getfattr: no such attribute
+    assert first.values("XS") == ["0"]
 
     # The backend serves the next VM on the same socket (this one with two
     # request queues: the device has three rings).
