@@ -12,25 +12,27 @@ import zstandard
 
 from tests.nar_bridge.nar_bridge_support import Closure, StartBridge
 from tests.support.nix import Nix
+from tvix.cli.nar_bridge import ListenAddress
 from tvix.nar_bridge.compression import resolve_compression
 
 
 @pytest.mark.parametrize(
-    ("host", "want"),
+    ("address", "want"),
     [
-        ("127.0.0.1", "none"),
-        ("::1", "none"),
-        ("localhost", "none"),
-        (None, "none"),  # a unix socket
-        ("0.0.0.0", "zstd"),
-        ("::", "zstd"),
-        ("192.0.2.1", "zstd"),
-        ("cache.example.org", "zstd"),
+        ("127.0.0.1:9000", "none"),
+        ("[::1]:9000", "none"),
+        ("localhost:9000", "none"),
+        ("unix:///run/nb.sock", "none"),
+        ("0.0.0.0:9000", "zstd"),
+        ("[::]:9000", "zstd"),
+        ("192.0.2.1:9000", "zstd"),
+        ("cache.example.org:80", "zstd"),
     ],
 )
-def test_auto_compresses_unless_loopback(host: str | None, want: str) -> None:
-    assert resolve_compression("auto", host) == want
-    assert resolve_compression("xz", "127.0.0.1") == "xz"
+def test_auto_compresses_unless_loopback(address: str, want: str) -> None:
+    local = ListenAddress.parse(address).local
+    assert resolve_compression("auto", local=local) == want
+    assert resolve_compression("xz", local=True) == "xz"
 
 
 def _get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:

@@ -36,6 +36,7 @@ from tvix.nar_bridge import BasicAuth, decode_castore_nar, encode_castore_nar, l
 from tvix.nar_bridge.errors import BadRequest, RangeNotSatisfiable, UnsupportedMediaType
 from tvix.nar_bridge.server import parse_range
 from tvix.nar_bridge.upload import NarBody
+from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import render_nar
 from tvix.store.nar.seekable import LayoutCache, NarLayout, render_full, render_range
 
@@ -335,6 +336,13 @@ def test_cli_help_and_unix_socket(tmp_path: Path) -> None:
         assert proc.stderr is not None
         line = proc.stderr.readline().decode()
         assert line == f"nar-bridge: listening on unix://{sock}\n"
+        # Then what it serves, and who may upload.
+        assert proc.stderr.readline().decode() == (
+            "nar-bridge: serving memory://: narinfos unsigned, NARs compressed: none\n"
+        )
+        assert proc.stderr.readline().decode() == (
+            "nar-bridge: uploads: off (--allow-upload turns them on)\n"
+        )
 
         async def get() -> str:
             async with (
@@ -347,6 +355,48 @@ def test_cli_help_and_unix_socket(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+def _first_lines(args: list[str], count: int) -> list[str]:
+    """The first ``count`` lines ``nar-bridge ARGS`` (memory services) writes to stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_SERVICE_ADDR")}
+    services = [f"--{kind}-service-addr=memory://" for kind in ("blob", "directory", "path-info")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tvix.cli.nar_bridge", *services, *args],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        return [proc.stderr.readline().decode().rstrip("\n") for _ in range(count)]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+@pytest.mark.e2e
+def test_start_up_says_who_may_upload(tmp_path: Path) -> None:
+    key = tmp_path / "key.sec"
+    key.write_text(str(SigningKey.generate("cache.example.org-1")))
+    users = tmp_path / "users"
+    users.write_text("alice:secret\n")
+    # Open uploads on every interface: a warning.
+    lines = _first_lines(["--listen-address", "0.0.0.0:0", "--allow-upload"], 4)
+    assert lines[0].startswith("nar-bridge: listening on http://0.0.0.0:")
+    assert lines[1] == "nar-bridge: serving memory://: narinfos unsigned, NARs compressed: zstd"
+    assert lines[2] == "nar-bridge: uploads: on, without authentication"
+    assert lines[3].startswith("nar-bridge: warning: anyone who can reach this address")
+    # With a password and a key: the key's name and the users' file, no warning.
+    args = ["--listen-address", "0.0.0.0:0", "--allow-upload", "--upload-auth-file", str(users)]
+    lines = _first_lines([*args, "--signing-key-file", str(key), "-v"], 3)
+    assert lines[1] == (
+        "nar-bridge: serving memory://: narinfos signed by cache.example.org-1, "
+        "NARs compressed: zstd"
+    )
+    assert lines[2] == f"nar-bridge: uploads: on, HTTP basic auth with the users of {users}"
+    # Open uploads on loopback only: no warning (the next line would be a request's).
+    lines = _first_lines(["--listen-address", "127.0.0.1:0", "--allow-upload"], 3)
+    assert lines[2] == "nar-bridge: uploads: on, without authentication"
 
 
 class _UnsizedBlobs(MemoryBlobService):

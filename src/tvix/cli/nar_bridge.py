@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -53,6 +54,16 @@ class ListenAddress:
             raise CLIError(f"--listen-address {text!r}: put an IPv6 address in brackets")
         return cls(host=host, port=int(port))
 
+    @property
+    def local(self) -> bool:
+        """Whether only this machine can connect: a unix socket, ``localhost`` or a loopback IP."""
+        if self.host is None or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may well be reached over a network
+
 
 def _site(runner: web.AppRunner, address: ListenAddress) -> web.BaseSite:
     if address.unix_path is not None:
@@ -99,7 +110,7 @@ async def serve(args: argparse.Namespace) -> int:
             signing_key=signing_key,
             allow_upload=args.allow_upload,
             upload_auth=auth,
-            compression=resolve_compression(args.compression, address.host),
+            compression=resolve_compression(args.compression, local=address.local),
         )
         # The embedded store's data directory: the counts include its size on disk.
         data_dir = s.where.removeprefix("the data directory ")
@@ -129,11 +140,37 @@ async def serve(args: argparse.Namespace) -> int:
             for url in _bound_urls(runner):
                 # Tests and scripts wait for this line to learn the port of ":0".
                 print(f"{PROG}: listening on {url}", file=sys.stderr, flush=True)
+            for line in _describe(s.where, bridge, signing_key, args, address):
+                print(f"{PROG}: {line}", file=sys.stderr, flush=True)
             await stop.wait()
             print(f"{PROG}: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
     return 0
+
+
+def _describe(
+    where: str,
+    bridge: NarBridge,
+    signing_key: SigningKey | None,
+    args: argparse.Namespace,
+    address: ListenAddress,
+) -> list[str]:
+    """What the bridge serves, how, and who may upload (said once, as it starts)."""
+    signed = f"signed by {signing_key.name}" if signing_key is not None else "unsigned"
+    lines = [f"serving {where}: narinfos {signed}, NARs compressed: {bridge.compression}"]
+    if not args.allow_upload:
+        lines.append("uploads: off (--allow-upload turns them on)")
+    elif args.upload_auth_file is not None:
+        lines.append(f"uploads: on, HTTP basic auth with the users of {args.upload_auth_file}")
+    else:
+        lines.append("uploads: on, without authentication")
+        if not address.local:
+            lines.append(
+                "warning: anyone who can reach this address can add store paths "
+                "(--upload-auth-file requires a password)"
+            )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import lzma
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
@@ -70,16 +69,11 @@ def compressed_nar_url(compression: str, encoded_node: str, nar_size: int, nar_h
     )
 
 
-def resolve_compression(choice: str, host: str | None) -> str:
-    """``choice``, with ``auto`` made ``none`` for a loopback or unix socket listener, else zstd."""
+def resolve_compression(choice: str, *, local: bool) -> str:
+    """``choice``, with ``auto`` made ``none`` for a ``local`` listener (loopback, unix socket)."""
     if choice != "auto":
         return choice
-    if host is None or host == "localhost":
-        return "none"
-    try:
-        return "none" if ipaddress.ip_address(host).is_loopback else "zstd"
-    except ValueError:
-        return "zstd"  # a host name: it may well be reached over a network
+    return "none" if local else "zstd"
 
 
 class _Compressor(Protocol):
