@@ -30,8 +30,7 @@ from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.castore.proto import node_to_proto
-from tvix.nar_bridge import BasicAuth, NarBridge, encode_castore_nar
-from tvix.nar_bridge.nar_files import NarFiles
+from tvix.nar_bridge import BasicAuth, NarBridge, NarFiles, encode_castore_nar
 from tvix.nixcompat import nixbase32
 from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
