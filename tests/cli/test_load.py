@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemons import TVIX_STORE, cli_env, daemon, tvix_store
+from tests.support.processes import Server, start_process
 from tvix.nixcompat.narinfo import NarInfo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -73,45 +72,11 @@ def test_concurrent_renders_through_a_daemon(loaded_daemon: Loaded) -> None:
     assert all(out == nar for out, _err in results)
 
 
-def _start_bridge(url: str) -> tuple[subprocess.Popen[bytes], str, list[str]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tvix.cli.nar_bridge",
-            "--listen-address",
-            "127.0.0.1:0",
-            "--blob-service-addr",
-            url,
-            "--directory-service-addr",
-            url,
-            "--path-info-service-addr",
-            url,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        env=cli_env(),
-    )
-    log: list[str] = []
-    found = threading.Event()
-    bound: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace")
-            log.append(line)
-            m = re.search(r"listening on (http://\S+)", line)
-            if m and not bound:
-                bound.append(m[1])
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(30) or not bound:
-        proc.kill()
-        raise AssertionError("nar-bridge did not start:\n" + "".join(log))
-    return proc, bound[0], log
+def _start_bridge(url: str) -> Server:
+    argv = [sys.executable, "-m", "tvix.cli.nar_bridge", "--listen-address", "127.0.0.1:0"]
+    for kind in ("blob", "directory", "path-info"):
+        argv += [f"--{kind}-service-addr", url]
+    return start_process("nar-bridge", argv, r"listening on (http://\S+)", cli_env())
 
 
 def test_nar_bridge_over_a_daemon_under_load(loaded_daemon: Loaded) -> None:
@@ -119,7 +84,8 @@ def test_nar_bridge_over_a_daemon_under_load(loaded_daemon: Loaded) -> None:
     # (nar-bridge's) asks for thousands of blobs at once.
     url, stored = loaded_daemon
     store_path, nar = stored["small"]
-    proc, base, log = _start_bridge(url)
+    bridge = _start_bridge(url)
+    base = bridge.address
     try:
         hash_part = store_path.removeprefix("/nix/store/")[:32]
         narinfo = NarInfo.parse(urllib.request.urlopen(f"{base}/{hash_part}.narinfo").read())
@@ -148,12 +114,7 @@ def test_nar_bridge_over_a_daemon_under_load(loaded_daemon: Loaded) -> None:
         served = sum(s for s, _ in results)
         errors = [e for _, errs in results for e in errs]
         print(f"nar-bridge over a daemon, 16 clients, 20 s: {served} NARs served")
-        assert not errors, (errors[:5], "".join(log)[-2000:])
+        assert not errors, (errors[:5], bridge.logged()[-2000:])
         assert served >= 16
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        bridge.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,19 +226,15 @@ def test_info_counts_what_is_shared(tvix_store: Run, tmp_path: Path) -> None:
     assert "bytes stored:" in out
 
 
-def test_verify_shows_progress_only_on_a_terminal(
-    tvix_store: Run, tmp_path: Path, data_dir: Path
-) -> None:
+def _on_a_terminal(args: list[str | Path], env: dict[str, str]) -> tuple[int, bytes]:
+    """``tvix-store ARGS`` with stderr on a pseudo-terminal: its exit code and what it showed."""
     import pty
 
-    tree = make_tree(tmp_path / "tree", big_size=8 << 20)
-    tvix_store("import", tree)
-    env = {**os.environ, "TVIX_STORE_DATA_DIR": str(data_dir)}
     primary, secondary = pty.openpty()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tvix.cli.store", "verify"],
-            stderr=secondary, stdout=subprocess.PIPE, env=env, timeout=120,
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tvix.cli.store", *map(str, args)],
+            stderr=secondary, stdout=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         os.close(secondary)
         seen = b""
@@ -245,18 +242,59 @@ def test_verify_shows_progress_only_on_a_terminal(
             try:
                 chunk = os.read(primary, 65536)
             except OSError:
-                break
+                break  # EIO: the process closed the terminal (it ended)
             if not chunk:
                 break
             seen += chunk
     finally:
         os.close(primary)
-    assert proc.returncode == 0
+    return proc.wait(timeout=120), seen
+
+
+def test_verify_shows_progress_only_on_a_terminal(
+    tvix_store: Run, tmp_path: Path, data_dir: Path
+) -> None:
+    tree = make_tree(tmp_path / "tree", big_size=8 << 20)
+    tvix_store("import", tree)
+    env = {**os.environ, "TVIX_STORE_DATA_DIR": str(data_dir)}
+    returncode, seen = _on_a_terminal(["verify"], env)
+    assert returncode == 0
     assert b"verifying: 1 store paths" in seen, seen
     assert b"MB checked" in seen
     quiet = tvix_store("verify")
     assert b"verifying:" not in quiet.stderr
     assert b"verified 1 store paths: all intact" in quiet.stderr
+
+
+def test_copy_progress_counts_bytes_as_they_stream(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(1 << 20))
+    path = nix.add(big)
+    cache = tmp_path / "cache"
+    nix.copy_to_file_cache(path, cache)
+    big.unlink()
+    args: list[str | Path] = ["copy", "--no-check-sigs", "--from", f"file://{cache}", path]
+    env = {**os.environ, "TVIX_STORE_DATA_DIR": str(data_dir)}
+    returncode, seen = _on_a_terminal(args, env)
+    assert returncode == 0, seen
+    # While the one path streams (0 of 1 done, more may be found): the bytes grow.
+    streaming = re.findall(rb"copying: 0/1\+ paths, ([\d,.]+) MB", seen)
+    sizes = [float(m.replace(b",", b"")) for m in streaming]
+    assert len(set(sizes)) >= 3, seen
+    assert sizes == sorted(sizes)
+    assert 0 < sizes[-1] < 100.7  # the NAR: 96 MiB and its framing
+    assert b"copied 1 store paths (100.7 MB of NAR)" in seen
+
+    # Not on a terminal: the report line, and no progress.
+    again = tmp_path / "again"
+    quiet = tvix_store(*args, env={"TVIX_STORE_DATA_DIR": str(again)})
+    assert b"copying:" not in quiet.stderr
+    assert b"\r" not in quiet.stderr
+    assert quiet.stderr.startswith(b"tvix-store: copied 1 store paths"), quiet.stderr
 
 
 def test_import_flat_as_nix_store_add_file(tvix_store: Run, nix: Nix, tmp_path: Path) -> None:

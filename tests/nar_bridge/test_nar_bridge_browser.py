@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.nar_bridge.nar_bridge_support import Closure, Run, StartBridge
+from tests.nar_bridge.nar_bridge_support import Closure, StartBridge
 from tests.support.browser import artifacts_dir
 from tests.support.nix import Nix
+from tests.support.services import Run
 from tests.support.trees import make_tree
 from tvix.nar_bridge.ui import PAGE_SIZE
 

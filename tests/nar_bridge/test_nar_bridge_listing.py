@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.nar_bridge.nar_bridge_support import Run, StartBridge
+from tests.nar_bridge.nar_bridge_support import StartBridge
 from tests.support.nix import Nix
+from tests.support.services import Run
 from tests.support.trees import make_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import shutil
+import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.nar_bridge.nar_bridge_support import Closure, Run, StartBridge
+from tests.nar_bridge.nar_bridge_support import Closure, StartBridge
+from tests.support.daemons import daemon
 from tests.support.nix import Nix
+from tests.support.services import Run
 from tests.support.trees import make_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
@@ -160,3 +167,71 @@ def test_upload_with_basic_auth(
     with urllib.request.urlopen(f"{bridge.url}/{hash_part}.narinfo") as r:
         assert r.read().startswith(f"StorePath: {closure.tree}\n".encode())
     assert bridge.stop() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("where", ["data-dir", "daemon"])
+def test_uploaded_nar_urls_served_after_restart(
+    where: str, start_bridge: StartBridge, nix: Nix, closure: Closure, tmp_path: Path
+) -> None:
+    """``nix copy --to``, restart, ``nix copy --from``: Nix asks for the URLs it uploaded."""
+    # Nix as one user: one narinfo cache kept across commands (the session's Nix keeps none).
+    cache = tmp_path / "nix-cache"
+    env = dict(nix.env, XDG_CACHE_HOME=str(cache))
+    keep = ("--option", "narinfo-cache-positive-ttl", "3600")
+
+    def nix_copy(*args: str) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            ["nix", "copy", *keep, *args], env=env, capture_output=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        return proc
+
+    with contextlib.ExitStack() as stack:
+        data_dir = tmp_path / "data"
+        if where == "daemon":
+            _proc, url = stack.enter_context(daemon(data_dir=data_dir))
+            store = ["--store", url]
+        else:
+            store = ["--store", str(data_dir)]
+        listen = ("--listen-address", f"127.0.0.1:{_free_port()}")
+        bridge = start_bridge("--allow-upload", *listen, store=store)
+        nix_copy("--to", bridge.url, closure.built)  # xz, Nix's default
+        uploaded = re.findall(r"PUT /(nar/\w+\.nar\.xz) 200", bridge.logged())
+        assert len(uploaded) == len(closure.paths)
+        assert bridge.stop() == 0
+        state = data_dir if where == "data-dir" else tmp_path / "xdg-state/tvix-store/nar-bridge"
+        assert (state / "nar-bridge-uploads.sqlite").exists()
+
+        # Restarted, uploads off: the URLs in Nix's cached narinfos are served.
+        again = start_bridge(*listen, store=store)
+        dest = tmp_path / "dest"
+        nix_copy(
+            "--no-check-sigs", "--from", again.url, "--to", f"local?root={dest}", closure.built
+        )
+        log = again.logged()
+        for nar_url in uploaded:
+            assert f"GET /{nar_url} 200" in log
+        assert ".narinfo" not in log  # every narinfo came from Nix's cache
+        for path in closure.paths:
+            assert nix.dump(dest / path.lstrip("/")) == nix.dump(nix.store_file(path)), path
+
+        # The client's narinfo cache cleared: the bridge's own narinfos and URLs.
+        shutil.rmtree(cache)
+        fresh = tmp_path / "fresh"
+        before = len(again.log)
+        nix_copy(
+            "--no-check-sigs", "--from", again.url, "--to", f"local?root={fresh}", closure.built
+        )
+        log = "".join(again.log[before:])
+        assert "GET /nar/tvix-castore/" in log
+        assert "nar.xz" not in log
+        for path in closure.paths:
+            assert nix.dump(fresh / path.lstrip("/")) == nix.dump(nix.store_file(path)), path
+        again.stop()

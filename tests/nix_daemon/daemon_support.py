@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from tests.support.nix import Nix
+from tests.support.processes import Server, clean_env, start_process
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.nix_daemon import NixDaemonServer, StoreServices, TrustPolicy, wire
@@ -264,81 +259,19 @@ async def _start(path: Path, policy: TrustPolicy) -> InProcess:
 
 # -- separate processes, for the real Nix --
 
-_ENV_VARS = (
-    "BLOB_SERVICE_ADDR",
-    "DIRECTORY_SERVICE_ADDR",
-    "PATH_INFO_SERVICE_ADDR",
-    "TVIX_STORE_COMPOSITION",
-    "TVIX_NIX_DAEMON_LISTEN_ADDRESS",
-    "TVIX_NIX_DAEMON_TRUSTED",
-    "TVIX_NIX_DAEMON_TRUSTED_PUBLIC_KEYS",
-)
 
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _ENV_VARS}
-
-
-@pytest.fixture
-def store_args(tmp_path: Path) -> list[str]:
-    """Service addresses of an embedded store on disk, shared by every process given them."""
-    (tmp_path / "store").mkdir(exist_ok=True)
-    return [
-        "--blob-service-addr",
-        f"objectstore+file://{tmp_path}/store/blobs",
-        "--directory-service-addr",
-        f"sqlite://{tmp_path}/store/dirs.sqlite",
-        "--path-info-service-addr",
-        f"sqlite://{tmp_path}/store/pathinfo.sqlite",
-    ]
-
-
-Run = Callable[..., subprocess.CompletedProcess[bytes]]
-
-
-@pytest.fixture
-def tvix_store(store_args: list[str]) -> Run:
-    """Run ``tvix-store COMMAND ARGS`` as a separate process on the shared store."""
-
-    def run(command: str, *args: str | Path) -> subprocess.CompletedProcess[bytes]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tvix.cli.store", command, *store_args, *map(str, args)],
-            capture_output=True,
-            env=clean_env(),
-            timeout=120,
-        )
-        if proc.returncode != 0:
-            raise AssertionError(f"tvix-store {command} failed: {proc.stderr.decode()}")
-        return proc
-
-    return run
-
-
-@dataclass
-class Daemon:
+class Daemon(Server):
     """A running ``tvix-store nix-daemon`` process."""
 
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    log: list[str] = field(default_factory=list)
+    @property
+    def socket(self) -> Path:
+        """The path of its socket."""
+        return Path(self.address)
 
     @property
     def store(self) -> str:
         """The store URL Nix uses for it."""
         return f"unix://{self.socket}"
-
-    def stop(self) -> int:
-        """SIGTERM, then wait: the exit code (0 for a clean stop)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def logged(self) -> str:
-        return "".join(self.log)
 
 
 StartDaemon = Callable[..., Daemon]
@@ -350,44 +283,19 @@ def start_daemon(store_args: list[str], tmp_path: Path) -> Iterator[StartDaemon]
     started: list[Daemon] = []
 
     def start(*args: str | Path, name: str = "daemon.sock") -> Daemon:
-        sock = tmp_path / name
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvix.cli.store",
-                "-v",
-                "nix-daemon",
-                "--listen-address",
-                f"unix://{sock}",
-                *store_args,
-                *map(str, args),
-            ],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            env=clean_env(),
-        )
-        log: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace")
-                log.append(line)
-                if re.search(r"listening on unix://", line):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + 30
-        while not ready.wait(0.1):
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"nix-daemon did not start:\n{''.join(log)}")
-        if proc.poll() is not None:
-            raise AssertionError(f"nix-daemon exited {proc.returncode}:\n{''.join(log)}")
-        daemon = Daemon(proc, sock, log)
+        argv = [
+            sys.executable,
+            "-m",
+            "tvix.cli.store",
+            "-v",
+            "nix-daemon",
+            "--listen-address",
+            f"unix://{tmp_path / name}",
+            *store_args,
+            *map(str, args),
+        ]
+        server = start_process("nix-daemon", argv, r"listening on unix://(\S+)")
+        daemon = Daemon(server.proc, server.address, server.log)
         started.append(daemon)
         return daemon
 
@@ -412,6 +320,6 @@ def ssh_ng(nix: Nix, store_args: list[str], tmp_path: Path) -> tuple[dict[str, s
     argv = [sys.executable, "-m", "tvix.cli.store", "-v", "nix-daemon", "--stdio", *store_args]
     ssh.write_text(f"#!/bin/sh\nexec {shlex.join(argv)} 2>>{shlex.quote(str(log))}\n")
     ssh.chmod(0o755)
-    env = {k: v for k, v in nix.env.items() if k not in _ENV_VARS}
+    env = clean_env(nix.env)
     env["PATH"] = f"{bin_dir}:{nix.env.get('PATH', '/usr/bin:/bin')}"
     return env, log

@@ -27,12 +27,12 @@ from tests.nix_daemon.daemon_support import (
     OP_QUERY_PATH_INFO,
     Daemon,
     RawClient,
-    Run,
     StartDaemon,
     clean_env,
     ssh_ng,
 )
 from tests.support.nix import Nix
+from tests.support.services import Run
 from tests.support.trees import make_tree
 from tvix.nix_daemon import wire
 from tvix.nixcompat import nixbase32

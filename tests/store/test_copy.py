@@ -18,6 +18,7 @@ from tests.support.trees import make_tree
 from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.directoryservice import MemoryDirectoryService
 from tvix.castore.errors import IntegrityError
+from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.cli.common import local_store_urls
 from tvix.nixcompat.signing import VerifyingKey
 from tvix.nixcompat.storepath import StorePath
@@ -213,13 +214,56 @@ async def test_dependencies_registered_first(closure: Closure) -> None:
     assert infos.order[-1] == _sp(closure.built)
 
 
+class _Observer:
+    """Records what a copy tells its observer, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.moved_bytes = 0
+
+    def discovered(self, path: StorePath) -> None:
+        self.events.append("discovered")
+
+    def closure_known(self) -> None:
+        self.events.append("closure_known")
+
+    def moved(self, nbytes: int) -> None:
+        self.moved_bytes += nbytes
+
+    def done(self, info: PathInfo, copied: bool) -> None:
+        self.events.append("done")
+
+
+async def _blob_bytes(dirs: MemoryDirectoryService, infos: list[PathInfo]) -> int:
+    """The bytes of the distinct blobs the paths' files hold."""
+    sizes: dict[object, int] = {}
+    for info in infos:
+        if isinstance(info.node, FileNode):
+            sizes[info.node.digest] = info.node.size
+        elif isinstance(info.node, DirectoryNode):
+            async for d in dirs.get_recursive(info.node.digest):
+                sizes.update((f.digest, f.size) for f in d.files)
+    return sum(sizes.values())
+
+
 async def test_copy_between_stores(closure: Closure) -> None:
     blobs, dirs, infos = await _from_cache(closure)
     dest = MemoryBlobService(), MemoryDirectoryService(), _Recording()
     key = VerifyingKey.parse(closure.public)
-    source = StoreSource(blobs, dirs, infos, dest[0], dest[1], trusted_keys=[key])
-    result = await copy_closure(source, dest[2], [_sp(closure.built)])
+    observer = _Observer()
+    source = StoreSource(
+        blobs, dirs, infos, dest[0], dest[1], trusted_keys=[key], progress=observer.moved
+    )
+    result = await copy_closure(source, dest[2], [_sp(closure.built)], observer=observer)
     assert len(result.copied) == 3
+    # Every byte of every blob copied was counted as it streamed; the closure was
+    # known (all 3 discovered) before the last path was done.
+    assert observer.moved_bytes == await _blob_bytes(dest[1], result.copied)
+    assert observer.moved_bytes > 0
+    assert observer.events.count("closure_known") == 1
+    known_at = observer.events.index("closure_known")
+    assert observer.events[:known_at].count("discovered") == 3
+    assert observer.events[-1] == "done"
     for path in (closure.tree, closure.text, closure.built):
         info = await dest[2].get(_sp(path).digest)
         assert info is not None

@@ -200,6 +200,8 @@ class Services:
     directories: DirectoryService
     path_infos: PathInfoService
     where: str = ""
+    #: The data directory, when the three services are its embedded store.
+    data_dir: Path | None = None
 
 
 #: Where upstream's client commands look for a daemon; ours open the local store
@@ -265,6 +267,7 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
             )
         composition = Composition.from_file(args.store_composition)
         where = f"the composition {args.store_composition}"
+        embedded_in = None
     else:
         data_dir: Path | None = args.data_dir if args.data_dir is not None else default_data_dir()
         if args.store is not None:
@@ -284,14 +287,17 @@ async def open_services(args: argparse.Namespace) -> AsyncIterator[Services]:
             data_dir.mkdir(parents=True, exist_ok=True)
         log.debug("services: blob=%s directory=%s path-info=%s", *urls)
         composition = Composition.from_urls(*urls)
-        if data_dir is not None and urls == local_store_urls(data_dir):
+        embedded_in = (
+            data_dir if data_dir is not None and urls == local_store_urls(data_dir) else None
+        )
+        if embedded_in is not None:
             where = f"the data directory {data_dir}"
         elif len(set(urls)) == 1:
             where = urls[0]
         else:
             where = f"blobs {urls[0]}, directories {urls[1]}, path infos {urls[2]}"
     async with composition:
-        yield Services(*composition.build_all(), where=where)
+        yield Services(*composition.build_all(), where=where, data_dir=embedded_in)
 
 
 def trusted_services(args: argparse.Namespace, services: Services) -> Services:
@@ -316,7 +322,9 @@ def trusted_services(args: argparse.Namespace, services: Services) -> Services:
         blob_service=services.blobs,
         directory_service=services.directories,
     )
-    return Services(services.blobs, services.directories, checked)
+    return Services(
+        services.blobs, services.directories, checked, services.where, services.data_dir
+    )
 
 
 class StatusLine:

@@ -6,7 +6,6 @@ import argparse
 import base64
 import json
 import sys
-from pathlib import Path
 
 from tvix.cli.common import Services, open_services
 from tvix.nixcompat import nixbase32
@@ -181,9 +180,8 @@ async def cmd_info(args: argparse.Namespace) -> int:
     print(f"distinct blobs:      {len(stats.blobs):,} ({human(stats.blob_bytes)})")
     print(f"directories:         {stats.directories:,} distinct")
     print(f"deduplication:       {stats.dedup_ratio:.2f}x (file bytes / distinct blob bytes)")
-    data_dir = s.where.removeprefix("the data directory ")
-    if data_dir != s.where and Path(data_dir).is_dir():
-        disk = disk_usage(data_dir)
+    if s.data_dir is not None and s.data_dir.is_dir():
+        disk = disk_usage(s.data_dir)
         print(f"bytes stored:        {disk:,} ({human(disk)} on disk, metadata included)")
         if disk:
             print(

@@ -112,12 +112,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """Paths copied of those known so far, and bytes, on a :class:`StatusLine`."""
+    """Paths done of those known so far, and bytes as they stream, on a :class:`StatusLine`.
+
+    ``3/17+ paths`` while the closure is still being discovered, ``3/17``
+    once it is known. Redrawn at most 10 times a second, only on a terminal.
+    """
 
     def __init__(self) -> None:
         self.known = 0
-        self.copied = 0
-        self.present = 0
+        self.complete = False
+        self.finished = 0
         self.nbytes = 0
         self._line = StatusLine()
 
@@ -125,18 +129,22 @@ class _Progress:
         self.known += 1
         self._show()
 
+    def closure_known(self) -> None:
+        self.complete = True
+        self._show()
+
+    def moved(self, nbytes: int) -> None:
+        self.nbytes += nbytes
+        self._show()
+
     def done(self, info: PathInfo, copied: bool) -> None:
-        if copied:
-            self.copied += 1
-            self.nbytes += info.nar_size
-        else:
-            self.present += 1
+        self.finished += 1
         self._show()
 
     def _show(self) -> None:
         self._line.show(
             lambda: (
-                f"copying: {self.copied + self.present}/{self.known} paths, "
+                f"copying: {self.finished}/{self.known}{'' if self.complete else '+'} paths, "
                 f"{self.nbytes / 1e6:,.1f} MB ({self._line.rate(self.nbytes):,.1f} MB/s)"
             )
         )
@@ -156,7 +164,9 @@ def _store_paths(texts: list[str]) -> list[StorePath]:
 
 
 @contextlib.asynccontextmanager
-async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[PathSource]:
+async def _source(
+    args: argparse.Namespace, dest: Services, progress: _Progress
+) -> AsyncIterator[PathSource]:
     keys = list((trusted_keys(args) or {}).values())
     require = not args.no_check_sigs
     if args.from_store_composition is not None:
@@ -164,7 +174,12 @@ async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[Pat
         description = f"store {args.from_store_composition}"
     elif args.source.startswith(_CACHE_SCHEMES):
         source = BinaryCacheSource(
-            args.source, dest.blobs, dest.directories, trusted_keys=keys, require_sigs=require
+            args.source,
+            dest.blobs,
+            dest.directories,
+            trusted_keys=keys,
+            require_sigs=require,
+            progress=progress.moved,
         )
         try:
             yield source
@@ -190,6 +205,7 @@ async def _source(args: argparse.Namespace, dest: Services) -> AsyncIterator[Pat
             trusted_keys=keys,
             require_sigs=require,
             description=description,
+            progress=progress.moved,
         )
 
 
@@ -253,7 +269,7 @@ async def cmd_copy(args: argparse.Namespace) -> int:
                 )
         else:
             roots = _store_paths(args.paths)
-            async with open_services(args) as s, _source(args, s) as source:
+            async with open_services(args) as s, _source(args, s, progress) as source:
                 result = await copy_closure(
                     source, s.path_infos, roots, jobs=args.jobs, observer=progress
                 )

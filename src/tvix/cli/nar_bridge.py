@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from tvix import __version__
 from tvix.cli.common import CLIError, add_service_args, open_services, run, setup_logging
 from tvix.nar_bridge import BasicAuth, NarBridge, load_credentials
 from tvix.nar_bridge.compression import COMPRESSIONS, resolve_compression
+from tvix.nar_bridge.nar_files import FILE_NAME, NarFiles
 from tvix.nar_bridge.site import build_app
 from tvix.nixcompat.errors import InvalidKeyError
 from tvix.nixcompat.signing import SigningKey
@@ -73,6 +75,13 @@ def _site(runner: web.AppRunner, address: ListenAddress) -> web.BaseSite:
     return web.TCPSite(runner, address.host, address.port, reuse_address=True)
 
 
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tvix-store/nar-bridge``, else ``~/.local/state/tvix-store/nar-bridge``."""
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "tvix-store" / "nar-bridge"
+
+
 def _bound_urls(runner: web.AppRunner) -> list[str]:
     urls = []
     for addr in runner.addresses:
@@ -102,6 +111,9 @@ async def serve(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(f"--upload-auth-file: {e}") from None
     async with open_services(args) as s:
+        # The uploaded NAR files' URLs: beside the store when it is a data directory.
+        state_dir = args.state_dir or s.data_dir or default_state_dir()
+        nar_files = NarFiles(str(state_dir / FILE_NAME))
         bridge = NarBridge(
             s.blobs,
             s.directories,
@@ -110,15 +122,15 @@ async def serve(args: argparse.Namespace) -> int:
             signing_key=signing_key,
             allow_upload=args.allow_upload,
             upload_auth=auth,
+            nar_files=nar_files,
             compression=resolve_compression(args.compression, local=address.local),
         )
-        # The embedded store's data directory: the counts include its size on disk.
-        data_dir = s.where.removeprefix("the data directory ")
         app = build_app(
             bridge,
             ui=not args.no_ui,
             stats_interval=args.stats_interval,
-            data_dir=data_dir if data_dir != s.where and os.path.isdir(data_dir) else None,
+            # The embedded store's data directory: the counts include its size on disk.
+            data_dir=str(s.data_dir) if s.data_dir is not None else None,
         )
         # keepalive_timeout is also how long a new connection has to send a
         # request's headers: aiohttp starts it when the connection is made and
@@ -146,6 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"{PROG}: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
+            await nar_files.close()
     return 0
 
 
@@ -221,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth for uploads, with the user:password lines of FILE "
         "(Nix sends them from its netrc file); reads stay open "
         "(env NAR_BRIDGE_UPLOAD_AUTH_FILE)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=os.environ.get("NAR_BRIDGE_STATE_DIR") or None,
+        metavar="DIR",
+        help=f"where {FILE_NAME} keeps the URLs uploaded NAR files were accepted under (Nix "
+        "asks for them again: it caches the narinfos it uploaded), across restarts "
+        "(env NAR_BRIDGE_STATE_DIR; default: the data directory when the store is one, else "
+        "$XDG_STATE_HOME/tvix-store/nar-bridge or ~/.local/state/tvix-store/nar-bridge)",
     )
     parser.add_argument(
         "--header-timeout",

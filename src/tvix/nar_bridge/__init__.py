@@ -10,6 +10,7 @@ Builds on :mod:`tvix.store`, :mod:`tvix.castore` and :mod:`tvix.nixcompat`.
 
 from tvix.nar_bridge.auth import BasicAuth, load_credentials
 from tvix.nar_bridge.errors import HTTPError, status_for
+from tvix.nar_bridge.nar_files import NarFiles
 from tvix.nar_bridge.server import NarBridge, parse_range
 from tvix.nar_bridge.upload import UploadIndex
 from tvix.nar_bridge.urls import decode_castore_nar, encode_castore_nar
@@ -18,6 +19,7 @@ __all__ = [
     "BasicAuth",
     "HTTPError",
     "NarBridge",
+    "NarFiles",
     "UploadIndex",
     "decode_castore_nar",
     "encode_castore_nar",

@@ -25,8 +25,10 @@ there for clients that need it; it is slow.
 from __future__ import annotations
 
 import asyncio
+import bz2
 import concurrent.futures
 import lzma
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
@@ -34,7 +36,7 @@ import zstandard
 from aiohttp import web
 
 from tvix.castore.blobservice.base import BlobService
-from tvix.castore.nodes import FileNode
+from tvix.castore.nodes import FileNode, Node
 from tvix.nar_bridge.errors import BadRequest, NotFound
 from tvix.nar_bridge.urls import CASTORE_NAR_PREFIX, decode_castore_nar
 from tvix.nixcompat import nixbase32
@@ -44,6 +46,7 @@ from tvix.store.nar.seekable import LayoutCache, render_full
 __all__ = [
     "COMPRESSIONS",
     "EXTENSIONS",
+    "SERVABLE",
     "CompressedNars",
     "compressed_nar_url",
     "resolve_compression",
@@ -53,8 +56,13 @@ __all__ = [
 EXTENSIONS = {"zstd": ".zst", "xz": ".xz"}
 NAR_TYPE = "application/x-nix-nar"
 COMPRESSIONS = ("none", *EXTENSIONS)
+#: Every compression a NAR can be served in (uploaded NAR files are served in theirs).
+SERVABLE = (*COMPRESSIONS, "bzip2", "gzip")
 ZSTD_LEVEL = 3
 XZ_PRESET = 1
+# bzip2 and gzip only serve files uploaded so: their fastest levels.
+_BZIP2_LEVEL = 1
+_GZIP_LEVEL = 1
 
 
 def compressed_nar_url(compression: str, encoded_node: str, nar_size: int, nar_hash: str) -> str:
@@ -83,10 +91,18 @@ class _Compressor(Protocol):
 
 
 def _compressor(compression: str) -> _Compressor:
+    c: _Compressor
     if compression == "zstd":
-        c: _Compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-        return c
-    return lzma.LZMACompressor(preset=XZ_PRESET)
+        c = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    elif compression == "xz":
+        c = lzma.LZMACompressor(preset=XZ_PRESET)
+    elif compression == "bzip2":
+        c = bz2.BZ2Compressor(_BZIP2_LEVEL)
+    elif compression == "gzip":
+        c = zlib.compressobj(_GZIP_LEVEL, wbits=16 + zlib.MAX_WBITS)
+    else:
+        raise ValueError(f"cannot compress with {compression!r}")
+    return c
 
 
 async def compress_stream(
@@ -162,16 +178,38 @@ class CompressedNars:
         if ext is None or not name.endswith(".nar" + ext):
             raise NotFound(f"{request.path}: not <node>.nar.zst or <node>.nar.xz")
         node = decode_castore_nar(name.removesuffix(".nar" + ext))
+        return await self.serve(
+            request,
+            node,
+            compression,
+            request.query.get("narsize"),
+            _nar_hash(request.query.get("narhash")),
+            request.path,
+        )
+
+    async def serve(
+        self,
+        request: web.Request,
+        node: Node,
+        compression: str,
+        claimed_size: str | None,
+        claimed_sha256: bytes | None,
+        what: str,
+    ) -> web.StreamResponse:
+        """Send the NAR of ``node`` compressed with ``compression`` (one of :data:`SERVABLE`).
+
+        Its size is checked against ``claimed_size`` first; with
+        ``claimed_sha256`` it is hashed as it is sent and cut short if it is
+        not that NAR.
+        """
         bridge = self.bridge
         if isinstance(node, FileNode) and not await bridge.blobs.has(node.digest):
             raise NotFound(f"its blob {node.digest.hex()} is not stored")
         layout = await bridge._layouts.get(node)
         if layout is None:
             raise NotFound("its root Directory is not stored")
-        claimed = request.query.get("narsize")
-        if claimed is not None and claimed != str(layout.size):
-            raise BadRequest(f"narsize={claimed!r}, but the NAR has {layout.size} bytes")
-        claimed_sha256 = _nar_hash(request.query.get("narhash"))
+        if claimed_size is not None and claimed_size != str(layout.size):
+            raise BadRequest(f"narsize={claimed_size!r}, but the NAR has {layout.size} bytes")
         response = web.StreamResponse(
             headers={
                 "Content-Type": NAR_TYPE,
@@ -191,7 +229,7 @@ class CompressedNars:
         if claimed_sha256 is not None:
             # A NAR not of the claimed hash is cut before its last piece is compressed,
             # so the client never gets a complete compressed stream of it.
-            nar = verify_nar(nar, layout.size, claimed_sha256, request.path)
+            nar = verify_nar(nar, layout.size, claimed_sha256, what)
         pieces = compress_stream(nar, compression, self._executor)
-        await bridge._stream(request, response, pieces, request.path)
+        await bridge._stream(request, response, pieces, what)
         return response

@@ -14,8 +14,10 @@
 ``GET|HEAD /nar/tvix-castore/<c>/<node>`` the NAR compressed with ``<c>`` (zstd, xz), what
                                           narinfos point at with a ``compression`` set
                                           (:mod:`.compression`; narhash checked too)
-``GET|HEAD /nar/<filehash>.nar[.ext]``    HEAD: whether that file was uploaded (Nix skips
-                                          the upload then); GET: an uploaded plain ``.nar``
+``GET|HEAD /nar/<filehash>.nar[.ext]``    a NAR file uploaded here, as long as its store
+                                          path is stored: its NAR compressed again as the
+                                          narinfo said (:mod:`.nar_files`); HEAD is what
+                                          Nix asks before uploading (it skips a file found)
 ``PUT /nix-cache-info``                   accepted and ignored (ours is generated)
 ``PUT /nar/<filehash>.nar[.ext]``         ingest a NAR (plain, xz, bzip2, gzip, zstd)
 ``PUT /<hash>.narinfo``                   register a store path whose NAR was uploaded
@@ -44,7 +46,7 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.nodes import FileNode, Node
 from tvix.nar_bridge.auth import BasicAuth
-from tvix.nar_bridge.compression import CompressedNars, compressed_nar_url
+from tvix.nar_bridge.compression import SERVABLE, CompressedNars, compressed_nar_url
 from tvix.nar_bridge.errors import (
     BadRequest,
     Conflict,
@@ -58,6 +60,7 @@ from tvix.nar_bridge.errors import (
     status_for,
 )
 from tvix.nar_bridge.listing import ListingRoutes
+from tvix.nar_bridge.nar_files import NarFileRecord, NarFiles
 from tvix.nar_bridge.upload import NarBody, UploadedNar, UploadIndex
 from tvix.nar_bridge.urls import (
     CASTORE_NAR_PREFIX,
@@ -144,6 +147,8 @@ class NarBridge:
     The services are used, not owned: whoever built them closes them.
     ``signing_key`` signs every narinfo as it is served (the stored PathInfo
     is unchanged). ``upload_auth`` guards PUTs when uploads are allowed.
+    ``nar_files`` keeps the NAR file URLs uploads were accepted under across
+    restarts (without it, only those of this process's uploads are served).
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class NarBridge:
         allow_upload: bool = False,
         upload_auth: BasicAuth | None = None,
         upload_index: UploadIndex | None = None,
+        nar_files: NarFiles | None = None,
         compression: str = "none",
     ) -> None:
         self.blobs = blob_service
@@ -167,10 +173,12 @@ class NarBridge:
         self.allow_upload = allow_upload
         self.upload_auth = upload_auth
         self.uploads = upload_index if upload_index is not None else UploadIndex()
+        self.nar_files = nar_files
         self.compression = compression
         self._names: OrderedDict[str, str] = OrderedDict()
         self._layouts = LayoutCache(directory_service)
         self._decoders: concurrent.futures.ThreadPoolExecutor | None = None
+        self._compressed = CompressedNars(self)
 
     # -- the application --
 
@@ -187,7 +195,7 @@ class NarBridge:
         r.add_get("/nar/{file}", self._get_nar_file)
         r.add_put("/nar/{file}", self._put_nar, expect_handler=self._expect)
         ListingRoutes(self.path_infos, self._layouts).register(app)
-        CompressedNars(self).register(app)
+        self._compressed.register(app)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -276,16 +284,34 @@ class NarBridge:
             raise NotFound(f"{request.path}: not a NAR file name")
         request[SUBJECT] = name.path
         nar = self.uploads.by_file(name.file_hash)
-        if nar is None:
-            raise NotFound(f"{name.path} was not uploaded (or is forgotten since)")
-        if request.method == "HEAD":
-            # What Nix asks before uploading: the file exists, skip it.
-            return web.Response(
-                headers={"Content-Length": str(nar.file_size), "Content-Type": NAR_TYPE}
-            )
-        if name.extension:
-            raise NotFound(f"{name.path}: compressed uploads are not kept, only their contents")
-        return await self._serve_nar(request, nar.node, str(nar.nar_size), nar.nar_sha256)
+        if nar is not None and nar.file == name:
+            # Uploaded by this process, perhaps not yet named by a narinfo.
+            node, compression = nar.node, nar.compression
+            nar_size, nar_sha256 = nar.nar_size, nar.nar_sha256
+        else:
+            found = await self._uploaded_path(name)
+            if found is None:
+                raise NotFound(f"{name.path} was not uploaded here, or its store path is gone")
+            info, compression = found
+            request[SUBJECT] = f"{name.path} ({info.store_path.absolute_path})"
+            node, nar_size, nar_sha256 = info.node, info.nar_size, info.nar_sha256
+        if compression == "none":
+            return await self._serve_nar(request, node, str(nar_size), nar_sha256)
+        return await self._compressed.serve(
+            request, node, compression, str(nar_size), nar_sha256, request[SUBJECT]
+        )
+
+    async def _uploaded_path(self, name: NarFileName) -> tuple[PathInfo, str] | None:
+        """The stored path a narinfo registered NAR file ``name`` for, and its compression."""
+        if self.nar_files is None:
+            return None
+        for record in await self.nar_files.get(name.file_hash):
+            if record.file != name:
+                continue
+            info = await self.path_infos.get(record.store_path.digest)
+            if info is not None and info.nar_sha256 == record.nar_sha256:
+                return info, record.compression
+        return None
 
     async def _serve_nar(
         self,
@@ -421,7 +447,7 @@ class NarBridge:
         file_size, file_hash = await body.finish()
         if file_hash != name.file_hash:
             raise BadRequest(f"the uploaded file's sha256 is {nixbase32.encode(file_hash)}")
-        self.uploads.add(UploadedNar(name, file_size, node, nar_size, nar_sha256))
+        self.uploads.add(UploadedNar(name, file_size, body.compression, node, nar_size, nar_sha256))
         log.info(
             "ingested %s (%s, %d bytes): NAR sha256:%s, %d bytes",
             name.path,
@@ -451,6 +477,8 @@ class NarBridge:
         if store_path.digest != digest:
             raise BadRequest(f"{hash_part}.narinfo describes {store_path}")
         info = await self._path_info_for(narinfo)
+        # The file first: a record whose path was never put serves nothing.
+        await self._record_file(narinfo, info)
         await self.path_infos.put(info)
         log.info("registered %s (NAR sha256:%s)", store_path, nixbase32.encode(info.nar_sha256))
         return web.Response(text=f"registered {store_path}\n")
@@ -476,6 +504,12 @@ class NarBridge:
             existing = await self.path_infos.get(store_path.digest)
             if existing is not None and existing.nar_sha256 == narinfo.nar_hash:
                 node, nar_size = existing.node, existing.nar_size
+            elif file_name is not None:
+                # A file registered before a restart (Nix's HEAD found it, so it
+                # uploaded no NAR), now named for another path with the same NAR.
+                found = await self._uploaded_path(file_name)
+                if found is not None and found[0].nar_sha256 == narinfo.nar_hash:
+                    node, nar_size = found[0].node, found[0].nar_size
         if node is None:
             raise Conflict(
                 f"no NAR with NarHash sha256:{nar_hash} was uploaded; "
@@ -486,6 +520,34 @@ class NarBridge:
                 f"NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar_size} bytes"
             )
         return PathInfo.from_narinfo(narinfo, node)
+
+    async def _record_file(self, narinfo: NarInfo, info: PathInfo) -> None:
+        """Keep the URL of the NAR file ``narinfo`` names, if it was uploaded here.
+
+        Nix caches the narinfo it uploaded and later asks for that URL.
+        """
+        name = _file_name_of(narinfo.url)
+        if self.nar_files is None or name is None:
+            return
+        uploaded = self.uploads.by_file(name.file_hash)
+        if uploaded is not None and uploaded.file == name:
+            known = uploaded.nar_sha256 == info.nar_sha256
+        else:
+            found = await self._uploaded_path(name)
+            known = found is not None and found[0].nar_sha256 == info.nar_sha256
+        if not known:
+            return
+        if narinfo.compression not in SERVABLE:
+            log.warning(
+                "%s: not serving %s: cannot compress with %s",
+                info.store_path,
+                name.path,
+                narinfo.compression,
+            )
+            return
+        await self.nar_files.add(
+            NarFileRecord(name, narinfo.compression, info.store_path, info.nar_sha256)
+        )
 
 
 def _file_name_of(url: str) -> NarFileName | None:

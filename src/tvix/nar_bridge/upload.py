@@ -4,7 +4,8 @@
 file, compressed or not) before the narinfo that describes it. The NAR is
 ingested into castore as it streams in; what a later narinfo needs (the root
 node, NAR size and sha256) is remembered in a bounded in-memory
-:class:`UploadIndex`.
+:class:`UploadIndex`. Once a narinfo names the file, the file's URL is kept
+across restarts by :class:`tvix.nar_bridge.nar_files.NarFiles`.
 
 The compression is recognised by the body's first bytes, not trusted from
 the file extension (Nix 2.8 names gzip-compressed NARs plain ``.nar``):
@@ -158,6 +159,8 @@ class UploadedNar:
 
     file: NarFileName
     file_size: int
+    #: What the file was compressed with, recognised from its first bytes.
+    compression: str
     node: Node
     nar_size: int
     nar_sha256: bytes
@@ -166,8 +169,9 @@ class UploadedNar:
 class UploadIndex:
     """The last ``capacity`` uploaded NARs, by file hash and by NAR sha256.
 
-    In memory only: after a restart Nix's ``HEAD /nar/…`` misses, and Nix
-    simply uploads the NAR again (its contents dedup in castore).
+    In memory, for the narinfo that follows a NAR: a NAR uploaded but never
+    named by a narinfo is forgotten at a restart (Nix's ``HEAD /nar/…`` then
+    misses, and Nix simply uploads it again; its contents dedup in castore).
     """
 
     def __init__(self, capacity: int = 1 << 16) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +73,17 @@ class CopyObserver(Protocol):
     def discovered(self, path: StorePath) -> None:
         """``path`` joined the closure."""
 
+    def closure_known(self) -> None:
+        """Every path of the closure is discovered: their number is the total."""
+
+    def moved(self, nbytes: int) -> None:
+        """``nbytes`` more of the paths' contents are stored, as they stream.
+
+        NAR bytes from a binary cache, file bytes otherwise. Called by
+        ``import_reference_graph``; :func:`copy_closure` leaves it to the
+        source (given it as its ``progress``).
+        """
+
     def done(self, info: PathInfo, copied: bool) -> None:
         """``path`` is in the destination: ``copied`` now, or found there."""
 
@@ -94,6 +105,8 @@ class PathSource(abc.ABC):
     :meth:`fetch` stores the path's content in the destination's blob and
     directory services (the source was built with them) and returns its
     PathInfo, checked as the source promises; it does not put the PathInfo.
+    A source given a ``progress`` callable calls it with the size of each
+    piece of content it stores, as it does.
     """
 
     #: Shown in messages.
@@ -125,6 +138,7 @@ class BinaryCacheSource(PathSource):
         trusted_keys: Iterable[VerifyingKey] = (),
         require_sigs: bool = True,
         policy: TrustPolicy | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         # Imported here: aiohttp is slow to import and only needed for caches.
         from tvix.store.binary_cache import BinaryCache
@@ -137,6 +151,7 @@ class BinaryCacheSource(PathSource):
             trusted_keys=list(trusted_keys),
             require_sigs=require_sigs,
             policy=policy,
+            nar_progress=progress,
         )
         self.description = f"binary cache {self._service.cache.url}"
 
@@ -177,8 +192,10 @@ class StoreSource(PathSource):
         require_sigs: bool = True,
         policy: TrustPolicy | None = None,
         description: str = "source store",
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self._blobs = blob_service
+        self._progress = progress
         self._dirs = directory_service
         self._infos = path_info_service
         self._dest_blobs = dest_blob_service
@@ -229,7 +246,7 @@ class StoreSource(PathSource):
         async def one(digest: B3Digest) -> None:
             if await self._dest_blobs.has(digest):
                 return
-            if not await copy_blob(self._blobs, self._dest_blobs, digest):
+            if not await copy_blob(self._blobs, self._dest_blobs, digest, self._progress):
                 raise StorageError(f"{self.description}: blob {digest.hex()} is missing")
 
         await bounded([functools.partial(one, d) for d in digests], BLOB_JOBS)
@@ -267,7 +284,11 @@ async def copy_closure(
     registered: dict[StorePath, asyncio.Future[None]] = {}
     loop = asyncio.get_running_loop()
 
+    # Paths discovered whose references are not yet: the closure is known at 0.
+    unexpanded = 0
+
     async def visit(path: StorePath, group: asyncio.TaskGroup) -> None:
+        nonlocal unexpanded
         async with semaphore:
             info = await dest.get(path.digest)
             copied = info is None
@@ -277,6 +298,9 @@ async def copy_closure(
                     raise NotFoundError(f"{path} is not in the {source.description}")
         for ref in info.references:
             schedule(ref, group)
+        unexpanded -= 1
+        if unexpanded == 0 and observer is not None:
+            observer.closure_known()
         if copied:
             # Dependencies first: wait until every reference is registered.
             await asyncio.gather(*(registered[r] for r in info.references if r != path))
@@ -289,9 +313,11 @@ async def copy_closure(
         registered[path].set_result(None)
 
     def schedule(path: StorePath, group: asyncio.TaskGroup) -> None:
+        nonlocal unexpanded
         if path in registered:
             return
         registered[path] = loop.create_future()
+        unexpanded += 1
         if observer is not None:
             observer.discovered(path)
         group.create_task(visit(path, group))

@@ -141,6 +141,16 @@ def _dependencies_first(entries: Sequence[GraphEntry]) -> list[GraphEntry]:
     return out
 
 
+class _Moved:
+    """An ingestion's progress, as bytes moved for a copy's observer."""
+
+    def __init__(self, observer: CopyObserver) -> None:
+        self._observer = observer
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self._observer.moved(nbytes)
+
+
 async def import_reference_graph(
     blob_service: BlobService,
     directory_service: DirectoryService,
@@ -163,6 +173,7 @@ async def import_reference_graph(
     """
     result = CopyResult()
     ordered = _dependencies_first(entries)
+    progress = _Moved(observer) if observer is not None else None
     root = os.fspath(store_root)
     semaphore = asyncio.Semaphore(jobs)
 
@@ -179,6 +190,7 @@ async def import_reference_graph(
                 fs_path,
                 name=entry.path.base_name.encode(),
                 observer=hasher,
+                progress=progress,
             )
             sha256 = hasher.digest()
             if (hasher.size, sha256) != (entry.nar_size, entry.nar_sha256):
@@ -206,6 +218,8 @@ async def import_reference_graph(
                 tasks[entry.path] = group.create_task(ingest(entry))
                 if observer is not None:
                     observer.discovered(entry.path)
+            if observer is not None:
+                observer.closure_known()
             # Registered in dependency order while later paths are still being ingested.
             for entry in ordered:
                 info, copied = await tasks[entry.path]

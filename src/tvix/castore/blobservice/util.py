@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tvix.castore.blobservice._readers import BLOCK, open_verified
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.digest import B3Digest
@@ -27,11 +29,17 @@ async def write_all(service: BlobService, data: bytes) -> B3Digest:
     return await writer.close()
 
 
-async def copy_blob(src: BlobService, dst: BlobService, digest: B3Digest) -> bool:
+async def copy_blob(
+    src: BlobService,
+    dst: BlobService,
+    digest: B3Digest,
+    progress: Callable[[int], None] | None = None,
+) -> bool:
     """Stream blob ``digest`` from ``src`` into ``dst``; ``False`` if ``src`` lacks it.
 
     Raises :class:`~tvix.castore.errors.IntegrityError` (and stores nothing)
-    if the bytes ``src`` returned do not hash to ``digest``.
+    if the bytes ``src`` returned do not hash to ``digest``. ``progress`` is
+    called with the size of each piece written, as it is.
     """
     reader = await open_verified(src, digest, source="source")
     if reader is None:
@@ -40,6 +48,8 @@ async def copy_blob(src: BlobService, dst: BlobService, digest: B3Digest) -> boo
     async with reader, dst.open_write() as writer:
         while chunk := await reader.read(COPY_BLOCK):
             await writer.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return True
 
 

@@ -77,7 +77,7 @@ URL-encoded: a ``+`` in a key must be written ``%2B``, a space ``%20`` or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Self
 
@@ -113,11 +113,26 @@ SCHEMES = ("nix+http", "nix+https", "nix+file")
 # -- the service -------------------------------------------------------------------------------
 
 
+def _counting(
+    read: Callable[[int], Awaitable[bytes]], progress: Callable[[int], None]
+) -> Callable[[int], Awaitable[bytes]]:
+    """``read``, telling ``progress`` the size of each piece it returns."""
+
+    async def counted(n: int) -> bytes:
+        data = await read(n)
+        progress(len(data))
+        return data
+
+    return counted
+
+
 class NixHTTPPathInfoService(PathInfoService):
     """PathInfos from a Nix binary cache, NARs ingested into castore (see the module docs).
 
     ``policy`` decides which narinfos are trusted; without one, it is
     ``TrustPolicy(trusted_keys, require_sigs=require_sigs, accept_ca=True)``.
+    ``nar_progress`` is called with the size of each piece of NAR
+    (decompressed) as it is ingested, e.g. for a progress display.
     """
 
     def __init__(
@@ -129,8 +144,10 @@ class NixHTTPPathInfoService(PathInfoService):
         trusted_keys: Mapping[str, VerifyingKey] | Iterable[VerifyingKey] = (),
         require_sigs: bool = True,
         policy: TrustPolicy | None = None,
+        nar_progress: Callable[[int], None] | None = None,
     ) -> None:
         self.cache = cache
+        self._nar_progress = nar_progress
         self._blobs = blob_service
         self._dirs = directory_service
         self.policy = (
@@ -170,11 +187,14 @@ class NixHTTPPathInfoService(PathInfoService):
             stream = DecompressingReader(self.cache.nar(narinfo), narinfo.compression)
         except CompressionError as e:
             raise StorageError(str(e)) from None
+        read: Callable[[int], Awaitable[bytes]] = stream.read
+        if self._nar_progress is not None:
+            read = _counting(read, self._nar_progress)
         try:
             node, _size, _sha256 = await ingest_nar_stream(
                 self._blobs,
                 self._dirs,
-                stream.read,
+                read,
                 path.base_name.encode(),
                 expected_sha256=narinfo.nar_hash,
                 expected_size=narinfo.nar_size,
