@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable, Sequence, Set
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,13 @@ from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
 
 from tvix.castore._executor import BatchingExecutor
 from tvix.castore.blobservice._readers import BytesBlobReader, ChunkedReader
-from tvix.castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from tvix.castore.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobSweep,
+    BlobWriter,
+    ChunkMeta,
+)
 from tvix.castore.blobservice.objectstore._codec import (
     Chunking,
     compressor,
@@ -27,10 +35,11 @@ from tvix.castore.blobservice.objectstore._config import (
     MIN_AVG_CHUNK_SIZE,
     first_line,
 )
+from tvix.castore.blobservice.objectstore._gc import Found, GCObjects, RemoteObjects
 from tvix.castore.blobservice.objectstore._local import LocalFiles
 from tvix.castore.blobservice.objectstore._writer import ObjectStoreBlobWriter
 from tvix.castore.digest import B3Digest
-from tvix.castore.errors import StorageError, ValidationError
+from tvix.castore.errors import IntegrityError, StorageError, ValidationError
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -52,7 +61,12 @@ class ObjectStoreBlobService(BlobService):
     ``open_read`` reads blobs and chunks alike; a reader fetches only the
     chunks its reads touch, keeps the current chunk and up to READ_AHEAD more in
     memory, and prefetches the next while reading front to back.
+
+    Garbage collection: see :mod:`._gc` (seen times, refreshes, quarantined
+    deletes).
     """
+
+    supports_gc = True
 
     def __init__(
         self,
@@ -78,6 +92,8 @@ class ObjectStoreBlobService(BlobService):
             )
         self._store = store
         self._local = LocalFiles(local_root) if local_root is not None else None
+        self._remote = RemoteObjects(store, prefix)
+        self._gc: GCObjects = self._local if self._local is not None else self._remote
         self._prefix = prefix
         self.zstd = zstd
         self.chunking = Chunking.around(avg_chunk_size)
@@ -120,18 +136,30 @@ class ObjectStoreBlobService(BlobService):
             if self._local is not None:
                 self._local.put(key, payload)
                 return
+            at = time.time()
             if self._create_mode:
                 try:
                     obstore.put(self._store, key, payload, mode="create", use_multipart=False)
                 except NotSupportedError:
                     self._create_mode = False
                 else:
+                    self._remote.remember(key, at)
                     return
             obstore.put(self._store, key, payload, use_multipart=False)
+            self._remote.remember(key, at)
         except AlreadyExistsError:
-            pass  # the same content, written earlier or concurrently
+            # The same content, written earlier or concurrently: refreshed, or
+            # stored again if a GC deleted it since.
+            self._refresh_or_put(key, payload)
         except (BaseError, OSError) as e:
             raise StorageError(f"object store: writing {key} failed: {first_line(e)}") from e
+
+    def _refresh_or_put(self, key: str, payload: bytes) -> None:
+        try:
+            if not self._remote.refresh_sync(key):
+                obstore.put(self._store, key, payload, use_multipart=False)
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: refreshing {key} failed: {first_line(e)}") from e
 
     def store_single(self, data: bytes) -> B3Digest:
         """Store ``data`` as a blob of one chunk; return its digest."""
@@ -152,6 +180,12 @@ class ObjectStoreBlobService(BlobService):
         raw = self._get_sync(self.blob_key(digest))
         return None if raw is None else decode_record(bytes(raw), digest)
 
+    async def _found(self, key: str) -> bool:
+        """Whether ``key`` is stored, refreshing it (see :mod:`._gc`)."""
+        if self._local is not None:
+            return self._local.refresh(key)
+        return await self._remote.found(key)
+
     async def _exists(self, key: str) -> bool:
         if self._local is not None:
             # A stat of a local file: cheaper than any handoff to a thread.
@@ -169,9 +203,7 @@ class ObjectStoreBlobService(BlobService):
 
     async def has(self, digest: B3Digest) -> bool:
         # Chunk first: most blobs are a single chunk.
-        return await self._exists(self.chunk_key(digest)) or await self._exists(
-            self.blob_key(digest)
-        )
+        return await self._found(self.chunk_key(digest)) or await self._found(self.blob_key(digest))
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         data = await self.executor.run(self._read_chunk_sync, digest, None)
@@ -219,6 +251,77 @@ class ObjectStoreBlobService(BlobService):
         if chunks is not None:
             return chunks
         return [] if await self._exists(self.chunk_key(digest)) else None
+
+    # -- garbage collection -------------------------------------------------------------------
+
+    async def sweep(self, live: Set[bytes], cutoff: float, *, dry_run: bool = False) -> BlobSweep:
+        """Blob records first, then chunks; each object re-checked and quarantined (``_gc``)."""
+        gc, run = self._gc, self.executor.run
+        result = BlobSweep()
+        try:
+            if not dry_run:
+                await run(gc.recover)
+            cutoff += await run(gc.server_offset)
+            records = await run(lambda: list(gc.scan("blobs")))
+            keep = [B3Digest(f.digest) for f in records if f.digest in live or f.seen >= cutoff]
+            doomed = [f for f in records if f.digest not in live and f.seen < cutoff]
+            for f, gone in zip(
+                doomed,
+                await self._delete_unseen(self.blob_key, doomed, cutoff, dry_run),
+                strict=True,
+            ):
+                if gone:
+                    result.blobs += 1
+                    result.bytes += f.size
+                else:
+                    keep.append(B3Digest(f.digest))
+            # Every record that stays keeps its chunks, whoever else refers to them.
+            needed = set(live)
+            for digest in keep:
+                try:
+                    chunks = await run(self._read_record_sync, digest)
+                except IntegrityError as e:
+                    raise IntegrityError(
+                        f"{e}; its chunks cannot be told apart from garbage: run "
+                        "`tvix-store verify --repair` first"
+                    ) from None
+                needed.update(bytes(c.digest) for c in chunks or ())
+            found = await run(lambda: list(gc.scan("chunks")))
+            doomed = [f for f in found if f.digest not in needed and f.seen < cutoff]
+            for f, gone in zip(
+                doomed,
+                await self._delete_unseen(self.chunk_key, doomed, cutoff, dry_run),
+                strict=True,
+            ):
+                if gone:
+                    result.chunks += 1
+                    result.bytes += f.size
+            if not dry_run:
+                await run(gc.finish, cutoff)
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: garbage collection failed: {first_line(e)}") from e
+        return result
+
+    async def _delete_unseen(
+        self, key: Callable[[bytes], str], doomed: list[Found], cutoff: float, dry_run: bool
+    ) -> list[bool]:
+        """Which of ``doomed`` were deleted (re-checked each); all of them, dry."""
+        if dry_run:
+            return [True] * len(doomed)
+        gc = self._gc
+
+        def delete(group: list[Found]) -> list[bool]:
+            return [gc.delete_unseen(key(f.digest), cutoff) for f in group]
+
+        # In runs of 64 on every I/O thread: a request each, on an object store.
+        groups = [doomed[i : i + 64] for i in range(0, len(doomed), 64)]
+        out: list[bool] = []
+        for start in range(0, len(groups), IO_THREADS):
+            done = await asyncio.gather(
+                *(self.executor.run(delete, g) for g in groups[start : start + IO_THREADS])
+            )
+            out += [gone for part in done for gone in part]
+        return out
 
     async def close(self) -> None:
         self.executor.shutdown()
