@@ -226,7 +226,8 @@ class RemoteObjects:
             self._delete(trash)
             return False
         self._delete(trash)
-        self._delete(marker)
+        if m is not None:
+            self._delete(marker)
         return True
 
     def recover(self) -> int:
