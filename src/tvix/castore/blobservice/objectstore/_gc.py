@@ -98,6 +98,7 @@ class GCObjects(Protocol):
     def delete_unseen(self, key: str, cutoff: float) -> bool: ...
     def recover(self) -> int: ...
     def finish(self, cutoff: float) -> int: ...
+    def remove(self, key: str) -> bool: ...
 
 
 def _timestamp(meta: obstore.ObjectMeta) -> float:
@@ -177,6 +178,9 @@ class RemoteObjects:
         """Delete ``key`` unconditionally (a damaged object); whether it was there."""
         found = self._head(key) is not None
         self._delete(key)
+        self._delete(self._marker(key))
+        with self._lock:
+            self._recent.pop(key, None)
         return found
 
     def scan(self, kind: str) -> Iterator[Found]:

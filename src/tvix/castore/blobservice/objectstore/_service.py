@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence, Set
 from functools import partial
@@ -172,9 +173,72 @@ class ObjectStoreBlobService(BlobService):
         return digest
 
     def _read_chunk_sync(self, digest: B3Digest, size: int | None) -> bytes | None:
-        """The verified bytes of chunk ``digest`` (of ``size`` if known), ``None`` if absent."""
+        """The verified bytes of chunk ``digest`` (of ``size`` if known), ``None`` if absent.
+
+        A chunk whose bytes do not match its digest is removed before the
+        error is raised, so the next writer of those bytes stores them again
+        (see :meth:`remove_damaged`).
+        """
         raw = self._get_sync(self.chunk_key(digest))
-        return None if raw is None else decode_chunk(raw, digest, size)
+        if raw is None:
+            return None
+        try:
+            return decode_chunk(raw, digest, size)
+        except IntegrityError:
+            with contextlib.suppress(StorageError):
+                self._remove_if_damaged(digest)
+            raise
+
+    def _damaged(self, raw: obstore.Bytes | bytes, digest: B3Digest) -> bool:
+        """Whether the chunk object ``raw`` fails to decode to bytes hashing to ``digest``."""
+        try:
+            decode_chunk(raw, digest, None)
+        except IntegrityError:
+            return True
+        return False
+
+    def _remove_if_damaged(self, digest: B3Digest) -> bool:
+        """Remove chunk ``digest`` if its object (read again) is damaged; whether it went.
+
+        Read again right before: a chunk stored whole meanwhile (after a GC
+        deleted the damaged one) is not removed.
+        """
+        key = self.chunk_key(digest)
+        raw = self._get_sync(key)
+        if raw is None or not self._damaged(raw, digest):
+            return False
+        try:
+            return self._gc.remove(key)
+        except (BaseError, OSError) as e:
+            raise StorageError(f"object store: removing {key} failed: {first_line(e)}") from e
+
+    def _remove_damaged_sync(self, digest: B3Digest) -> list[str]:
+        removed: list[str] = []
+        try:
+            listed = self._read_record_sync(digest)
+            record, record_bad = listed is not None, False
+        except IntegrityError:
+            listed, record, record_bad = None, True, True
+        wanted = listed if listed is not None else [] if record else [ChunkMeta(digest, -1)]
+        for c in wanted:
+            raw = self._get_sync(self.chunk_key(c.digest))
+            if raw is None:
+                record_bad = True
+            elif self._remove_if_damaged(c.digest):
+                removed.append(f"chunk {c.digest.hex()} (damaged)")
+                record_bad = True
+            elif c.size >= 0 and len(decode_chunk(raw, c.digest, None)) != c.size:
+                record_bad = True
+        if record and record_bad:
+            key = self.blob_key(digest)
+            try:
+                self._gc.remove(key)
+            except (BaseError, OSError) as e:
+                raise StorageError(f"object store: removing {key} failed: {first_line(e)}") from e
+            removed.append(
+                f"blob record {digest.hex()} (damaged, or lists chunks absent or damaged)"
+            )
+        return removed
 
     def _read_record_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         raw = self._get_sync(self.blob_key(digest))
@@ -301,6 +365,9 @@ class ObjectStoreBlobService(BlobService):
         except (BaseError, OSError) as e:
             raise StorageError(f"object store: garbage collection failed: {first_line(e)}") from e
         return result
+
+    async def remove_damaged(self, digest: B3Digest) -> list[str]:
+        return await self.executor.run(self._remove_damaged_sync, digest)
 
     async def _delete_unseen(
         self, key: Callable[[bytes], str], doomed: list[Found], cutoff: float, dry_run: bool
