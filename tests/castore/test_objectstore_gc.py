@@ -1,5 +1,6 @@
-"""Garbage collection of objectstore blobs, on files and on a real SeaweedFS: refreshes keep
-what a writer found present, deletes are re-checked and quarantined, records go first.
+"""Garbage collection and whole-store checks of objectstore blobs, on files and on a real
+SeaweedFS: refreshes keep what a writer found present, deletes are re-checked and
+quarantined, records go first; verify_storage finds (and removes) damage no path reaches.
 
 The conformance suite's ``test_sweep`` runs on every flavour too
 (test_blobservice_conformance.py).
@@ -215,3 +216,30 @@ async def test_writer_racing_sweeps_never_loses_a_blob(
     await asyncio.gather(writer(), sweeps())
     for digest, data in stored:
         assert await read_all(svc, digest) == data
+
+
+def _damage(svc: ObjectStoreBlobService, key: str) -> None:
+    """Flip a byte in the middle of the object ``key`` (a file, or an S3 object)."""
+    data = bytearray(obstore.get(svc._store, key).bytes())
+    data[len(data) // 2] ^= 1
+    obstore.put(svc._store, key, bytes(data))
+
+
+async def test_verify_storage_finds_and_removes_damage_no_path_reaches(
+    svc: ObjectStoreBlobService,
+) -> None:
+    """Garbage chunks are read too: a damaged one would fool the next writer's dedup."""
+    data = _blob(7)
+    digest = await write_all(svc, data)
+    chunks = await svc.chunks(digest)
+    assert chunks is not None
+    victim = chunks[1].digest
+    _damage(svc, svc.chunk_key(victim))
+    assert len(await svc.verify_storage()) == 1
+    problems = await svc.verify_storage(repair=True)
+    assert f"removed chunk {victim.hex()} (damaged)" in problems
+    assert any(p.startswith(f"removed blob record {digest.hex()}") for p in problems)
+    assert await svc.verify_storage() == []
+    assert not await svc.has(digest)
+    assert await write_all(svc, data) == digest
+    assert await read_all(svc, digest) == data

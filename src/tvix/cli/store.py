@@ -12,6 +12,7 @@ from typing import Any
 
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
+from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix.castore.blobservice.packs import PacksBlobService
 from tvix.castore.errors import IntegrityError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -230,8 +231,8 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                     print(f"removed {removed}", flush=True)
                 incomplete.append(info.store_path.absolute_path)
         line.clear()
-        if not args.paths and isinstance(s.blobs, PacksBlobService):
-            # The whole store: also every chunk, and that packs and index agree.
+        if not args.paths and isinstance(s.blobs, (PacksBlobService, ObjectStoreBlobService)):
+            # The whole store: also every chunk (and that packs and index agree).
             for message in await s.blobs.verify_storage(repair=args.repair):
                 problems += 1
                 print(f"blob store: {message}", flush=True)
@@ -402,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check that store paths are complete and intact",
         "Walk every store path (or the ones given) and check that every Directory and blob "
         "reachable from it is present and hashes to its digest, and that its NAR hash and "
-        "size match. Without STOREPATHs, a packed blob store (the default) is also checked "
-        "whole: every chunk read and verified, and its packs and index found to agree "
+        "size match. Without STOREPATHs, a packed (the default) or objectstore blob store is "
+        "also checked whole: every chunk read and verified (and packs and index found to agree) "
         "(problems printed as 'blob store: ...'). Each problem is printed with the path it "
         "affects; the exit code is 1 when any is found. With --repair, what is damaged is "
         "removed so that importing the source again, or copying the paths from another store, "

@@ -369,6 +369,63 @@ class ObjectStoreBlobService(BlobService):
     async def remove_damaged(self, digest: B3Digest) -> list[str]:
         return await self.executor.run(self._remove_damaged_sync, digest)
 
+    async def verify_storage(self, *, repair: bool = False) -> list[str]:
+        """Read and check every chunk and blob record; the problems (empty: all is well).
+
+        Found: chunks whose bytes do not match their digest, records that are
+        damaged or list a chunk not stored. ``repair``: those are removed too
+        (as :meth:`remove_damaged` does), so that writers store them again.
+        """
+        gc, run = self._gc, self.executor.run
+        problems: list[str] = []
+        chunks = await run(lambda: [B3Digest(f.digest) for f in gc.scan("chunks")])
+        groups = [chunks[i : i + 64] for i in range(0, len(chunks), 64)]
+        gone: set[bytes] = set()
+        for start in range(0, len(groups), IO_THREADS):
+            for found, removed in await asyncio.gather(
+                *(
+                    run(self._check_chunks_sync, g, repair)
+                    for g in groups[start : start + IO_THREADS]
+                )
+            ):
+                problems += found
+                gone.update(removed)
+        stored = {bytes(c) for c in chunks} - gone
+        for digest in await run(lambda: [B3Digest(f.digest) for f in gc.scan("blobs")]):
+            problems += await run(self._check_record_sync, digest, stored, repair)
+        return problems
+
+    def _check_chunks_sync(
+        self, digests: list[B3Digest], repair: bool
+    ) -> tuple[list[str], list[bytes]]:
+        problems: list[str] = []
+        removed: list[bytes] = []
+        for d in digests:
+            raw = self._get_sync(self.chunk_key(d))
+            if raw is None or not self._damaged(raw, d):
+                continue
+            problems.append(f"chunk {d.hex()}: its object does not hold bytes of that digest")
+            if repair and self._remove_if_damaged(d):
+                problems.append(f"removed chunk {d.hex()} (damaged)")
+                removed.append(bytes(d))
+        return problems, removed
+
+    def _check_record_sync(self, digest: B3Digest, stored: set[bytes], repair: bool) -> list[str]:
+        try:
+            listed = self._read_record_sync(digest)
+        except IntegrityError as e:
+            problem = str(e)
+        else:
+            if listed is None:
+                return []
+            missing = [c.digest for c in listed if bytes(c.digest) not in stored]
+            if not missing:
+                return []
+            problem = f"blob {digest.hex()}: chunk {missing[0].hex()} is not stored"
+        if not repair:
+            return [problem]
+        return [problem, *(f"removed {r}" for r in self._remove_damaged_sync(digest))]
+
     async def _delete_unseen(
         self, key: Callable[[bytes], str], doomed: list[Found], cutoff: float, dry_run: bool
     ) -> list[bool]:
