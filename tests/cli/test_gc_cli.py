@@ -164,28 +164,36 @@ def _start_gc(data_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.mark.slow
-def test_gc_killed_repeatedly_loses_nothing_and_converges(
-    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
-) -> None:
-    env = {"BLOB_SERVICE_ADDR": SMALL_PACKS.format(data_dir)}
-    trees, _ = _trees(tmp_path, 8)
+def _kill_gcs(
+    tvix_store: Run,
+    nix: Nix,
+    data_dir: Path,
+    env: dict[str, str],
+    trees: list[Path],
+    snapshot: Callable[[], object],
+    *,
+    kills: int,
+    seed: int,
+) -> dict[str, Path]:
+    """Import ``trees``, delete the first three, then SIGKILL GCs at random moments after
+    they took the lock (fresh garbage before each) until ``kills`` were killed: ``verify``
+    clean after each, the live paths rendering as Nix's NARs. The live paths."""
     paths = [_import(tvix_store, t, env) for t in trees]
     live = dict(zip(paths[3:], trees[3:], strict=True))
     churn = trees[:3]  # imported and deleted again before each GC: work to be killed in
     for p in paths[:3]:
         tvix_store("delete", p, env=env)
-    rng = random.Random(15)
+    rng = random.Random(seed)
     killed = 0
     mid_work = 0  # kills after the GC had changed something (not during start-up)
     delay = 0.3  # after the GC took its lock; adapted so most are killed mid-way
     attempts = 0
-    while killed < 10 and attempts < 40:
+    while killed < kills and attempts < 4 * kills:
         attempts += 1
         if attempts > 1:
             again = _import(tvix_store, churn[attempts % 3], env)
             tvix_store("delete", again, env=env)
-        before = _snapshot(data_dir)
+        before = snapshot()
         proc = _start_gc(data_dir, env)
         _wait_for_lock(data_dir / "gc.lock", proc)
         time.sleep(rng.uniform(0, delay))
@@ -193,7 +201,7 @@ def test_gc_killed_repeatedly_loses_nothing_and_converges(
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             killed += 1
-            mid_work += _snapshot(data_dir) != before
+            mid_work += snapshot() != before
             delay *= 1.1
         else:
             delay *= 0.7
@@ -203,8 +211,21 @@ def test_gc_killed_repeatedly_loses_nothing_and_converges(
         if attempts % 5 == 0:
             for p, tree in live.items():
                 assert tvix_store("dump-path", p, env=env).stdout == nix.dump(tree)
-    assert killed >= 10, f"only {killed} of the GCs were killed mid-way"
-    assert mid_work >= 3, f"only {mid_work} of {killed} kills came after the GC changed anything"
+    assert killed >= kills, f"only {killed} of the GCs were killed mid-way"
+    need = max(2, kills * 3 // 10)
+    assert mid_work >= need, f"only {mid_work} of {killed} kills came after the GC changed anything"
+    return live
+
+
+@pytest.mark.slow
+def test_gc_killed_repeatedly_loses_nothing_and_converges(
+    tvix_store: Run, nix: Nix, tmp_path: Path, data_dir: Path
+) -> None:
+    env = {"BLOB_SERVICE_ADDR": SMALL_PACKS.format(data_dir)}
+    trees, _ = _trees(tmp_path, 8)
+    live = _kill_gcs(
+        tvix_store, nix, data_dir, env, trees, lambda: _snapshot(data_dir), kills=10, seed=15
+    )
 
     # The next GC finishes the job: as small as a store that only ever held the rest.
     tvix_store("gc", "--grace", "0", "--threshold", "1", env=env)
@@ -394,36 +415,16 @@ def test_gc_on_objectstore_killed_loses_nothing(
     blobs = f"objectstore+file://{objects}?avg_chunk_size=16384"  # many objects to delete
     env = {"BLOB_SERVICE_ADDR": blobs}
     trees, _ = _trees(tmp_path, 6)
-    paths = [_import(tvix_store, t, env) for t in trees]
-    live = dict(zip(paths[3:], trees[3:], strict=True))
-    churn = trees[:3]
-    for p in paths[:3]:
-        tvix_store("delete", p, env=env)
-    rng = random.Random(19)
-    killed = mid_work = attempts = 0
-    delay = 0.3
-    while killed < 5 and attempts < 25:
-        attempts += 1
-        if attempts > 1:
-            tvix_store("delete", _import(tvix_store, churn[attempts % 3], env), env=env)
-        before = _objects_snapshot(objects, data_dir)
-        proc = _start_gc(data_dir, env)
-        _wait_for_lock(data_dir / "gc.lock", proc)
-        time.sleep(rng.uniform(0, delay))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed += 1
-            mid_work += _objects_snapshot(objects, data_dir) != before
-            delay *= 1.1
-        else:
-            delay *= 0.7
-        proc.wait()
-        assert "all intact" in tvix_store("verify", env=env).stderr.decode()
-        for p, tree in live.items():
-            assert tvix_store("dump-path", p, env=env).stdout == nix.dump(tree)
-    assert killed >= 5, f"only {killed} of the GCs were killed mid-way"
-    assert mid_work >= 2, f"only {mid_work} of {killed} kills came after the GC changed anything"
+    live = _kill_gcs(
+        tvix_store,
+        nix,
+        data_dir,
+        env,
+        trees,
+        lambda: _objects_snapshot(objects, data_dir),
+        kills=5,
+        seed=19,
+    )
 
     tvix_store("gc", "--grace", "0", env=env)
     for p, tree in live.items():

@@ -329,16 +329,10 @@ class ObjectStoreBlobService(BlobService):
             records = await run(lambda: list(gc.scan("blobs")))
             keep = [B3Digest(f.digest) for f in records if f.digest in live or f.seen >= cutoff]
             doomed = [f for f in records if f.digest not in live and f.seen < cutoff]
-            for f, gone in zip(
-                doomed,
-                await self._delete_unseen(self.blob_key, doomed, cutoff, dry_run),
-                strict=True,
-            ):
-                if gone:
-                    result.blobs += 1
-                    result.bytes += f.size
-                else:
-                    keep.append(B3Digest(f.digest))
+            result.blobs, result.bytes, stayed = await self._delete_unseen(
+                self.blob_key, doomed, cutoff, dry_run
+            )
+            keep += [B3Digest(f.digest) for f in stayed]
             # Every record that stays keeps its chunks, whoever else refers to them.
             needed = set(live)
             for digest in keep:
@@ -352,14 +346,10 @@ class ObjectStoreBlobService(BlobService):
                 needed.update(bytes(c.digest) for c in chunks or ())
             found = await run(lambda: list(gc.scan("chunks")))
             doomed = [f for f in found if f.digest not in needed and f.seen < cutoff]
-            for f, gone in zip(
-                doomed,
-                await self._delete_unseen(self.chunk_key, doomed, cutoff, dry_run),
-                strict=True,
-            ):
-                if gone:
-                    result.chunks += 1
-                    result.bytes += f.size
+            result.chunks, nbytes, _ = await self._delete_unseen(
+                self.chunk_key, doomed, cutoff, dry_run
+            )
+            result.bytes += nbytes
             if not dry_run:
                 await run(gc.finish, cutoff)
         except (BaseError, OSError) as e:
@@ -427,6 +417,18 @@ class ObjectStoreBlobService(BlobService):
         return [problem, *(f"removed {r}" for r in self._remove_damaged_sync(digest))]
 
     async def _delete_unseen(
+        self, key: Callable[[bytes], str], doomed: list[Found], cutoff: float, dry_run: bool
+    ) -> tuple[int, int, list[Found]]:
+        """Delete ``doomed``, each re-checked (none, dry).
+
+        Returns how many went, their bytes, and those that stayed (refreshed meanwhile).
+        """
+        gone = await self._deleted(key, doomed, cutoff, dry_run)
+        deleted = [f for f, g in zip(doomed, gone, strict=True) if g]
+        stayed = [f for f, g in zip(doomed, gone, strict=True) if not g]
+        return len(deleted), sum(f.size for f in deleted), stayed
+
+    async def _deleted(
         self, key: Callable[[bytes], str], doomed: list[Found], cutoff: float, dry_run: bool
     ) -> list[bool]:
         """Which of ``doomed`` were deleted (re-checked each); all of them, dry."""
