@@ -1,4 +1,9 @@
-"""Check that the contents of store paths are complete and intact."""
+"""Check that the contents of store paths are complete and intact, and repair what is not.
+
+:func:`verify_path_info` reports each problem with the path it affects and
+the objects at fault; :func:`repair` removes those (``tvix-store verify
+--repair``) so that a re-import or a copy from another store restores them.
+"""
 
 from __future__ import annotations
 
