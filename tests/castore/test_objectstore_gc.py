@@ -243,3 +243,26 @@ async def test_verify_storage_finds_and_removes_damage_no_path_reaches(
     assert not await svc.has(digest)
     assert await write_all(svc, data) == digest
     assert await read_all(svc, digest) == data
+
+
+async def test_a_plain_put_racing_the_delete_is_kept(
+    svc: ObjectStoreBlobService, no_slack: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a server without put-if-absent a writer overwrites: the marker it adds after
+    the PUT is what the sweep's second look sees."""
+    if isinstance(svc._gc, LocalFiles):
+        pytest.skip("files are linked into place, never overwritten")
+    a_bytes = _blob(9)
+    a = await write_all(svc, a_bytes)
+    cutoff = await _cutoff_after_writes()
+    svc._create_mode = False
+
+    def rewrite(key: str) -> None:
+        svc.put_sync(key, bytes(obstore.get(svc._store, key).bytes()))
+
+    hit = _interrupt_quarantine(svc, monkeypatch, rewrite)
+    swept = await svc.sweep(set(), cutoff)
+    monkeypatch.undo()
+    assert hit
+    assert (swept.blobs, swept.chunks) == (0, 0)
+    assert await read_all(svc, a) == a_bytes

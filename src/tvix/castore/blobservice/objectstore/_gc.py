@@ -163,9 +163,12 @@ class RemoteObjects:
         self.remember(key, at)
         return True
 
-    def refresh_sync(self, key: str) -> bool:
-        """Like :meth:`found`, blocking, for a writer that found ``key`` already stored."""
-        if self._fresh(key, None):
+    def refresh_sync(self, key: str, *, force: bool = False) -> bool:
+        """Like :meth:`found`, blocking, for a writer that found ``key`` already stored.
+
+        ``force``: even if this process refreshed it recently (after a plain PUT).
+        """
+        if not force and self._fresh(key, None):
             return True
         at = time.time()
         obstore.put(self._store, self._marker(key), b"")

@@ -137,8 +137,8 @@ class ObjectStoreBlobService(BlobService):
             if self._local is not None:
                 self._local.put(key, payload)
                 return
-            at = time.time()
             if self._create_mode:
+                at = time.time()
                 try:
                     obstore.put(self._store, key, payload, mode="create", use_multipart=False)
                 except NotSupportedError:
@@ -147,7 +147,10 @@ class ObjectStoreBlobService(BlobService):
                     self._remote.remember(key, at)
                     return
             obstore.put(self._store, key, payload, use_multipart=False)
-            self._remote.remember(key, at)
+            # A sweep that checked this object just before the PUT does not see it
+            # (its re-check reads the marker): marked, then confirmed, like a refresh.
+            if not self._remote.refresh_sync(key, force=True):
+                obstore.put(self._store, key, payload, use_multipart=False)
         except AlreadyExistsError:
             # The same content, written earlier or concurrently: refreshed, or
             # stored again if a GC deleted it since.
