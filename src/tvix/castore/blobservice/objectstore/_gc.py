@@ -1,4 +1,8 @@
-"""Garbage collection of the object layout: seen times, refreshes and the sweep.
+"""Garbage collection of the object layout: seen times, refreshes, quarantined deletes.
+
+The sweep itself (which objects, in which order) is
+:meth:`~._service.ObjectStoreBlobService.sweep`; this module and
+:class:`~._local.LocalFiles` provide what it needs of object stores and of files.
 
 Every object's *seen* time is when it was last written or refreshed:
 
