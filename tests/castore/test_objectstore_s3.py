@@ -12,7 +12,7 @@ from tests.support.servers import SeaweedFS
 from tvix.castore import blobservice
 from tvix.castore.blobservice import read_all, write_all
 from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix.castore.errors import StorageError
+from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST
 
 pytestmark = pytest.mark.e2e
@@ -69,5 +69,31 @@ async def test_wrong_credentials_are_a_storage_error(
             await svc.has(BLOB_A_DIGEST)
         with pytest.raises(StorageError):
             await write_all(svc, BLOB_A)
+    finally:
+        await svc.close()
+
+
+async def test_a_damaged_chunk_is_removed_and_stored_again(weed: SeaweedFS, s3_url: str) -> None:
+    svc = blobservice.from_url(s3_url + "&avg_chunk_size=65536")
+    assert isinstance(svc, ObjectStoreBlobService)
+    try:
+        digest = await write_all(svc, BLOB_B)
+        chunks = await svc.chunks(digest)
+        assert chunks is not None
+        victim = chunks[1].digest
+        key = svc.chunk_key(victim)
+        store = _raw_store(weed)
+        data = bytearray(obstore.get(store, key).bytes())
+        data[len(data) // 2] ^= 1
+        obstore.put(store, key, bytes(data))
+        with pytest.raises(IntegrityError):
+            await read_all(svc, digest)
+        assert not await svc.has(victim)  # removed by the read that found it
+        assert await svc.remove_damaged(digest) == [
+            f"blob record {digest.hex()} (damaged, or lists chunks absent or damaged)"
+        ]
+        assert not await svc.has(digest)
+        assert await write_all(svc, BLOB_B) == digest
+        assert await read_all(svc, digest) == BLOB_B
     finally:
         await svc.close()

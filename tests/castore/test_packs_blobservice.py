@@ -212,14 +212,48 @@ async def test_damaged_payload_detected(tmp_path: Path) -> None:
         f.write(b"XYZ")
     svc = _open(tmp_path)
     try:
-        with pytest.raises(IntegrityError, match="hash"):
-            await read_all(svc, b3(victim))
-        with pytest.raises(IntegrityError):
-            await svc.read_many([b3(victim)])
         problems = await svc.verify_storage()
         assert len(problems) == 1
         assert b3(victim).hex() in problems[0]
+        with pytest.raises(IntegrityError, match="hash"):
+            await read_all(svc, b3(victim))
+        # The read dropped the damaged chunk's row: absent now, and stored again by a writer.
+        assert await svc.read_many([b3(victim)]) == [None]
+        assert not await svc.has(b3(victim))
+        assert await svc.verify_storage() == []
         assert await read_all(svc, BLOB_B_DIGEST) == BLOB_B
+        await write_all(svc, victim)
+        assert await read_all(svc, b3(victim)) == victim
+    finally:
+        await svc.close()
+
+
+async def test_verify_storage_repair_drops_damaged_chunks_and_their_records(
+    tmp_path: Path,
+) -> None:
+    svc = _open(tmp_path, "?zstd=false&avg_chunk_size=16384")
+    big = big_blob(200_000, seed=5)
+    digest = await write_all(svc, big)
+    chunks = await svc.chunks(digest)
+    assert chunks is not None
+    assert len(chunks) > 2
+    loc = (await svc.index.locate([chunks[1].digest]))[chunks[1].digest]
+    await svc.close()
+    (pack,) = _packs(tmp_path)
+    with pack.open("r+b") as f:
+        f.seek(loc.offset + 100)
+        f.write(b"XYZ")
+    svc = _open(tmp_path)
+    try:
+        problems = await svc.verify_storage(repair=True)
+        assert f"removed chunk {chunks[1].digest.hex()} (damaged)" in problems
+        assert f"removed blob record {digest.hex()}" in problems
+        assert not await svc.has(digest)
+        assert not await svc.has(chunks[1].digest)
+        assert await svc.has(chunks[0].digest)  # intact chunks stay
+        assert await svc.verify_storage() == []
+        assert await write_all(svc, big) == digest
+        assert await read_all(svc, digest) == big
     finally:
         await svc.close()
 

@@ -16,6 +16,7 @@ from tests.support.servers import PostgreSQL, SeaweedFS
 from tvix.castore import blobservice
 from tvix.castore.blobservice import BlobService, read_all, write_all
 from tvix.castore.blobservice.packs import PacksBlobService
+from tvix.castore.errors import IntegrityError
 from tvix.castore.testing import BlobServiceTests
 from tvix.castore.testing.fixtures import BLOB_A, BLOB_A_DIGEST, BLOB_B, BLOB_B_DIGEST, b3, big_blob
 
@@ -108,5 +109,41 @@ async def test_missing_pack_object_detected(weed: SeaweedFS, packs_url: str) -> 
 
         with pytest.raises(StorageError, match="missing"):
             await read_all(svc, BLOB_A_DIGEST)
+    finally:
+        await svc.close()
+
+
+async def test_a_damaged_chunk_is_dropped_and_stored_again(weed: SeaweedFS, packs_url: str) -> None:
+    """A read that finds a chunk damaged drops its row from the PostgreSQL index;
+    remove_damaged drops a record listing it; a writer then stores both again."""
+    prefix = packs_url.split("/", 3)[3].split("?")[0]
+    svc = blobservice.from_url(packs_url + "&zstd=false&avg_chunk_size=16384")
+    assert isinstance(svc, PacksBlobService)
+    try:
+        big = big_blob(200_000, seed=8)
+        digest = await write_all(svc, big)
+        chunks = await svc.chunks(digest)
+        assert chunks is not None
+        victim = chunks[2].digest
+        loc = (await svc.index.locate([victim]))[victim]
+        store = S3Store(
+            weed.bucket,
+            config={"endpoint": weed.endpoint, "region": "us-east-1"},
+            client_options={"allow_http": True},
+        )
+        (key,) = [k for k in _keys(weed, prefix) if loc.pack in k]
+        data = bytearray(obstore.get(store, key).bytes())
+        data[loc.offset + 50] ^= 1
+        obstore.put(store, key, bytes(data))
+        with pytest.raises(IntegrityError):
+            await read_all(svc, digest)
+        assert not await svc.has(victim)
+        assert await svc.has(chunks[0].digest)
+        removed = await svc.remove_damaged(digest)
+        assert removed == [f"blob record {digest.hex()} (lists chunks absent or damaged)"]
+        assert not await svc.has(digest)
+        assert await write_all(svc, big) == digest
+        assert await read_all(svc, digest) == big
+        assert await svc.verify_storage() == []
     finally:
         await svc.close()

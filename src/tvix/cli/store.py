@@ -12,6 +12,7 @@ from typing import Any
 
 from tvix import __version__
 from tvix.castore.blobservice import BlobService
+from tvix.castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix.castore.blobservice.packs import PacksBlobService
 from tvix.castore.errors import IntegrityError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -40,7 +41,7 @@ from tvix.store.nar import render_nar
 from tvix.store.nar.render import file_nar_framing, verify_nar
 from tvix.store.pathinfo import PathInfo
 from tvix.store.resolve import resolve
-from tvix.store.verify import verify_path_info
+from tvix.store.verify import repair, verify_path_info
 
 PROG = "tvix-store"
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
@@ -206,21 +207,44 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                 )
             )
 
+        incomplete: list[str] = []
+        if args.repair:
+            for what, svc in (("blob", s.blobs), ("directory", s.directories)):
+                if not svc.supports_gc:
+                    raise CLIError(
+                        f"cannot repair here: the {what} service ({type(svc).__name__}) "
+                        "cannot delete"
+                    )
         async for info in infos:
             checked += 1
             show()
+            found = []
             async for problem in verify_path_info(
                 s.blobs, s.directories, info, checked_blobs=seen, progress=read
             ):
                 problems += 1
+                found.append(problem)
                 line.clear()
                 print(problem, flush=True)
+            if found and args.repair:
+                for removed in await repair(s.blobs, s.directories, found):
+                    print(f"removed {removed}", flush=True)
+                incomplete.append(info.store_path.absolute_path)
         line.clear()
-        if not args.paths and isinstance(s.blobs, PacksBlobService):
-            # The whole store: also every chunk, and that packs and index agree.
-            for message in await s.blobs.verify_storage():
+        if not args.paths and isinstance(s.blobs, (PacksBlobService, ObjectStoreBlobService)):
+            # The whole store: also every chunk (and that packs and index agree).
+            for message in await s.blobs.verify_storage(repair=args.repair):
                 problems += 1
                 print(f"blob store: {message}", flush=True)
+        for path in incomplete:
+            print(f"incomplete: {path}", flush=True)
+        if incomplete:
+            print(
+                f"{PROG}: {len(incomplete)} store paths are incomplete: import their source "
+                "again (tvix-store import), or copy them from a store that has them "
+                "(tvix-store copy --from SOURCE STOREPATH)",
+                file=sys.stderr,
+            )
         # What the blob store removed on opening (staging files of dead writers).
         swept: list[str] = getattr(s.blobs, "staging_swept", [])
         for path in swept:
@@ -379,12 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
         "check that store paths are complete and intact",
         "Walk every store path (or the ones given) and check that every Directory and blob "
         "reachable from it is present and hashes to its digest, and that its NAR hash and "
-        "size match. Without STOREPATHs, a packed blob store (the default) is also checked "
-        "whole: every chunk read and verified, and its packs and index found to agree "
+        "size match. Without STOREPATHs, a packed (the default) or objectstore blob store is "
+        "also checked whole: every chunk read and verified (and packs and index found to agree) "
         "(problems printed as 'blob store: ...'). Each problem is printed with the path it "
-        "affects; the exit code is 1 when any is found.",
+        "affects; the exit code is 1 when any is found. With --repair, what is damaged is "
+        "removed so that importing the source again, or copying the paths from another store, "
+        "restores them.",
     )
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove damaged chunks, blob records and Directories (and those above them) and "
+        "list the store paths left incomplete, to restore by import or copy --from",
+    )
 
     add_gc_commands(command)
     add_mount_command(sub)

@@ -119,6 +119,23 @@ class PathSource(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the source holds (not the destination's services)."""
 
+    async def root_stored(self, info: PathInfo) -> bool:
+        """Whether the destination holds the root of ``info``'s content.
+
+        A path whose PathInfo the destination has but whose root it lacks was
+        left incomplete (``tvix-store verify --repair`` removes the root of a
+        damaged tree): it is fetched again.
+        """
+        return True
+
+
+async def _root_stored(blobs: BlobService, directories: DirectoryService, node: Node) -> bool:
+    if isinstance(node, FileNode):
+        return await blobs.has(node.digest)
+    if isinstance(node, DirectoryNode):
+        return await directories.get(node.digest) is not None
+    return True
+
 
 class BinaryCacheSource(PathSource):
     """A Nix binary cache (``http(s)://`` or ``file://``).
@@ -144,6 +161,7 @@ class BinaryCacheSource(PathSource):
         from tvix.store.binary_cache import BinaryCache
         from tvix.store.pathinfoservice.nix_http import NixHTTPPathInfoService
 
+        self._dest = (blob_service, directory_service)
         self._service = NixHTTPPathInfoService(
             BinaryCache(url),
             blob_service,
@@ -158,6 +176,10 @@ class BinaryCacheSource(PathSource):
     @override
     async def fetch(self, path: StorePath) -> PathInfo | None:
         return await self._service.get(path.digest)
+
+    @override
+    async def root_stored(self, info: PathInfo) -> bool:
+        return await _root_stored(*self._dest, info.node)
 
     @override
     async def close(self) -> None:
@@ -204,6 +226,10 @@ class StoreSource(PathSource):
             trusted_keys, require_sigs=require_sigs, accept_ca=require_sigs, verify_nar=require_sigs
         )
         self.description = description
+
+    @override
+    async def root_stored(self, info: PathInfo) -> bool:
+        return await _root_stored(self._dest_blobs, self._dest_dirs, info.node)
 
     @override
     async def fetch(self, path: StorePath) -> PathInfo | None:
@@ -291,6 +317,8 @@ async def copy_closure(
         nonlocal unexpanded
         async with semaphore:
             info = await dest.get(path.digest)
+            if info is not None and not await source.root_stored(info):
+                info = None  # left incomplete by a repair: fetched again
             copied = info is None
             if info is None:
                 info = await source.fetch(path)

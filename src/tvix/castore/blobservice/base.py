@@ -190,5 +190,18 @@ class BlobService(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete blobs")
 
+    async def remove_damaged(self, digest: B3Digest) -> list[str]:
+        """Remove what is damaged of blob ``digest``; one line per object removed.
+
+        Each of its chunks whose stored bytes do not match their digest, and
+        its record if that is unreadable or lists a chunk absent or removed,
+        go at once, whoever refers to them; intact chunks stay. Afterwards
+        :meth:`has` answers ``False`` for what went, so the next writer of
+        those bytes stores them again. Backends with :attr:`supports_gc` also
+        do this by themselves for a chunk a read finds damaged. Raises
+        :class:`NotImplementedError` without :attr:`supports_gc`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete blobs")
+
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and handles; the service is unusable afterwards."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Set
+from collections.abc import AsyncIterator, Sequence, Set
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar, Self
@@ -131,6 +131,16 @@ class DirectoryService(abc.ABC):
         that puts wait for. ``dry_run``: nothing changes; the result says
         what would. Raises :class:`NotImplementedError` without
         :attr:`supports_gc`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot delete Directories")
+
+    async def remove(self, digests: Sequence[B3Digest]) -> int:
+        """Delete the Directories ``digests`` now, whatever refers to them; how many were stored.
+
+        For repairs: a Directory that is damaged or names a child no longer
+        stored is removed (with the Directories above it) so that the next
+        put of its closure stores it whole again. Raises
+        :class:`NotImplementedError` without :attr:`supports_gc`.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot delete Directories")
 

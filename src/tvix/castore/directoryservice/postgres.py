@@ -227,6 +227,15 @@ class PostgresDirectoryService(DirectoryService):
         return result
 
     @override
+    async def remove(self, digests: Sequence[B3Digest]) -> int:
+        async with self._db.connection() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "DELETE FROM directories WHERE digest = ANY($1::bytea[]) RETURNING digest",
+                list(digests),
+            )
+        return len(rows)
+
+    @override
     async def close(self) -> None:
         await self._db.close()
 

@@ -195,6 +195,16 @@ class SQLiteDirectoryService(DirectoryService):
         return await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, sweep))
 
     @override
+    async def remove(self, digests: Sequence[B3Digest]) -> int:
+        def remove(conn: sqlite3.Connection) -> int:
+            return sum(
+                conn.execute("DELETE FROM directories WHERE digest = ?", (d,)).rowcount
+                for d in digests
+            )
+
+        return await self._db.run(lambda conn: SQLiteDatabase.transaction(conn, remove))
+
+    @override
     async def close(self) -> None:
         await self._db.close()
 

@@ -19,6 +19,11 @@ and the other way round:
     protobuf listing its chunks (digest and size each), in order, which is
     also what the gRPC ``Stat`` call answers.
 
+``gc/seen/<key>``, ``gc/trash/<key>``, ``gc/clock``
+    Garbage collection's markers of refreshes (object stores only), its
+    quarantine, and its probe of the server's clock (see ``_gc``); upstream
+    ignores them.
+
 A blob of one chunk (anything below the minimum chunk size, which is most
 files) is stored as that chunk alone: its digest is the chunk's digest, so it
 costs one object and one request to read. :meth:`~ObjectStoreBlobService.chunks`

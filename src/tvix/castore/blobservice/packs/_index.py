@@ -192,6 +192,17 @@ class PackIndex(abc.ABC):
         """Drop the row of ``pack`` if no chunk is in it; whether it is gone."""
         raise NotImplementedError
 
+    async def drop(
+        self, chunks: Sequence[tuple[bytes, Location]], records: Sequence[bytes] = ()
+    ) -> int:
+        """Remove damaged entries, atomically; how many rows went.
+
+        The row of each of ``chunks`` only if it still places the chunk at that
+        location (a copy written or moved since is kept), and the blob records
+        ``records``. A writer then finds them absent and stores them again.
+        """
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
@@ -445,6 +456,45 @@ class SQLiteIndex(PackIndex):
                 conn.execute("UPDATE chunks SET seen = ? WHERE digest = ?", (t, e.digest))
         if live:
             conn.execute("UPDATE packs SET live = live + ? WHERE id = ?", (live, pack_id))
+
+    def drop_sync(
+        self, chunks: Sequence[tuple[bytes, Location]], records: Sequence[bytes] = ()
+    ) -> int:
+        """:meth:`drop`, blocking."""
+        conn = self._writable()
+        dropped = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for digest, loc in chunks:
+                    cur = conn.execute(
+                        "DELETE FROM chunks WHERE digest = ? AND offset = ? AND pack = "
+                        "(SELECT id FROM packs WHERE name = ?)",
+                        (digest, loc.offset, loc.pack),
+                    )
+                    if cur.rowcount:
+                        dropped += 1
+                        conn.execute(
+                            "UPDATE packs SET live = live - ? WHERE name = ?",
+                            (HEADER_SIZE + loc.length, loc.pack),
+                        )
+                for digest in records:
+                    dropped += conn.execute(
+                        "DELETE FROM blobs WHERE digest = ?", (digest,)
+                    ).rowcount
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
+        return dropped
+
+    @override
+    async def drop(
+        self, chunks: Sequence[tuple[bytes, Location]], records: Sequence[bytes] = ()
+    ) -> int:
+        return self.drop_sync(chunks, records)
 
     def pack_size_sync(self, pack: str) -> int | None:
         """The committed size of ``pack`` (``None``: not indexed), read fresh."""

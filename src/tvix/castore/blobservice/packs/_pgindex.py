@@ -311,6 +311,34 @@ class PostgresIndex(PackIndex):
         async with self._db.connection() as conn, conn.transaction():
             return await self._forget_if_empty(conn, pack)
 
+    @override
+    async def drop(
+        self, chunks: Sequence[tuple[bytes, Location]], records: Sequence[bytes] = ()
+    ) -> int:
+        dropped = 0
+        async with self._db.connection() as conn, conn.transaction():
+            for digest, loc in chunks:
+                pack_id = await conn.fetchval(
+                    'DELETE FROM chunks WHERE digest = $1 AND "offset" = $2 AND pack = '
+                    "(SELECT id FROM packs WHERE name = $3) RETURNING pack",
+                    digest,
+                    loc.offset,
+                    loc.pack,
+                )
+                if pack_id is not None:
+                    dropped += 1
+                    await conn.execute(
+                        "UPDATE packs SET live = live - $1 WHERE id = $2",
+                        HEADER_SIZE + loc.length,
+                        pack_id,
+                    )
+            if records:
+                rows = await conn.fetch(
+                    "DELETE FROM blobs WHERE digest = ANY($1) RETURNING digest", list(records)
+                )
+                dropped += len(rows)
+        return dropped
+
     async def close(self) -> None:
         await self._db.close()
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import io
 import threading
 import time
@@ -467,11 +468,13 @@ class PacksBlobService(BlobService):
         """
         try:
             return self._read_sync_once(wanted, after)
-        except (StorageError, IntegrityError):
+        except (StorageError, IntegrityError) as e:
             if not isinstance(self.index, SQLiteIndex):
                 raise
             fresh = self.index.locate_sync([d for d, _loc in wanted])
             if all(fresh.get(d) == loc for d, loc in wanted):
+                if isinstance(e, IntegrityError):
+                    self._drop_damaged_sync(wanted)
                 raise
             moved = [(d, fresh.get(d, loc)) for d, loc in wanted]
             return self._read_sync_once(moved, after)
@@ -499,12 +502,14 @@ class PacksBlobService(BlobService):
     ) -> list[Chunk]:
         try:
             return await self._read_once(wanted, after)
-        except (StorageError, IntegrityError):
+        except (StorageError, IntegrityError) as e:
             if isinstance(self.index, SQLiteIndex) or not self.index.supports_gc:
                 raise  # the SQLite index is asked again in _read_sync already
             # Compaction may have moved the chunks (their pack object deleted).
             fresh = await self.index.locate(list({d for d, _loc in wanted}))
             if all(fresh.get(d) == loc for d, loc in wanted):
+                if isinstance(e, IntegrityError):
+                    await self._drop_damaged(wanted)
                 raise
             return await self._read_once([(d, fresh.get(d, loc)) for d, loc in wanted], after)
 
@@ -634,6 +639,76 @@ class PacksBlobService(BlobService):
         self._check_gc()
         r = await self.index.sweep(set(live), cutoff, dry_run=dry_run)
         return BlobSweep(r.records, r.chunks, r.bytes)
+
+    # -- repair -------------------------------------------------------------------------------
+    #
+    # Deduplication trusts the index: a writer whose chunk is indexed does not
+    # read the stored copy (that would read every chunk of every import again).
+    # So a chunk found damaged is dropped from the index at once: by any read
+    # that fails to verify it (_read_sync, _read) and by remove_damaged (verify
+    # --repair). The next writer of those bytes then stores them again.
+
+    def _damaged_sync(
+        self, wanted: Sequence[tuple[bytes, Location]]
+    ) -> list[tuple[bytes, Location]]:
+        """Those of ``wanted`` whose stored bytes do not verify (read one by one)."""
+        bad = []
+        for d, loc in dict.fromkeys(wanted):
+            try:
+                self._read_sync_once([(d, loc)])
+            except IntegrityError:
+                bad.append((d, loc))
+        return bad
+
+    def _drop_damaged_sync(self, wanted: Sequence[tuple[bytes, Location]]) -> None:
+        """Drop the index rows of the damaged ones among ``wanted`` (SQLite index).
+
+        Best effort: the read fails with its own error whatever happens here.
+        """
+        assert isinstance(self.index, SQLiteIndex)
+        bad = self._damaged_sync(wanted)
+        if bad:
+            with contextlib.suppress(StorageError):
+                self.index.drop_sync(bad)
+
+    async def _drop_damaged(self, wanted: Sequence[tuple[bytes, Location]]) -> None:
+        """:meth:`_drop_damaged_sync` for a remote index."""
+        loop = asyncio.get_running_loop()
+        bad = await loop.run_in_executor(self._io, self._damaged_sync, wanted)
+        if bad:
+            with contextlib.suppress(StorageError):
+                await self.index.drop(bad)
+
+    @override
+    async def remove_damaged(self, digest: B3Digest) -> list[str]:
+        self._check_gc()
+        removed: list[str] = []
+        raw = (await self.index.records([digest])).get(digest)
+        record_bad = False
+        if raw is None:
+            wanted = [ChunkMeta(digest, -1)]
+        else:
+            try:
+                wanted = decode_record(raw, digest)
+            except IntegrityError:
+                wanted, record_bad = [], True
+        found = await self.index.locate([c.digest for c in wanted])
+        if raw is not None and (
+            len(found) < len(wanted)
+            or any(found[c.digest].size != c.size for c in wanted if c.digest in found)
+        ):
+            record_bad = True
+        loop = asyncio.get_running_loop()
+        bad = await loop.run_in_executor(
+            self._io,
+            self._damaged_sync,
+            [(c.digest, found[c.digest]) for c in wanted if c.digest in found],
+        )
+        await self.index.drop(bad, [digest] if raw is not None and (record_bad or bad) else [])
+        removed += [f"chunk {d.hex()} (damaged, in pack {loc.pack})" for d, loc in bad]
+        if raw is not None and (record_bad or bad):
+            removed.append(f"blob record {digest.hex()} (lists chunks absent or damaged)")
+        return removed
 
     def _check_gc(self) -> None:
         if not self.index.supports_gc:
@@ -778,8 +853,12 @@ class PacksBlobService(BlobService):
                 raw.append((digest, loc.length, loc.size, loc.codec))
         return parts, raw
 
-    async def verify_storage(self) -> list[str]:
+    async def verify_storage(self, *, repair: bool = False) -> list[str]:
         """Check that packs and index agree; the problems found (empty: all is well).
+
+        ``repair``: also drop the index rows of chunks that do not verify and
+        the records of blobs listing chunks not indexed (or indexed with
+        another size), so writers store them again (see :meth:`remove_damaged`).
 
         Every indexed chunk must sit behind a matching entry header in its
         pack, below the pack's committed size, and hash to its digest; every
@@ -814,16 +893,21 @@ class PacksBlobService(BlobService):
             # In slices, so memory stays bounded for any pack.
             for i in range(0, len(entries), 256):
                 part = entries[i : i + 256]
-                problems += await loop.run_in_executor(
+                found, bad = await loop.run_in_executor(
                     self._io, self._check_entries, part, info.size
                 )
+                problems += found
+                if repair and bad:
+                    await self.index.drop(bad)
+                    problems += [f"removed chunk {d.hex()} (damaged)" for d, _loc in bad]
         for digest, raw in await self.index.all_records():
             try:
                 chunks = decode_record(raw, digest)
             except IntegrityError as e:
                 problems.append(str(e))
-                continue
+                chunks = []
             locs = await self.index.locate([c.digest for c in chunks])
+            before = len(problems)
             for c in chunks:
                 loc = locs.get(c.digest)
                 if loc is None:
@@ -833,13 +917,21 @@ class PacksBlobService(BlobService):
                         f"blob {digest.hex()}: chunk {c.digest.hex()} has {loc.size} bytes, "
                         f"the record says {c.size}"
                     )
+            if repair and (len(problems) > before or not chunks):
+                await self.index.drop([], [digest])
+                problems.append(f"removed blob record {digest.hex()}")
         return problems
 
-    def _check_entries(self, entries: list[tuple[bytes, Location]], committed: int) -> list[str]:
+    def _check_entries(
+        self, entries: list[tuple[bytes, Location]], committed: int
+    ) -> tuple[list[str], list[tuple[bytes, Location]]]:
+        """The problems of ``entries``, and the entries at fault."""
         problems: list[str] = []
+        bad: list[tuple[bytes, Location]] = []
         for run in coalesce([loc for _d, loc in entries], headers=True):
             if run.end > committed:
                 problems.append(f"pack {run.pack}: an entry ends past the committed size")
+                bad += [entries[i] for i in run.members]
                 continue
             try:
                 buf = memoryview(self.storage.read(run.pack, run.start, run.end))
@@ -855,13 +947,15 @@ class PacksBlobService(BlobService):
                         f"pack {loc.pack}: the entry at {loc.offset} does not match the index "
                         f"row of chunk {digest.hex()}"
                     )
+                    bad.append((digest, loc))
                     continue
                 payload = buf[at + HEADER_SIZE : at + HEADER_SIZE + loc.length]
                 try:
                     decode(payload, digest, loc.size, loc.codec)
                 except IntegrityError as e:
                     problems.append(f"pack {loc.pack}: {e}")
-        return problems
+                    bad.append((digest, loc))
+        return problems, bad
 
     async def close(self) -> None:
         if self._closed:
