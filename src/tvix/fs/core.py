@@ -24,6 +24,14 @@ What a client sees:
   ``user.tvix.castore.directory.digest`` on directories (``b3:<base64>``, as
   upstream), unless ``show_xattr`` is off (then ``ENOSYS``: the kernel is told
   extended attributes are not supported at all and reports ``EOPNOTSUPP``);
+* ``statfs`` (``df``): the store's size, as ``tvix-store info`` counts it:
+  total = used = the NAR bytes of every store path (what the files the mount
+  presents amount to, in 512-byte blocks), inodes = the number of store paths,
+  nothing free (read-only). The NAR sizes are in the PathInfos, so counting
+  is one listing of them, no Directory read; it is taken when first asked
+  for, then again in the background when older than ``statfs_interval``
+  (only the very first ``statfs`` waits for it). A PathInfo service that
+  cannot list reports zeros;
 * long entry and attribute timeouts and cached pages across opens: the content
   under a name never changes, so the kernel may cache names, attributes, and
   pages for as long as it likes. Misses inside a directory may be cached as
@@ -42,12 +50,15 @@ timeout) is logged and answered ``EIO``, and the filesystem keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -63,11 +74,13 @@ from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = [
     "BLKSIZE",
+    "FRSIZE",
     "MTIME_NS",
     "XATTR_BLOB_DIGEST",
     "XATTR_DIRECTORY_DIGEST",
     "Attr",
     "StoreFs",
+    "StoreSize",
 ]
 
 log = logging.getLogger("tvix.fs.filesystem")
@@ -80,11 +93,26 @@ MTIME_NS = 1_000_000_000
 # The I/O size stat() suggests: cat, cp and friends size their buffers by it,
 # and every read request costs a round trip through userspace.
 BLKSIZE = 1 << 20
+# The unit of statfs's block counts (a sector, as st_blocks counts).
+FRSIZE = 512
 
 
 # Called for each directory entry a listing sends: name, attributes, the offset
 # of the entry after it; False when the reply is full (the entry was not sent).
 AddEntry = Callable[[bytes, Attr, int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSize:
+    """What ``statfs`` reports: the NAR bytes of every store path, and how many there are."""
+
+    nar_bytes: int
+    store_paths: int
+
+    @property
+    def blocks(self) -> int:
+        """``nar_bytes`` in :data:`FRSIZE` blocks, rounded up."""
+        return -(-self.nar_bytes // FRSIZE)
 
 
 class StoreFs:
@@ -114,11 +142,18 @@ class StoreFs:
         self._dirs: dict[int, DirHandle] = {}
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self._size: StoreSize | None = None
+        self._size_at = 0.0  # time.monotonic() of the count
+        self._counting: asyncio.Task[StoreSize] | None = None
 
     async def close(self) -> None:
         """Close the readers of files still open, forget every handle (the client is gone)."""
         handles, self._files = list(self._files.values()), {}
         self._dirs = {}
+        counting, self._counting = self._counting, None
+        if counting is not None:
+            counting.cancel()
+            await asyncio.gather(counting, return_exceptions=True)
         for handle in handles:
             await _close_reader(handle)
 
@@ -381,6 +416,43 @@ class StoreFs:
         if isinstance(node, DirectoryNode):
             return [XATTR_DIRECTORY_DIGEST]
         return []
+
+    # -- the filesystem ------------------------------------------------------------------
+
+    @request_handler
+    async def statfs(self) -> StoreSize:
+        """The store's size (see the module docs), counted at most every ``statfs_interval`` s."""
+        if not self.path_infos.supports_list:
+            return StoreSize(0, 0)
+        size = self._size
+        stale = size is None or time.monotonic() - self._size_at > self.options.statfs_interval
+        if stale and self._counting is None:
+            self._counting = asyncio.create_task(self._count_size())
+            self._counting.add_done_callback(self._counted)
+        if size is not None:
+            return size
+        assert self._counting is not None
+        # Shielded: a first statfs that gives up does not cancel the count.
+        return await asyncio.shield(self._counting)
+
+    async def _count_size(self) -> StoreSize:
+        nar_bytes = store_paths = 0
+        async for info in self.path_infos.list():
+            nar_bytes += info.nar_size
+            store_paths += 1
+        return StoreSize(nar_bytes, store_paths)
+
+    def _counted(self, task: asyncio.Task[StoreSize]) -> None:
+        if self._counting is task:
+            self._counting = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # The last count stays; the next statfs tries again.
+            log.error("statfs: counting the store paths failed: %s", error)
+            return
+        self._size, self._size_at = task.result(), time.monotonic()
 
 
 async def _close_reader(handle: FileHandle) -> None:

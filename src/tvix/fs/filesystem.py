@@ -19,7 +19,15 @@ from typing_extensions import override
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
-from tvix.fs.core import BLKSIZE, MTIME_NS, XATTR_BLOB_DIGEST, XATTR_DIRECTORY_DIGEST, Attr, StoreFs
+from tvix.fs.core import (
+    BLKSIZE,
+    FRSIZE,
+    MTIME_NS,
+    XATTR_BLOB_DIGEST,
+    XATTR_DIRECTORY_DIGEST,
+    Attr,
+    StoreFs,
+)
 from tvix.fs.inodes import InodeTable
 from tvix.fs.requests import FsError, FsOptions
 from tvix.store.pathinfoservice.base import PathInfoService
@@ -191,9 +199,15 @@ class TvixStoreFs(pyfuse3.Operations):
 
     @override
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        try:
+            size = await self.core.statfs()
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
         data = pyfuse3.StatvfsData()
         data.f_bsize = BLKSIZE
-        data.f_frsize = 512
+        data.f_frsize = FRSIZE
+        data.f_blocks = size.blocks
+        data.f_files = size.store_paths
         data.f_namemax = 255
         return data
 

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tvix.fs.core import BLKSIZE, MTIME_NS, StoreFs
+from tvix.fs.core import BLKSIZE, FRSIZE, MTIME_NS, StoreFs
 from tvix.fs.inodes import Attr
 from tvix.fs.requests import FsError
 
@@ -360,7 +360,9 @@ class FuseSession:
     # -- the rest ------------------------------------------------------------------------
 
     async def _statfs(self, nodeid: int, body: memoryview) -> bytes:
-        return _KSTATFS.pack(0, 0, 0, 0, 0, BLKSIZE, 255, 512)
+        size = await self.fs.statfs()
+        # blocks bfree bavail files ffree bsize namelen frsize: read-only, nothing free.
+        return _KSTATFS.pack(size.blocks, 0, 0, size.store_paths, 0, BLKSIZE, 255, FRSIZE)
 
     async def _getxattr(self, nodeid: int, body: memoryview) -> bytes:
         size = _GETXATTR_IN.unpack_from(body)[0]

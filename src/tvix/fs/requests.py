@@ -46,7 +46,8 @@ class FsOptions:
     wait for the services before it fails with ``EIO``. ``cache_timeout``:
     seconds the kernel may cache names and attributes.
     ``max_cached_directory_entries``: entries of fetched Directories kept in
-    memory (summed over Directories).
+    memory (summed over Directories). ``statfs_interval``: seconds after
+    which ``statfs`` counts the store again (in the background).
     """
 
     list_root: bool = False
@@ -54,6 +55,7 @@ class FsOptions:
     request_timeout: float = 60.0
     cache_timeout: float = 24 * 3600.0
     max_cached_directory_entries: int = 1_000_000
+    statfs_interval: float = 60.0
 
 
 class FsError(Exception):
