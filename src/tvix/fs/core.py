@@ -336,7 +336,7 @@ class StoreFs:
         return fh
 
     @request_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         """Up to ``size`` bytes of open file ``fh`` at ``off`` (short only at its end)."""
         handle = self._files.get(fh)
         if handle is None:
@@ -354,7 +354,7 @@ class StoreFs:
                 await _close_reader(handle)
                 raise
 
-    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytes:
+    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytearray:
         reader = handle.reader
         if reader is None:
             reader = await self.blobs.open_read(handle.node.digest)
@@ -368,21 +368,19 @@ class StoreFs:
         # reader costs nothing until the read, which fetches only the chunks it touches.
         if reader.tell() != off:
             await reader.seek(off)
-        data = await reader.read(want)
-        if len(data) == want:
-            return data
-        parts = [data]
-        got = len(data)
+        # One buffer the reader fills, chunk after chunk: the bytes are copied once.
+        out = bytearray(want)
+        view = memoryview(out)
+        got = 0
         while got < want:
-            data = await reader.read(want - got)
-            if not data:
+            n = await reader.readinto(view[got:])
+            if not n:
                 raise IntegrityError(
                     f"blob {handle.node.digest} ends at {off + got}, before the "
                     f"{handle.node.size} bytes its node states"
                 )
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+            got += n
+        return out
 
     @request_handler
     async def release(self, fh: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import pyfuse3
 from typing_extensions import override
@@ -175,9 +176,11 @@ class TvixStoreFs(pyfuse3.Operations):
     @override
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            return await self.core.read(fh, off, size)
+            data = await self.core.read(fh, off, size)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        # pyfuse3 replies with any contiguous buffer (its stub says bytes): no copy.
+        return cast(bytes, data)
 
     @override
     async def release(self, fh: int) -> None:

@@ -172,7 +172,7 @@ class FuseSession:
         self._timeout = (seconds, nsec)
         self._attr_out_head = _ATTR_OUT_HEAD.pack(seconds, nsec, 0)
         self._negative = _ENTRY_HEAD.pack(0, 0, seconds, 0, nsec, 0) + bytes(_ATTR.size)
-        Handler = Callable[[int, memoryview], Coroutine[Any, Any, bytes]]
+        Handler = Callable[[int, memoryview], Coroutine[Any, Any, bytes | bytearray]]
         self._handlers: dict[int, Handler] = {
             Op.LOOKUP: self._lookup,
             Op.GETATTR: self._getattr,
@@ -201,6 +201,7 @@ class FuseSession:
         if opcode in _NO_REPLY:
             self._forget(opcode, nodeid, body)
             return None
+        payload: bytes | bytearray
         try:
             if opcode == Op.INIT:
                 payload = self._init(body)
@@ -349,7 +350,7 @@ class FuseSession:
         # The contents of an inode never change: cached pages stay valid across opens.
         return _OPEN_OUT.pack(fh, _FOPEN_KEEP_CACHE, 0)
 
-    async def _read(self, nodeid: int, body: memoryview) -> bytes:
+    async def _read(self, nodeid: int, body: memoryview) -> bytes | bytearray:
         fh, offset, size, _flags = _READ_IN.unpack_from(body)
         return await self.fs.read(fh, offset, size)
 

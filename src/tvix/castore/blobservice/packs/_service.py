@@ -902,12 +902,40 @@ class _PacksReader(BlobReader):
         self._hasher: blake3.blake3 | None = blake3.blake3()
         self._hashed = 0
         self._hash_lock = threading.Lock()
+        # A local store with a SQLite index: a window is looked up, read, verified
+        # and hashed in one job of one thread. The jobs of a reader read front to
+        # back run one after another (the next is started once the one before
+        # finished), so they hash in order; every handoff between threads costs
+        # the GIL's switch interval when the event loop is busy.
+        self._one_job = service._local and isinstance(service.index, SQLiteIndex)
         self._closed = False
 
     async def _fetch(self, first: int, count: int) -> list[Chunk]:
         metas = self._chunks[first : first + count]
-        digests = [m.digest for m in metas]
-        locs = await self._service.index.locate(list(set(digests)))
+        digests = list({m.digest for m in metas})
+        service = self._service
+        if self._one_job:
+            if service._closed:
+                raise StorageError("packs blob service is closed")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(service._io, self._fetch_sync, first, metas, digests)
+        return await service._read(self._wanted(metas, await service.index.locate(digests)))
+
+    def _fetch_sync(
+        self, first: int, metas: list[ChunkMeta], digests: list[B3Digest]
+    ) -> list[Chunk]:
+        """Look up, read, verify, and add to the whole blob's hash: one job, one thread."""
+        index = self._service.index
+        assert isinstance(index, SQLiteIndex)
+        locs = index.locate_sync(digests)
+        data = self._service._read_sync(self._wanted(metas, locs))
+        self._hash(first, data)
+        return data
+
+    def _wanted(
+        self, metas: list[ChunkMeta], locs: dict[bytes, Location]
+    ) -> list[tuple[bytes, Location]]:
+        """Where the chunks ``metas`` are, checked against the blob's record."""
         wanted = []
         for m in metas:
             loc = locs.get(m.digest)
@@ -922,7 +950,7 @@ class _PacksReader(BlobReader):
                     f"its record says {m.size}"
                 )
             wanted.append((bytes(m.digest), loc))
-        return await self._service._read(wanted)
+        return wanted
 
     async def _chunk(self, index: int) -> Chunk:
         first, cur = self._cur_first, self._cur
@@ -937,7 +965,7 @@ class _PacksReader(BlobReader):
             data = await self._fetch(index, WINDOW if sequential else 1)
         self._cur_first, self._cur = index, data
         end = index + len(data)
-        if self._hasher is not None:
+        if self._hasher is not None and not self._one_job:
             # The whole blob's hash, on its own thread beside the fetches; the
             # last bytes are handed out only once it matched.
             loop = asyncio.get_running_loop()
@@ -960,13 +988,14 @@ class _PacksReader(BlobReader):
         tasks = [t for _i, t in self._ahead]
         for task in tasks:
             task.cancel()
-        self._ahead = []
+        # In place: _chunk holds this list and appends the next prefetch to it.
+        self._ahead.clear()
         return tasks
 
     def _hash(self, first: int, data: list[Chunk]) -> None:
         """Check the whole blob's digest while it is read front to back.
 
-        Runs in the service's hashing thread, off the event loop.
+        Runs off the event loop: in the fetch job, or in the service's hashing thread.
         """
         with self._hash_lock:
             hasher = self._hasher
@@ -1004,6 +1033,22 @@ class _PacksReader(BlobReader):
         out = bytes(data[start : start + n])
         self._pos = pos + len(out)
         return out
+
+    async def readinto(self, buffer: bytearray | memoryview) -> int:
+        if self._closed:
+            raise ValueError("read from a closed blob reader")
+        out = memoryview(buffer).cast("B")
+        got = 0
+        # Chunk after chunk until the buffer is full: one copy, chunk to buffer.
+        while got < len(out) and self._pos < self._size:
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            data = memoryview(await self._chunk(index))
+            start = self._pos - self._starts[index]
+            take = min(len(data) - start, len(out) - got)
+            out[got : got + take] = data[start : start + take]
+            got += take
+            self._pos += take
+        return got
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
