@@ -924,11 +924,22 @@ class _PacksReader(BlobReader):
     def _fetch_sync(
         self, first: int, metas: list[ChunkMeta], digests: list[B3Digest]
     ) -> list[Chunk]:
-        """Look up, read, verify, and add to the whole blob's hash: one job, one thread."""
-        index = self._service.index
+        """Look up, read, verify, and add to the whole blob's hash: one job, one thread.
+
+        A window read front to back also tells the storage which bytes the
+        next window will read, so a cold read has them coming from disk
+        while this one is verified and served.
+        """
+        service = self._service
+        index = service.index
         assert isinstance(index, SQLiteIndex)
-        locs = index.locate_sync(digests)
-        data = self._service._read_sync(self._wanted(metas, locs))
+        after = self._chunks[first + len(metas) : first + 2 * len(metas)]
+        if len(metas) < WINDOW:
+            after = []
+        locs = index.locate_sync(digests + [m.digest for m in after])
+        for run in coalesce([locs[m.digest] for m in after if m.digest in locs]):
+            service.storage.will_read(run.pack, run.start, run.end)
+        data = service._read_sync(self._wanted(metas, locs))
         self._hash(first, data)
         return data
 
