@@ -135,8 +135,15 @@ async def test_the_codec_answers_from_the_core(tmp_path: Path) -> None:
     err, names = await call(s, request(Op.LISTXATTR, big, struct.pack("<II", 256, 0)))
     assert (err, names) == (0, XATTR_BLOB_DIGEST + b"\0")
 
-    # The root listed (--list-root), in small replies: each entry sent is a lookup.
+    # A store path's directory never changes: the kernel may keep its listing
+    # (FOPEN_CACHE_DIR), across opens too (FOPEN_KEEP_CACHE); the root's may grow.
+    err, out = await call(s, request(Op.OPENDIR, root_ino, struct.pack("<II", 0, 0)))
+    assert err == 0
+    assert struct.unpack_from("<QI", out)[1] == (1 << 3) | (1 << 1)
     err, out = await call(s, request(Op.OPENDIR, 1, struct.pack("<II", 0, 0)))
+    assert struct.unpack_from("<QI", out)[1] == 0
+
+    # The root listed (--list-root), in small replies: each entry sent is a lookup.
     dh = struct.unpack_from("<Q", out)[0]
     names_seen = []
     offset = 0

@@ -306,8 +306,9 @@ class FuseSession:
 
     async def _opendir(self, nodeid: int, body: memoryview) -> bytes:
         fh = await self.fs.opendir(nodeid)
-        # The root's listing may grow; any other never changes.
-        flags = _FOPEN_CACHE_DIR if nodeid != 1 else 0
+        # The root's listing may grow; any other never changes. The kernel keeps
+        # a cached listing only across opens that say KEEP_CACHE as well.
+        flags = _FOPEN_CACHE_DIR | _FOPEN_KEEP_CACHE if nodeid != 1 else 0
         return _OPEN_OUT.pack(fh, flags, 0)
 
     async def _readdir(self, nodeid: int, body: memoryview) -> bytes:
