@@ -21,7 +21,7 @@ from tvix.castore.blobservice import BlobReader, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.memory import MemoryDirectoryService
-from tvix.fs import FsOptions, TvixStoreFs
+from tvix.fs import FsOptions, StoreFs
 from tvix.fs.inodes import ROOT_INODE, InodeTable, derived_inode
 from tvix.store.importer import import_path
 from tvix.store.pathinfoservice import from_url as path_info_service
@@ -68,13 +68,13 @@ def serve_tree(
     """Serve ``tree``, imported into in-memory services, at ``mountpoint``."""
     names: dict[str, str] = {}
 
-    async def build() -> TvixStoreFs:
+    async def build() -> StoreFs:
         blobs = SlowBlobs()
         directories = HangingDirectories()
         path_infos = path_info_service("memory://")
         info = await import_path(blobs, directories, path_infos, tree)
         names["tree"] = info.store_path.base_name
-        return TvixStoreFs(blobs, directories, path_infos, options)
+        return StoreFs(blobs, directories, path_infos, options)
 
     return InProcessMount(build, mountpoint), names
 

@@ -6,10 +6,10 @@ Directories are fetched from the directory service and file contents from the
 blob service, all on demand. This class answers the filesystem questions
 (lookups, attributes, listings, reads, links, extended attributes, forgets) in
 terms of inode numbers, handles, plain :class:`Attr` records and
-:class:`~tvix.fs.requests.FsError`; the transports beside it turn requests into
-calls: :class:`tvix.fs.filesystem.TvixStoreFs` for the kernel's FUSE device
-(through pyfuse3) and :mod:`tvix.fs.fusewire` for virtio-fs (the FUSE wire
-format, decoded in Python).
+:class:`~tvix.fs.requests.FsError`; :mod:`tvix.fs.fusewire` turns FUSE
+requests into calls (the wire format, decoded in Python), carried by the
+kernel's FUSE device on the host (:mod:`tvix.fs.fusedev`) and by virtio-fs
+queues for VMs (:mod:`tvix.fs.virtiofs`).
 
 What a client sees:
 
@@ -32,9 +32,10 @@ What a client sees:
   for, then again in the background when older than ``statfs_interval``
   (only the very first ``statfs`` waits for it). A PathInfo service that
   cannot list reports zeros;
-* long entry and attribute timeouts and cached pages across opens: the content
-  under a name never changes, so the kernel may cache names, attributes, and
-  pages for as long as it likes. Misses inside a directory may be cached as
+* long entry and attribute timeouts, cached pages and directory listings
+  across opens: the content under a name never changes, so the kernel may
+  cache names, attributes, pages and listings (all but the root's) for as
+  long as it likes. Misses inside a directory may be cached as
   negative entries for as long (:meth:`StoreFs.lookup` returns ``None``);
   misses at the root may not (a store path may be added while served).
 

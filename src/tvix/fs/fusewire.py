@@ -192,6 +192,13 @@ class FuseSession:
 
     async def handle(self, request: bytes | memoryview) -> bytes | None:
         """The reply to ``request`` (one whole FUSE request), or ``None`` if it gets none."""
+        parts = await self.handle_parts(request)
+        return None if parts is None else parts[0] + parts[1]
+
+    async def handle_parts(
+        self, request: bytes | memoryview
+    ) -> tuple[bytes, bytes | bytearray] | None:
+        """:meth:`handle`'s reply as its header and its payload, for a gathering write."""
         data = memoryview(request)
         if len(data) < IN_HEADER_SIZE:
             log.warning("FUSE request of %d bytes: shorter than its header", len(data))
@@ -213,11 +220,11 @@ class FuseSession:
                     raise FsError(errno.EROFS if opcode in _READ_ONLY else errno.ENOSYS)
                 payload = await handler(nodeid, body)
         except FsError as e:
-            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -e.errno, unique)
+            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -e.errno, unique), b""
         except Exception:  # a malformed request must not end the session
             log.exception("FUSE opcode %d failed", opcode)
-            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -errno.EIO, unique)
-        return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(payload), 0, unique) + payload
+            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -errno.EIO, unique), b""
+        return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(payload), 0, unique), payload
 
     # -- session -------------------------------------------------------------------------
 

@@ -76,8 +76,8 @@ def request_handler(
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
     """Bound a request handler by the request timeout and map every failure to an errno.
 
-    Transports let only :class:`FsError` through (pyfuse3's main loop would end on
-    anything else), so this is the one place where the store's errors become
+    Transports let only :class:`FsError` through (a failure of anything else
+    would be a bug of the transport's), so this is the one place where the store's errors become
     ``EIO`` (and are logged, since the caller only sees the errno).
     """
     name = fn.__name__

@@ -279,10 +279,9 @@ class LocalPacks(PackStorage):
     def will_read(self, pack: str, start: int, end: int) -> None:
         # The kernel reads it in the background, while the bytes before it are
         # verified and served: a cold read keeps the disk busy.
-        try:
+        # Only a hint: the read itself reports what is wrong.
+        with contextlib.suppress(OSError, StorageError):
             os.posix_fadvise(self._read_fd(pack), start, end - start, os.POSIX_FADV_WILLNEED)
-        except (OSError, StorageError):
-            pass  # only a hint; the read itself reports what is wrong
 
     def read(self, pack: str, start: int, end: int) -> bytes:
         fd = self._read_fd(pack)
