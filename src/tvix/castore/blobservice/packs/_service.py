@@ -109,9 +109,11 @@ LINGER = 0.02
 # Threads reading packs: the reads (or ranged GETs) in flight at most.
 IO_THREADS = 4
 # Chunks a reader fetches at once while reading front to back (~8 MiB), and
-# the windows it keeps in flight ahead (fetched and verified in parallel).
+# the windows it keeps in flight ahead (fetched and verified in parallel: two
+# keep both cores busy decompressing and verifying; 540 vs 460 MB/s for
+# compressible data through the mount, the same for incompressible).
 WINDOW = 32
-AHEAD = 1
+AHEAD = 2
 # Rows found present are refreshed when last seen longer ago than this
 # (seconds): a refresh is a write, so a busy store writes each row at most
 # once a minute. A GC's grace period must be longer (see tvix.store.gc).
@@ -902,11 +904,9 @@ class _PacksReader(BlobReader):
         self._hasher: blake3.blake3 | None = blake3.blake3()
         self._hashed = 0
         self._hash_lock = threading.Lock()
-        # A local store with a SQLite index: a window is looked up, read, verified
-        # and hashed in one job of one thread. The jobs of a reader read front to
-        # back run one after another (the next is started once the one before
-        # finished), so they hash in order; every handoff between threads costs
-        # the GIL's switch interval when the event loop is busy.
+        # A local store with a SQLite index: a window is looked up, read and
+        # verified in one job of one thread (every handoff between threads costs
+        # up to the GIL's switch interval while the event loop is busy).
         self._one_job = service._local and isinstance(service.index, SQLiteIndex)
         self._closed = False
 
@@ -924,7 +924,7 @@ class _PacksReader(BlobReader):
     def _fetch_sync(
         self, first: int, metas: list[ChunkMeta], digests: list[B3Digest]
     ) -> list[Chunk]:
-        """Look up, read, verify, and add to the whole blob's hash: one job, one thread.
+        """Look up, read and verify: one job, one thread.
 
         A window read front to back also tells the storage which bytes the
         next window will read, so a cold read has them coming from disk
@@ -939,9 +939,7 @@ class _PacksReader(BlobReader):
         locs = index.locate_sync(digests + [m.digest for m in after])
         for run in coalesce([locs[m.digest] for m in after if m.digest in locs]):
             service.storage.will_read(run.pack, run.start, run.end)
-        data = service._read_sync(self._wanted(metas, locs))
-        self._hash(first, data)
-        return data
+        return service._read_sync(self._wanted(metas, locs))
 
     def _wanted(
         self, metas: list[ChunkMeta], locs: dict[bytes, Location]
@@ -976,7 +974,7 @@ class _PacksReader(BlobReader):
             data = await self._fetch(index, WINDOW if sequential else 1)
         self._cur_first, self._cur = index, data
         end = index + len(data)
-        if self._hasher is not None and not self._one_job:
+        if self._hasher is not None:
             # The whole blob's hash, on its own thread beside the fetches; the
             # last bytes are handed out only once it matched.
             loop = asyncio.get_running_loop()
@@ -1006,7 +1004,7 @@ class _PacksReader(BlobReader):
     def _hash(self, first: int, data: list[Chunk]) -> None:
         """Check the whole blob's digest while it is read front to back.
 
-        Runs off the event loop: in the fetch job, or in the service's hashing thread.
+        Runs in the service's hashing thread, off the event loop.
         """
         with self._hash_lock:
             hasher = self._hasher
