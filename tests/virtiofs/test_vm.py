@@ -5,14 +5,17 @@ store path the guest sees is fetched on demand from a remote store), serves
 two VMs one after the other; the first checks what the issue asks for
 (nested directories, exec bits, symlinks, empty files, a file of many chunks
 read at offsets and whole, the root listed with ``--list-root``, a missing
-store path), the second that the backend serves the next VM (one with two
+store path, the digests as extended attributes, read with Debian's getfattr,
+and ``statfs`` telling the store's size), the second that the backend serves the next VM (one with two
 request queues). See
 :mod:`tests.support.microvm` for the guest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import re
 import select
@@ -22,14 +25,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from tests.support.daemons import TVIX_STORE, cli_env, daemon, tvix_store
 from tests.support.microvm import VmAssets, assets, missing_tools, run_vm
+from tvix.castore.blobservice import MemoryBlobService
+from tvix.castore.digest import B3Digest
+from tvix.castore.directoryservice.memory import MemoryDirectoryService
+from tvix.castore.nodes import DirectoryNode
+from tvix.store.importer import import_path
+from tvix.store.pathinfoservice import from_url as path_info_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MISSING = "00000000000000000000000000000000-missing"
+BLOB_XATTR = "user.tvix.castore.blob.digest"
+DIRECTORY_XATTR = "user.tvix.castore.directory.digest"
 # Offsets and lengths of reads of big.bin, in dd blocks: (block size, skip, count).
 READS = ((65536, 40, 3), (1000, 777, 5), (4096, 0, 1), (65536, 0, 100))
 
@@ -109,6 +121,12 @@ def first_boot_script(name: str) -> str:
         + f'stat {MISSING} >/dev/null 2>&1; echo "@@ M $?"\n'
         + f'echo "@@ E $(cat {MISSING}/x 2>&1)"\n'
         + 'echo "@@ ROOT $(ls | tr "\\n" " ")"\n'
+        # Extended attributes (Debian's getfattr in the guest: busybox has none).
+        + f'echo "@@ XF $(getfattr --only-values -n {BLOB_XATTR} {name}/plain.txt)"\n'
+        + f'echo "@@ XD $(getfattr --only-values -n {DIRECTORY_XATTR} {name})"\n'
+        + f'echo "@@ XL $(getfattr -d -m - {name}/nested/a | grep = | cut -d= -f1)"\n'
+        # statfs: the store's size in 512-byte blocks, its paths, nothing available.
+        + 'echo "@@ DF $(stat -f -c "%b %c %a" .)"\n'
         + LIST
     )
 
@@ -151,12 +169,22 @@ def _wait_for(proc: subprocess.Popen[bytes], pattern: bytes, timeout: float = 30
     raise AssertionError(f"backend not ready: {seen.decode(errors='replace')}")
 
 
+async def _root_node(tree: Path) -> DirectoryNode:
+    """The root node ``tree`` is imported as (the import is deterministic)."""
+    info = await import_path(
+        MemoryBlobService(), MemoryDirectoryService(), path_info_service("memory://"), tree
+    )
+    assert isinstance(info.node, DirectoryNode)
+    return info.node
+
+
 def test_two_vms_see_the_store(
     vm: VmAssets,
     backend: tuple[subprocess.Popen[bytes], Path, Path, str],
     tmp_path: Path,
 ) -> None:
     proc, socket_path, tree, name = backend
+    data_dir, path = tmp_path / "store", f"/nix/store/{name}"
     big = (tree / "big.bin").read_bytes()
 
     first = run_vm(socket_path, vm, first_boot_script(name), tmp_path)
@@ -173,6 +201,13 @@ def test_two_vms_see_the_store(
     assert first.values("M") == ["1"]
     assert "No such file or directory" in first.values("E")[0]
     assert first.values("ROOT") == [name + " "]  # --list-root
+    node = asyncio.run(_root_node(tree))
+    assert first.values("XF") == [str(B3Digest(blake3.blake3(b"hello\n").digest()))]
+    assert first.values("XD") == [str(node.digest)]
+    assert first.values("XL") == [BLOB_XATTR]
+    info = json.loads(tvix_store("path-info", "--json", "--data-dir", data_dir, path).stdout)
+    blocks, files, available = map(int, first.values("DF")[0].split())
+    assert (blocks, files, available) == (-(-info[0]["narSize"] // 512), 1, 0), first.values("DF")
     assert set(first.values("L")) == expected_listing(tree, name)
 
     # The backend serves the next VM on the same socket (this one with two
