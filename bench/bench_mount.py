@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -156,10 +156,10 @@ def _repeats() -> int:
     return int(os.environ.get("TVIX_BENCH_REPEATS", "3"))
 
 
-def _median_row(what: str, nbytes: int, times: list[float]) -> list[str]:
+def _median_row(what: str, times: list[float], speed: Callable[[float], str]) -> list[str]:
+    """A table row: the median time, the range, ``speed`` of the median."""
     t = statistics.median(times)
-    spread = f"{min(times):.2f}-{max(times):.2f} s"
-    return [what, f"{t:.2f} s", spread, mbps(nbytes, t)]
+    return [what, f"{t:.2f} s", f"{min(times):.2f}-{max(times):.2f} s", speed(t)]
 
 
 def _reads(store: Path, work: Path, files: dict[str, tuple[Path, str]], root: bool) -> None:
@@ -188,7 +188,9 @@ def _reads(store: Path, work: Path, files: dict[str, tuple[Path, str]], root: bo
                     _drop_caches()
                     _cache_tree(store / "packs")
                     add("mount, cold (store cached)", _read_all(m.mountpoint / name))
-        rows += [_median_row(f"{label}: {what}", GIB, t) for what, t in times.items()]
+        rows += [
+            _median_row(f"{label}: {what}", t, lambda s: mbps(GIB, s)) for what, t in times.items()
+        ]
     table(
         f"sequential read of 1 GiB (1 MiB reads), median of {_repeats()}",
         ["what", "time", "range", "rate"],
@@ -214,11 +216,9 @@ def _walks(store: Path, work: Path, local: Path, name: str, entries: int, root: 
                 _drop_caches()
             add("mount, first walk", _find(m.mountpoint / name))
             add("mount, second walk", _find(m.mountpoint / name))
-    rows = []
-    for what, t in times.items():
-        median = statistics.median(t)
-        spread = f"{min(t):.2f}-{max(t):.2f} s"
-        rows.append([what, f"{median:.2f} s", spread, rate(entries, median, " entries/s")])
+    rows = [
+        _median_row(what, t, lambda s: rate(entries, s, " entries/s")) for what, t in times.items()
+    ]
     table(
         f"find over {entries:,} entries, median of {_repeats()}",
         ["what", "time", "range", "rate"],
