@@ -6,8 +6,8 @@ two VMs one after the other; the first checks what the issue asks for
 (nested directories, exec bits, symlinks, empty files, a file of many chunks
 read at offsets and whole, the root listed with ``--list-root``, a missing
 store path, the digests as extended attributes, read with Debian's getfattr,
-and ``statfs`` telling the store's size), the second that the backend serves the next VM (one with two
-request queues). See
+and ``statfs`` telling the store's size), the second that the backend
+serves the next VM (one with two request queues). See
 :mod:`tests.support.microvm` for the guest.
 """
 
