@@ -277,6 +277,81 @@ async def test_index_mismatch_detected(tmp_path: Path) -> None:
         await svc.close()
 
 
+@pytest.mark.parametrize("how", ["read", "readinto"])
+async def test_reading_front_to_back_reads_each_chunk_once(tmp_path: Path, how: str) -> None:
+    svc = _open(tmp_path, "?avg_chunk_size=16384&zstd=false")
+    data = os.urandom(6 * MIB)
+    digest = await write_all(svc, data)
+    chunks = await svc.chunks(digest)
+    assert chunks is not None
+    assert len(chunks) > 3 * 32  # several windows of chunks
+    read_bytes = 0
+    storage_read = svc.storage.read
+
+    def counted(pack: str, start: int, end: int) -> bytes | memoryview:
+        nonlocal read_bytes
+        read_bytes += end - start
+        return storage_read(pack, start, end)
+
+    svc.storage.read = counted  # type: ignore[method-assign]
+    try:
+        reader = await svc.open_read(digest)
+        assert reader is not None
+        parts = []
+        buffer = bytearray(100_000)  # not a multiple of anything
+        while True:
+            if how == "read":
+                part = await reader.read(100_000)
+            else:
+                part = bytes(buffer[: await reader.readinto(buffer)])
+            if not part:
+                break
+            parts.append(part)
+        await reader.close()
+        assert b"".join(parts) == data
+        # Each chunk's payload once (raw: as many bytes as the blob), plus the entry
+        # headers between neighbours, which are read along with them.
+        assert len(data) <= read_bytes < len(data) + len(chunks) * HEADER_SIZE + 1
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("how", ["read", "readinto"])
+async def test_a_record_listing_another_blobs_chunks_is_caught(tmp_path: Path, how: str) -> None:
+    """Every chunk verifies, yet they are not the blob: the whole blob's digest says so."""
+    svc = _open(tmp_path, "?avg_chunk_size=16384")
+    one, other = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    one_digest, other_digest = await write_all(svc, one), await write_all(svc, other)
+    await svc.close()
+    db = _index(tmp_path)
+    db.execute(
+        "UPDATE blobs SET chunks = (SELECT chunks FROM blobs WHERE digest = ?) WHERE digest = ?",
+        (bytes(other_digest), bytes(one_digest)),
+    )
+    db.commit()
+    db.close()
+    svc = _open(tmp_path)
+    try:
+        reader = await svc.open_read(one_digest)
+        assert reader is not None
+        got = 0
+        buffer = bytearray(MIB)
+
+        async def read_to_the_end() -> None:
+            nonlocal got
+            while True:
+                n = len(await reader.read(MIB)) if how == "read" else await reader.readinto(buffer)
+                assert n, "read to the end without the mismatch being noticed"
+                got += n
+
+        with pytest.raises(IntegrityError, match="hashing to"):
+            await read_to_the_end()
+        assert got < len(other)  # the last bytes were never handed out
+        await reader.close()
+    finally:
+        await svc.close()
+
+
 async def test_missing_pack_and_record_chunk_detected(tmp_path: Path) -> None:
     svc = _open(tmp_path, "?pack_size=1048576&avg_chunk_size=16384")
     await write_all(svc, BLOB_B)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvix.fs import TvixStoreFs, serve
+from tvix.fs import StoreFs, serve
 
 FUSE_DEVICE = "/dev/fuse"
 MOUNT_TIMEOUT = 30.0
@@ -183,15 +183,14 @@ def mounted(store: Store, mountpoint: Path, *extra: str) -> Iterator[MountProces
 class InProcessMount:
     """``tvix.fs.serve`` in a thread of this process, to look inside the filesystem.
 
-    ``build`` is a coroutine function returning the :class:`~tvix.fs.TvixStoreFs`
+    ``build`` is a coroutine function returning the :class:`~tvix.fs.StoreFs`
     to serve (built in the serving thread's loop, where its services live).
-    pyfuse3 keeps one session per process: use one at a time.
     """
 
-    def __init__(self, build: Callable[[], Awaitable[TvixStoreFs]], mountpoint: Path) -> None:
+    def __init__(self, build: Callable[[], Awaitable[StoreFs]], mountpoint: Path) -> None:
         self.build = build
         self.mountpoint = mountpoint
-        self.fs: TvixStoreFs | None = None
+        self.fs: StoreFs | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()

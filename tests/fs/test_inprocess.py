@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,8 +23,9 @@ from tvix.castore.blobservice import BlobReader, MemoryBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directory import Directory
 from tvix.castore.directoryservice.memory import MemoryDirectoryService
-from tvix.fs import FsOptions, TvixStoreFs
-from tvix.fs.inodes import ROOT_INODE, InodeTable, derived_inode
+from tvix.fs import FsOptions, StoreFs
+from tvix.fs.core import AddEntry
+from tvix.fs.inodes import ROOT_INODE, Attr, InodeTable, derived_inode
 from tvix.store.importer import import_path
 from tvix.store.pathinfoservice import from_url as path_info_service
 
@@ -63,18 +66,21 @@ class HangingDirectories(MemoryDirectoryService):
 
 
 def serve_tree(
-    tree: Path, mountpoint: Path, options: FsOptions | None = None
+    tree: Path,
+    mountpoint: Path,
+    options: FsOptions | None = None,
+    fs_class: type[StoreFs] = StoreFs,
 ) -> tuple[InProcessMount, dict[str, str]]:
     """Serve ``tree``, imported into in-memory services, at ``mountpoint``."""
     names: dict[str, str] = {}
 
-    async def build() -> TvixStoreFs:
+    async def build() -> StoreFs:
         blobs = SlowBlobs()
         directories = HangingDirectories()
         path_infos = path_info_service("memory://")
         info = await import_path(blobs, directories, path_infos, tree)
         names["tree"] = info.store_path.base_name
-        return TvixStoreFs(blobs, directories, path_infos, options)
+        return fs_class(blobs, directories, path_infos, options)
 
     return InProcessMount(build, mountpoint), names
 
@@ -88,6 +94,66 @@ def lstat_all(root: Path) -> dict[bytes, int]:
             path = os.path.join(dirpath, name)
             out[os.path.relpath(path, broot)] = os.lstat(path).st_ino
     return out
+
+
+class CountingFs(StoreFs):
+    """Counts the requests that reach the filesystem (the kernel did not answer itself)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[str] = Counter()
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Attr | None:
+        self.calls["lookup"] += 1
+        return await super().lookup(parent_ino, name)
+
+    async def getattr(self, ino: int) -> Attr:
+        self.calls["getattr"] += 1
+        return await super().getattr(ino)
+
+    async def readdir(self, fh: int, start: int, add: AddEntry, *, plus: bool = True) -> None:
+        self.calls["readdir"] += 1
+        await super().readdir(fh, start, add, plus=plus)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        self.calls["read"] += 1
+        return await super().read(fh, off, size)
+
+
+def walk_and_read(root: Path) -> dict[bytes, tuple[int, int, bytes]]:
+    """Mode, size and contents (of files) of everything below ``root``."""
+    out = {}
+    broot = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(broot):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = b""
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    data = f.read()
+            out[os.path.relpath(path, broot)] = (st.st_mode, st.st_size, data)
+    return out
+
+
+@pytest.mark.e2e
+def test_the_kernel_keeps_entries_attributes_listings_and_pages(tmp_path: Path) -> None:
+    """A second walk and read of a store path is answered by the kernel's caches."""
+    tree = make_tree(tmp_path / "tree", big_size=300_000)
+    mount, names = serve_tree(tree, tmp_path / "mnt", fs_class=CountingFs)
+    with mount:
+        fs = mount.fs
+        assert isinstance(fs, CountingFs)
+        root = mount.mountpoint / names["tree"]
+        first = walk_and_read(root)
+        assert first[b"big.bin"][2] == (tree / "big.bin").read_bytes()
+        assert fs.calls["readdir"]
+        assert fs.calls["read"]
+        fs.calls.clear()
+        assert walk_and_read(root) == first
+        # No lookups, attributes, listings or pages asked for again: only the
+        # opens and closes (OPEN, OPENDIR, RELEASE...) still reach us.
+        assert +fs.calls == Counter(), fs.calls
 
 
 def test_inode_table_counts_lookups() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -26,6 +27,7 @@ from tests.fs.mounting import (
     is_mounted,
     mount_options,
     mounted,
+    tvix_store,
 )
 from tvix.castore.digest import B3Digest
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -274,6 +276,33 @@ def test_root_listing(imported: Imported, listed: MountProcess, unlisted: MountP
     finally:
         os.close(fd)
     assert (unlisted.mountpoint / imported.tree_name / "regular.txt").read_bytes() == b"hello\n"
+
+
+def _info_figure(info: str, label: str) -> int:
+    """The number ``tvix-store info`` prints after ``label``."""
+    found = re.search(rf"^{label}: +([\d,]+)", info, re.MULTILINE)
+    assert found is not None, info
+    return int(found[1].replace(",", ""))
+
+
+def test_df_tells_the_store_size(imported: Imported, listed: MountProcess) -> None:
+    info = tvix_store("info", *imported.store.args)
+    nar_bytes = _info_figure(info, "NAR bytes")
+    store_paths = _info_figure(info, "store paths")
+    assert store_paths == 2
+    st = os.statvfs(listed.mountpoint)
+    assert st.f_frsize == 512
+    assert st.f_blocks == -(-nar_bytes // 512)
+    assert st.f_files == store_paths
+    assert (st.f_bfree, st.f_bavail, st.f_ffree) == (0, 0, 0)
+    # df itself: size and used the same (in 512-byte blocks), nothing available.
+    out = subprocess.run(
+        ["df", "-B512", "--output=size,used,avail", str(listed.mountpoint)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert out[-3:] == [str(st.f_blocks), str(st.f_blocks), "0"]
 
 
 def test_read_only(imported: Imported, listed: MountProcess) -> None:

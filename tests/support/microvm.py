@@ -5,8 +5,8 @@ The guest is QEMU's q35 machine with 256 MiB of RAM shared with the backend
 ``vhost-user-fs-pci`` device with the tag ``tvix``, and no disk: the kernel
 is the Debian cloud kernel (fetched once with ``apt-get download`` into
 :func:`cache_dir`, never installed), and the initramfs holds the static
-busybox, the host's ``getfattr`` (busybox has none) with the libraries it
-links, the virtio and virtiofs modules, and an ``/init`` that loads them,
+busybox (and Debian's getfattr with its libraries), the virtio and virtiofs
+modules, and an ``/init`` that loads them,
 mounts ``-t virtiofs tvix /nix/store -o ro`` (as upstream's tvix-init does),
 runs the test's shell commands in ``/nix/store``, unmounts and powers off.
 The guest's output comes back on the serial console, one ``@@`` line per
@@ -40,8 +40,7 @@ __all__ = [
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
-# Dynamically linked: copied into the guest with what ``ldd`` says it needs.
-GUEST_TOOLS = ("getfattr",)
+GETFATTR = "getfattr"
 KERNEL_META = "linux-image-cloud-amd64"
 # Load order (dependencies first); whichever are modules in this kernel.
 MODULES = (
@@ -72,9 +71,24 @@ def missing_tools() -> list[str]:
         missing.append("busybox-static")
     if shutil.which("cpio") is None:
         missing.append("cpio")
-    if shutil.which("getfattr") is None:
+    if shutil.which(GETFATTR) is None:
         missing.append("attr")
     return missing
+
+
+def _with_libraries(program: str) -> list[Path]:
+    """``program`` and the shared libraries it loads (``ldd``), each by absolute path."""
+    path = shutil.which(program)
+    assert path is not None, program
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
+    found = [Path(path)]
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        # "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        target = line.split("=>")[-1].split("(")[0].strip()
+        if target.startswith("/"):
+            found.append(Path(target))
+    return found
 
 
 def _is_static(path: Path) -> bool:
@@ -186,8 +200,11 @@ def build_initramfs(dest: Path, vm: VmAssets, guest_script: str) -> Path:
     for d in ("bin", "dev", "proc", "sys", "nix/store", "modules"):
         (root / d).mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for tool in GUEST_TOOLS:
-        _copy_with_libraries(tool, root)
+    # busybox has no getfattr: Debian's, with the libraries it loads at their paths.
+    for path in _with_libraries(GETFATTR):
+        inside = root / "bin" / path.name if path.name == GETFATTR else root / path.relative_to("/")
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, inside)
     for i, ko in enumerate(vm.modules):
         data = ko.read_bytes()
         # Numbered so the shell's glob loads them in dependency order.
@@ -211,24 +228,6 @@ def build_initramfs(dest: Path, vm: VmAssets, guest_script: str) -> Path:
     dest.write_bytes(gzip.compress(archive, compresslevel=1))
     shutil.rmtree(root)
     return dest
-
-
-def _copy_with_libraries(tool: str, root: Path) -> None:
-    """Put the host's ``tool`` in ``root/bin`` and its shared libraries at their own paths."""
-    exe = shutil.which(tool)
-    if exe is None:
-        raise RuntimeError(f"{tool} is not installed on the host")
-    shutil.copy(exe, root / "bin" / tool)
-    out = subprocess.run(["ldd", exe], check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux….so.2 (0x…)"
-        words = line.split()
-        library = words[2] if len(words) > 2 and words[1] == "=>" else words[0]
-        if not library.startswith("/"):
-            continue  # the vDSO
-        dest = root / library.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(library, dest)  # follows the symlink: the guest gets the file
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tvix.fs.core import XATTR_BLOB_DIGEST, StoreFs
 from tvix.fs.fusewire import FuseSession, Op
 from tvix.fs.requests import FsOptions
 from tvix.fs.virtiofs import VirtiofsError, listen, serve_connection, serve_virtiofs
+from tvix.nixcompat.storepath import StorePath
 from tvix.store.importer import import_path
 from tvix.store.pathinfoservice import from_url as path_info_service
 
@@ -134,8 +135,15 @@ async def test_the_codec_answers_from_the_core(tmp_path: Path) -> None:
     err, names = await call(s, request(Op.LISTXATTR, big, struct.pack("<II", 256, 0)))
     assert (err, names) == (0, XATTR_BLOB_DIGEST + b"\0")
 
-    # The root listed (--list-root), in small replies: each entry sent is a lookup.
+    # A store path's directory never changes: the kernel may keep its listing
+    # (FOPEN_CACHE_DIR), across opens too (FOPEN_KEEP_CACHE); the root's may grow.
+    err, out = await call(s, request(Op.OPENDIR, root_ino, struct.pack("<II", 0, 0)))
+    assert err == 0
+    assert struct.unpack_from("<QI", out)[1] == (1 << 3) | (1 << 1)
     err, out = await call(s, request(Op.OPENDIR, 1, struct.pack("<II", 0, 0)))
+    assert struct.unpack_from("<QI", out)[1] == 0
+
+    # The root listed (--list-root), in small replies: each entry sent is a lookup.
     dh = struct.unpack_from("<Q", out)[0]
     names_seen = []
     offset = 0
@@ -156,6 +164,14 @@ async def test_the_codec_answers_from_the_core(tmp_path: Path) -> None:
     err, out = await call(s, request(Op.STATFS))
     assert err == 0
     assert len(out) == 80
+    # The store's size: its one store path's NAR bytes in 512-byte blocks, nothing free.
+    blocks, bfree, bavail, files, ffree, _bsize, _namelen, frsize = struct.unpack_from(
+        "<QQQQQIII", out
+    )
+    info = await fs.path_infos.get(StorePath.from_base_name(name).digest)
+    assert info is not None
+    assert (blocks, files, frsize) == ((info.nar_size + 511) // 512, 1, 512)
+    assert (bfree, bavail, ffree) == (0, 0, 0)
     assert (await call(s, request(Op.MKDIR, root_ino, b"\0" * 8 + b"d\0")))[0] == errno.EROFS
     assert (await call(s, request(52)))[0] == errno.ENOSYS  # STATX
     # FLUSH: nothing to flush; ENOSYS stops the kernel sending one on every close.

@@ -5,7 +5,8 @@ store path the guest sees is fetched on demand from a remote store), serves
 two VMs one after the other; the first checks what the issue asks for
 (nested directories, exec bits, symlinks, empty files, a file of many chunks
 read at offsets and whole, the root listed with ``--list-root``, a missing
-store path, the digests in extended attributes), the second that the backend
+store path, the digests as extended attributes, read with Debian's getfattr,
+and ``statfs`` telling the store's size), the second that the backend
 serves the next VM (one with two request queues). See
 :mod:`tests.support.microvm` for the guest.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import select
@@ -23,20 +25,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
-from blake3 import blake3
 
 from tests.support.daemons import TVIX_STORE, cli_env, daemon, tvix_store
 from tests.support.microvm import VmAssets, assets, missing_tools, run_vm
-from tvix.castore.blobservice.memory import MemoryBlobService
+from tvix.castore.blobservice import MemoryBlobService
 from tvix.castore.digest import EMPTY_BLOB_DIGEST, B3Digest
 from tvix.castore.directoryservice.memory import MemoryDirectoryService
-from tvix.castore.ingest import ingest_path
 from tvix.castore.nodes import DirectoryNode
+from tvix.store.importer import import_path
+from tvix.store.pathinfoservice import from_url as path_info_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MISSING = "00000000000000000000000000000000-missing"
+BLOB_XATTR = "user.tvix.castore.blob.digest"
+DIRECTORY_XATTR = "user.tvix.castore.directory.digest"
 # Offsets and lengths of reads of big.bin, in dd blocks: (block size, skip, count).
 READS = ((65536, 40, 3), (1000, 777, 5), (4096, 0, 1), (65536, 0, 100))
 
@@ -101,46 +106,6 @@ done
 """
 
 
-# (key, attribute, path below the store path) read with getfattr in the guest.
-XATTRS = (
-    ("XD", "user.tvix.castore.directory.digest", ""),
-    ("XN", "user.tvix.castore.directory.digest", "/nested/deeper"),
-    ("XB", "user.tvix.castore.blob.digest", "/big.bin"),
-    ("XE", "user.tvix.castore.blob.digest", "/empty"),
-)
-
-
-def xattr_script(name: str) -> str:
-    """getfattr in the guest: values, the names listed, a missing attribute, a symlink's."""
-    return (
-        "".join(
-            f'echo "@@ {key} $(getfattr --only-values -n {attr} {name}{below})"\n'
-            for key, attr, below in XATTRS
-        )
-        + f'echo "@@ XL $(getfattr -d -m - {name}/plain.txt 2>&1 | grep =)"\n'
-        + f"getfattr -n user.other {name}/plain.txt >/dev/null 2>&1; "
-        + 'echo "@@ XM $?"\n'
-        + f'echo "@@ XS $(getfattr -h -d -m - {name}/link 2>&1 | grep -c =)"\n'
-    )
-
-
-async def expected_xattrs(tree: Path) -> dict[str, str]:
-    """The digests the guest must read: the tree ingested again, here, in memory."""
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
-    root = await ingest_path(blobs, directories, tree)
-    assert isinstance(root, DirectoryNode)
-    digests = {"XD": root.digest}
-    digest = root.digest
-    for name in (b"nested", b"deeper"):
-        directory = await directories.get(digest)
-        assert directory is not None
-        digest = next(d for d in directory.directories if d.name == name).digest
-    digests["XN"] = digest
-    digests["XB"] = B3Digest(blake3((tree / "big.bin").read_bytes()).digest())
-    digests["XE"] = EMPTY_BLOB_DIGEST
-    return {key: str(value) for key, value in digests.items()}
-
-
 def first_boot_script(name: str) -> str:
     reads = "".join(
         f'echo "@@ R {bs} {skip} {count} '
@@ -156,7 +121,16 @@ def first_boot_script(name: str) -> str:
         + f'stat {MISSING} >/dev/null 2>&1; echo "@@ M $?"\n'
         + f'echo "@@ E $(cat {MISSING}/x 2>&1)"\n'
         + 'echo "@@ ROOT $(ls | tr "\\n" " ")"\n'
-        + xattr_script(name)
+        # Extended attributes (Debian's getfattr in the guest: busybox has none).
+        + f'echo "@@ XF $(getfattr --only-values -n {BLOB_XATTR} {name}/plain.txt)"\n'
+        + f'echo "@@ XD $(getfattr --only-values -n {DIRECTORY_XATTR} {name})"\n'
+        + f'echo "@@ XL $(getfattr -d -m - {name}/nested/a | grep = | cut -d= -f1)"\n'
+        + f'echo "@@ XE $(getfattr --only-values -n {BLOB_XATTR} {name}/empty)"\n'
+        + f"getfattr -n user.other {name}/plain.txt >/dev/null 2>&1; "
+        + 'echo "@@ XM $?"\n'
+        + f'echo "@@ XS $(getfattr -h -d -m - {name}/link 2>&1 | grep -c =)"\n'
+        # statfs: the store's size in 512-byte blocks, its paths, nothing available.
+        + 'echo "@@ DF $(stat -f -c "%b %c %a" .)"\n'
         + LIST
     )
 
@@ -199,12 +173,22 @@ def _wait_for(proc: subprocess.Popen[bytes], pattern: bytes, timeout: float = 30
     raise AssertionError(f"backend not ready: {seen.decode(errors='replace')}")
 
 
+async def _root_node(tree: Path) -> DirectoryNode:
+    """The root node ``tree`` is imported as (the import is deterministic)."""
+    info = await import_path(
+        MemoryBlobService(), MemoryDirectoryService(), path_info_service("memory://"), tree
+    )
+    assert isinstance(info.node, DirectoryNode)
+    return info.node
+
+
 def test_two_vms_see_the_store(
     vm: VmAssets,
     backend: tuple[subprocess.Popen[bytes], Path, Path, str],
     tmp_path: Path,
 ) -> None:
     proc, socket_path, tree, name = backend
+    data_dir, path = tmp_path / "store", f"/nix/store/{name}"
     big = (tree / "big.bin").read_bytes()
 
     first = run_vm(socket_path, vm, first_boot_script(name), tmp_path)
@@ -221,15 +205,17 @@ def test_two_vms_see_the_store(
     assert first.values("M") == ["1"]
     assert "No such file or directory" in first.values("E")[0]
     assert first.values("ROOT") == [name + " "]  # --list-root
-    assert set(first.values("L")) == expected_listing(tree, name)
-    # The digests in extended attributes, as upstream names them; none on a symlink.
-    digests = asyncio.run(expected_xattrs(tree))
-    for key, _attr, _below in XATTRS:
-        assert first.values(key) == [digests[key]], first.console
-    blob = str(B3Digest(blake3(b"hello\n").digest()))
-    assert first.values("XL") == [f'user.tvix.castore.blob.digest="{blob}"'], first.console
+    node = asyncio.run(_root_node(tree))
+    assert first.values("XF") == [str(B3Digest(blake3.blake3(b"hello\n").digest()))]
+    assert first.values("XD") == [str(node.digest)]
+    assert first.values("XL") == [BLOB_XATTR]
+    assert first.values("XE") == [str(EMPTY_BLOB_DIGEST)]
     assert first.values("XM") == ["1"]  # getfattr: no such attribute
-    assert first.values("XS") == ["0"]
+    assert first.values("XS") == ["0"]  # a symlink has none
+    info = json.loads(tvix_store("path-info", "--json", "--data-dir", data_dir, path).stdout)
+    blocks, files, available = map(int, first.values("DF")[0].split())
+    assert (blocks, files, available) == (-(-info[0]["narSize"] // 512), 1, 0), first.values("DF")
+    assert set(first.values("L")) == expected_listing(tree, name)
 
     # The backend serves the next VM on the same socket (this one with two
     # request queues: the device has three rings).

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tvix.cli.common import CLIError, add_service_args, open_services
 from tvix.fs import FsOptions
+from tvix.fs.mount import MountError, MountOptions, mount
 
 __all__ = ["add_fs_options", "add_mount_command", "cmd_mount", "fs_options"]
 
@@ -16,11 +17,6 @@ PROG = "tvix-store"
 
 async def cmd_mount(args: argparse.Namespace) -> int:
     """Mount, serve in the foreground until SIGINT/SIGTERM or an outside unmount."""
-    try:
-        # Here, not at the top: pyfuse3 is an optional extra the other commands do not need.
-        from tvix.fs.mount import MountError, MountOptions, mount
-    except ImportError as e:
-        raise CLIError(f"mount needs pyfuse3 (pip install 'tvix-store[fuse]'): {e}") from None
     options = MountOptions(
         fs=fs_options(args),
         allow_other=args.allow_other,

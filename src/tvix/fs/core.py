@@ -6,10 +6,10 @@ Directories are fetched from the directory service and file contents from the
 blob service, all on demand. This class answers the filesystem questions
 (lookups, attributes, listings, reads, links, extended attributes, forgets) in
 terms of inode numbers, handles, plain :class:`Attr` records and
-:class:`~tvix.fs.requests.FsError`; the transports beside it turn requests into
-calls: :class:`tvix.fs.filesystem.TvixStoreFs` for the kernel's FUSE device
-(through pyfuse3) and :mod:`tvix.fs.fusewire` for virtio-fs (the FUSE wire
-format, decoded in Python).
+:class:`~tvix.fs.requests.FsError`; :mod:`tvix.fs.fusewire` turns FUSE
+requests into calls (the wire format, decoded in Python), carried by the
+kernel's FUSE device on the host (:mod:`tvix.fs.fusedev`) and by virtio-fs
+queues for VMs (:mod:`tvix.fs.virtiofs`).
 
 What a client sees:
 
@@ -24,9 +24,18 @@ What a client sees:
   ``user.tvix.castore.directory.digest`` on directories (``b3:<base64>``, as
   upstream), unless ``show_xattr`` is off (then ``ENOSYS``: the kernel is told
   extended attributes are not supported at all and reports ``EOPNOTSUPP``);
-* long entry and attribute timeouts and cached pages across opens: the content
-  under a name never changes, so the kernel may cache names, attributes, and
-  pages for as long as it likes. Misses inside a directory may be cached as
+* ``statfs`` (``df``): the store's size, as ``tvix-store info`` counts it:
+  total = used = the NAR bytes of every store path (what the files the mount
+  presents amount to, in 512-byte blocks), inodes = the number of store paths,
+  nothing free (read-only). The NAR sizes are in the PathInfos, so counting
+  is one listing of them, no Directory read; it is taken when first asked
+  for, then again in the background when older than ``statfs_interval``
+  (only the very first ``statfs`` waits for it). A PathInfo service that
+  cannot list reports zeros;
+* long entry and attribute timeouts, cached pages and directory listings
+  across opens: the content under a name never changes, so the kernel may
+  cache names, attributes, pages and listings (all but the root's) for as
+  long as it likes. Misses inside a directory may be cached as
   negative entries for as long (:meth:`StoreFs.lookup` returns ``None``);
   misses at the root may not (a store path may be added while served).
 
@@ -42,12 +51,15 @@ timeout) is logged and answered ``EIO``, and the filesystem keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
@@ -63,11 +75,13 @@ from tvix.store.pathinfoservice.base import PathInfoService
 
 __all__ = [
     "BLKSIZE",
+    "FRSIZE",
     "MTIME_NS",
     "XATTR_BLOB_DIGEST",
     "XATTR_DIRECTORY_DIGEST",
     "Attr",
     "StoreFs",
+    "StoreSize",
 ]
 
 log = logging.getLogger("tvix.fs.filesystem")
@@ -80,11 +94,26 @@ MTIME_NS = 1_000_000_000
 # The I/O size stat() suggests: cat, cp and friends size their buffers by it,
 # and every read request costs a round trip through userspace.
 BLKSIZE = 1 << 20
+# The unit of statfs's block counts (a sector, as st_blocks counts).
+FRSIZE = 512
 
 
 # Called for each directory entry a listing sends: name, attributes, the offset
 # of the entry after it; False when the reply is full (the entry was not sent).
 AddEntry = Callable[[bytes, Attr, int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSize:
+    """What ``statfs`` reports: the NAR bytes of every store path, and how many there are."""
+
+    nar_bytes: int
+    store_paths: int
+
+    @property
+    def blocks(self) -> int:
+        """``nar_bytes`` in :data:`FRSIZE` blocks, rounded up."""
+        return -(-self.nar_bytes // FRSIZE)
 
 
 class StoreFs:
@@ -114,11 +143,18 @@ class StoreFs:
         self._dirs: dict[int, DirHandle] = {}
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self._size: StoreSize | None = None
+        self._size_at = 0.0  # time.monotonic() of the count
+        self._counting: asyncio.Task[StoreSize] | None = None
 
     async def close(self) -> None:
         """Close the readers of files still open, forget every handle (the client is gone)."""
         handles, self._files = list(self._files.values()), {}
         self._dirs = {}
+        counting, self._counting = self._counting, None
+        if counting is not None:
+            counting.cancel()
+            await asyncio.gather(counting, return_exceptions=True)
         for handle in handles:
             await _close_reader(handle)
 
@@ -301,7 +337,7 @@ class StoreFs:
         return fh
 
     @request_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         """Up to ``size`` bytes of open file ``fh`` at ``off`` (short only at its end)."""
         handle = self._files.get(fh)
         if handle is None:
@@ -319,7 +355,7 @@ class StoreFs:
                 await _close_reader(handle)
                 raise
 
-    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytes:
+    async def _read_at(self, handle: FileHandle, off: int, want: int) -> bytearray:
         reader = handle.reader
         if reader is None:
             reader = await self.blobs.open_read(handle.node.digest)
@@ -333,21 +369,19 @@ class StoreFs:
         # reader costs nothing until the read, which fetches only the chunks it touches.
         if reader.tell() != off:
             await reader.seek(off)
-        data = await reader.read(want)
-        if len(data) == want:
-            return data
-        parts = [data]
-        got = len(data)
+        # One buffer the reader fills, chunk after chunk: the bytes are copied once.
+        out = bytearray(want)
+        view = memoryview(out)
+        got = 0
         while got < want:
-            data = await reader.read(want - got)
-            if not data:
+            n = await reader.readinto(view[got:])
+            if not n:
                 raise IntegrityError(
                     f"blob {handle.node.digest} ends at {off + got}, before the "
                     f"{handle.node.size} bytes its node states"
                 )
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+            got += n
+        return out
 
     @request_handler
     async def release(self, fh: int) -> None:
@@ -381,6 +415,43 @@ class StoreFs:
         if isinstance(node, DirectoryNode):
             return [XATTR_DIRECTORY_DIGEST]
         return []
+
+    # -- the filesystem ------------------------------------------------------------------
+
+    @request_handler
+    async def statfs(self) -> StoreSize:
+        """The store's size (see the module docs), counted at most every ``statfs_interval`` s."""
+        if not self.path_infos.supports_list:
+            return StoreSize(0, 0)
+        size = self._size
+        stale = size is None or time.monotonic() - self._size_at > self.options.statfs_interval
+        if stale and self._counting is None:
+            self._counting = asyncio.create_task(self._count_size())
+            self._counting.add_done_callback(self._counted)
+        if size is not None:
+            return size
+        assert self._counting is not None
+        # Shielded: a first statfs that gives up does not cancel the count.
+        return await asyncio.shield(self._counting)
+
+    async def _count_size(self) -> StoreSize:
+        nar_bytes = store_paths = 0
+        async for info in self.path_infos.list():
+            nar_bytes += info.nar_size
+            store_paths += 1
+        return StoreSize(nar_bytes, store_paths)
+
+    def _counted(self, task: asyncio.Task[StoreSize]) -> None:
+        if self._counting is task:
+            self._counting = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # The last count stays; the next statfs tries again.
+            log.error("statfs: counting the store paths failed: %s", error)
+            return
+        self._size, self._size_at = task.result(), time.monotonic()
 
 
 async def _close_reader(handle: FileHandle) -> None:

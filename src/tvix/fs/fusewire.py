@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tvix.fs.core import BLKSIZE, MTIME_NS, StoreFs
+from tvix.fs.core import BLKSIZE, FRSIZE, MTIME_NS, StoreFs
 from tvix.fs.inodes import Attr
 from tvix.fs.requests import FsError
 
@@ -172,7 +172,7 @@ class FuseSession:
         self._timeout = (seconds, nsec)
         self._attr_out_head = _ATTR_OUT_HEAD.pack(seconds, nsec, 0)
         self._negative = _ENTRY_HEAD.pack(0, 0, seconds, 0, nsec, 0) + bytes(_ATTR.size)
-        Handler = Callable[[int, memoryview], Coroutine[Any, Any, bytes]]
+        Handler = Callable[[int, memoryview], Coroutine[Any, Any, bytes | bytearray]]
         self._handlers: dict[int, Handler] = {
             Op.LOOKUP: self._lookup,
             Op.GETATTR: self._getattr,
@@ -192,6 +192,13 @@ class FuseSession:
 
     async def handle(self, request: bytes | memoryview) -> bytes | None:
         """The reply to ``request`` (one whole FUSE request), or ``None`` if it gets none."""
+        parts = await self.handle_parts(request)
+        return None if parts is None else parts[0] + parts[1]
+
+    async def handle_parts(
+        self, request: bytes | memoryview
+    ) -> tuple[bytes, bytes | bytearray] | None:
+        """:meth:`handle`'s reply as its header and its payload, for a gathering write."""
         data = memoryview(request)
         if len(data) < IN_HEADER_SIZE:
             log.warning("FUSE request of %d bytes: shorter than its header", len(data))
@@ -201,6 +208,7 @@ class FuseSession:
         if opcode in _NO_REPLY:
             self._forget(opcode, nodeid, body)
             return None
+        payload: bytes | bytearray
         try:
             if opcode == Op.INIT:
                 payload = self._init(body)
@@ -212,11 +220,11 @@ class FuseSession:
                     raise FsError(errno.EROFS if opcode in _READ_ONLY else errno.ENOSYS)
                 payload = await handler(nodeid, body)
         except FsError as e:
-            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -e.errno, unique)
+            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -e.errno, unique), b""
         except Exception:  # a malformed request must not end the session
             log.exception("FUSE opcode %d failed", opcode)
-            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -errno.EIO, unique)
-        return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(payload), 0, unique) + payload
+            return _OUT_HEADER.pack(OUT_HEADER_SIZE, -errno.EIO, unique), b""
+        return _OUT_HEADER.pack(OUT_HEADER_SIZE + len(payload), 0, unique), payload
 
     # -- session -------------------------------------------------------------------------
 
@@ -305,8 +313,9 @@ class FuseSession:
 
     async def _opendir(self, nodeid: int, body: memoryview) -> bytes:
         fh = await self.fs.opendir(nodeid)
-        # The root's listing may grow; any other never changes.
-        flags = _FOPEN_CACHE_DIR if nodeid != 1 else 0
+        # The root's listing may grow; any other never changes. The kernel keeps
+        # a cached listing only across opens that say KEEP_CACHE as well.
+        flags = _FOPEN_CACHE_DIR | _FOPEN_KEEP_CACHE if nodeid != 1 else 0
         return _OPEN_OUT.pack(fh, flags, 0)
 
     async def _readdir(self, nodeid: int, body: memoryview) -> bytes:
@@ -349,7 +358,7 @@ class FuseSession:
         # The contents of an inode never change: cached pages stay valid across opens.
         return _OPEN_OUT.pack(fh, _FOPEN_KEEP_CACHE, 0)
 
-    async def _read(self, nodeid: int, body: memoryview) -> bytes:
+    async def _read(self, nodeid: int, body: memoryview) -> bytes | bytearray:
         fh, offset, size, _flags = _READ_IN.unpack_from(body)
         return await self.fs.read(fh, offset, size)
 
@@ -360,7 +369,9 @@ class FuseSession:
     # -- the rest ------------------------------------------------------------------------
 
     async def _statfs(self, nodeid: int, body: memoryview) -> bytes:
-        return _KSTATFS.pack(0, 0, 0, 0, 0, BLKSIZE, 255, 512)
+        size = await self.fs.statfs()
+        # blocks bfree bavail files ffree bsize namelen frsize: read-only, nothing free.
+        return _KSTATFS.pack(size.blocks, 0, 0, size.store_paths, 0, BLKSIZE, 255, FRSIZE)
 
     async def _getxattr(self, nodeid: int, body: memoryview) -> bytes:
         size = _GETXATTR_IN.unpack_from(body)[0]

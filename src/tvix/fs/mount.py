@@ -1,9 +1,8 @@
-"""Mount a :class:`~tvix.fs.TvixStoreFs` with FUSE, serve it, and always unmount."""
+"""Mount a :class:`~tvix.fs.core.StoreFs` on the host (/dev/fuse), serve it, always unmount."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -13,15 +12,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pyfuse3
-import pyfuse3.asyncio
-
 from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
-from tvix.fs.filesystem import FsOptions, TvixStoreFs
+from tvix.fs.core import StoreFs
+from tvix.fs.fusedev import DeviceError, open_mount, serve_device, unmount
+from tvix.fs.requests import FsOptions
 from tvix.store.pathinfoservice.base import PathInfoService
 
-__all__ = ["MountError", "MountOptions", "fuse_options", "mount", "serve"]
+__all__ = ["MountError", "MountOptions", "mount", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +34,8 @@ class MountOptions:
 
     ``allow_other``: let users other than the mounting one in (for a non-root
     mount, ``user_allow_other`` must be set in ``/etc/fuse.conf``).
-    ``workers``: requests served concurrently at most (pyfuse3 worker tasks;
-    each one waiting on the services leaves the others free).
+    ``workers``: requests served concurrently at most (one task each; one
+    waiting on the services leaves the others free).
     ``read_ahead_kb``: the kernel's read-ahead for this mount (``None``: the
     kernel's default, 128 KiB). The kernel sizes read requests by it, up to
     the 1 MiB FUSE allows, and every request is a round trip through Python,
@@ -50,21 +48,6 @@ class MountOptions:
     allow_other: bool = False
     workers: int = 64
     read_ahead_kb: int | None = 4096
-
-
-def fuse_options(options: MountOptions) -> set[str]:
-    """The libfuse mount options for ``options``."""
-    opts = {
-        "fsname=tvix-store",
-        "subtype=tvix-store",
-        # Read-only for the kernel too: writes fail with EROFS before reaching us.
-        "ro",
-        # The kernel checks permission bits itself (0444/0555 for everyone).
-        "default_permissions",
-    }
-    if options.allow_other:
-        opts.add("allow_other")
-    return opts
 
 
 def _check_mountpoint(path: str) -> None:
@@ -103,18 +86,18 @@ async def mount(
 ) -> None:
     """Mount the store at ``mountpoint``, serve it until told to stop, then unmount.
 
-    A :class:`TvixStoreFs` over the three services, served by :func:`serve`
+    A :class:`StoreFs` over the three services, served by :func:`serve`
     (see there for when serving ends and what is raised).
     """
     options = options if options is not None else MountOptions()
-    fs = TvixStoreFs(blobs, directories, path_infos, options.fs)
+    fs = StoreFs(blobs, directories, path_infos, options.fs)
     await serve(
         fs, mountpoint, options, on_mounted=on_mounted, stop=stop, handle_signals=handle_signals
     )
 
 
 async def serve(
-    fs: TvixStoreFs,
+    fs: StoreFs,
     mountpoint: str | os.PathLike[str],
     options: MountOptions | None = None,
     *,
@@ -127,13 +110,13 @@ async def serve(
     Serves until ``stop`` is set, SIGINT or SIGTERM arrives (with
     ``handle_signals``, in the main thread), or the filesystem is unmounted
     from outside (``fusermount3 -u``). Unmounts (lazily, so a busy mount point
-    does not keep it) whatever ends the serving, failures included.
-    ``on_mounted`` is called with the absolute mount point once the kernel has
-    the mount. One mount per process at a time: pyfuse3 keeps its session in
-    module state. (``options.fs`` is ``fs``'s business and not used here.)
+    does not keep it) whatever ends the serving, failures included; requests
+    in flight are answered first. ``on_mounted`` is called with the absolute
+    mount point once the kernel has the mount. (``options.fs`` is ``fs``'s
+    business and not used here.)
 
     Raises :class:`MountError` if the mount point is unusable, the root should
-    be listed but the PathInfo service cannot list, or FUSE refuses to mount.
+    be listed but the PathInfo service cannot list, or the kernel refuses to mount.
     """
     options = options if options is not None else MountOptions()
     path = os.path.abspath(mountpoint)
@@ -142,17 +125,16 @@ async def serve(
         raise MountError(
             f"cannot list the root: {type(fs.path_infos).__name__} cannot list its store paths"
         )
-    pyfuse3.asyncio.enable()
+    try:
+        fd = open_mount(path, allow_other=options.allow_other)
+    except DeviceError as e:
+        raise MountError(f"cannot mount at {path}: {e}") from None
+    log.info("mounted at %s", path)
+    after_init = None
     if options.read_ahead_kb is not None:
         kb = options.read_ahead_kb
         # After INIT: the kernel sets the read-ahead from its answer.
-        fs.call_after_init(lambda: _set_read_ahead(path, kb))
-    try:
-        pyfuse3.init(fs, path, fuse_options(options))
-    except RuntimeError as e:
-        # libfuse has printed its reason on stderr already (e.g. no /dev/fuse).
-        raise MountError(f"cannot mount at {path}: {e}") from None
-    log.info("mounted at %s", path)
+        after_init = lambda: _set_read_ahead(path, kb)  # noqa: E731
 
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
@@ -161,41 +143,18 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
             signals.append(sig)
-    serving = asyncio.ensure_future(pyfuse3.main(min_tasks=1, max_tasks=options.workers))
-    stopping = asyncio.ensure_future(stop.wait())
     try:
         if on_mounted is not None:
             on_mounted(path)
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not serving.done():
-            log.info("unmounting %s", path)
-            # The main loop ends once the requests in flight are answered (every
-            # handler is bounded by the request timeout). Its workers use the
-            # session until then, so it is waited for, never cancelled.
-            _terminate()
-        await serving
+        await serve_device(fs, fd, workers=options.workers, stop=stop, after_init=after_init)
+        log.info("unmounting %s", path)
     finally:
-        stopping.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if not serving.done():  # we are being cancelled ourselves
-            serving.cancel()
-            with contextlib.suppress(BaseException):
-                await serving
-        pyfuse3.close(unmount=True)
+        unmount(path)
+        os.close(fd)
         await fs.close()
     log.info("unmounted %s", path)
-
-
-def _terminate() -> None:
-    """Ask pyfuse3's main loop to end."""
-    try:
-        pyfuse3.terminate()
-    except asyncio.InvalidStateError:
-        # pyfuse3's asyncio mode fails the waiter on the FUSE fd, which raises
-        # when the fd became readable a moment before. terminate() has set the
-        # session's exit flag first, so the loop still ends after that request.
-        log.debug("FUSE fd became readable while terminating")
 
 
 def _mount_device(path: str) -> str | None:

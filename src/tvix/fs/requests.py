@@ -46,7 +46,8 @@ class FsOptions:
     wait for the services before it fails with ``EIO``. ``cache_timeout``:
     seconds the kernel may cache names and attributes.
     ``max_cached_directory_entries``: entries of fetched Directories kept in
-    memory (summed over Directories).
+    memory (summed over Directories). ``statfs_interval``: seconds after
+    which ``statfs`` counts the store again (in the background).
     """
 
     list_root: bool = False
@@ -54,6 +55,7 @@ class FsOptions:
     request_timeout: float = 60.0
     cache_timeout: float = 24 * 3600.0
     max_cached_directory_entries: int = 1_000_000
+    statfs_interval: float = 60.0
 
 
 class FsError(Exception):
@@ -74,8 +76,8 @@ def request_handler(
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
     """Bound a request handler by the request timeout and map every failure to an errno.
 
-    Transports let only :class:`FsError` through (pyfuse3's main loop would end on
-    anything else), so this is the one place where the store's errors become
+    Transports let only :class:`FsError` through (a failure of anything else
+    would be a bug of the transport's), so this is the one place where the store's errors become
     ``EIO`` (and are logged, since the caller only sees the errno).
     """
     name = fn.__name__

@@ -51,6 +51,17 @@ class BlobReader(abc.ABC):
         :class:`~tvix.castore.errors.StorageError` if the backend fails.
         """
 
+    async def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Read up to ``len(buffer)`` bytes into ``buffer``; how many were read.
+
+        As :meth:`read` (0 only at the end, maybe fewer before it, the same
+        errors), but into the caller's buffer: a backend that holds the bytes
+        already copies them once, straight into it.
+        """
+        data = await self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move to ``offset`` (``SEEK_SET``) or by ``offset`` (``SEEK_CUR``).

@@ -110,9 +110,11 @@ LINGER = 0.02
 # Threads reading packs: the reads (or ranged GETs) in flight at most.
 IO_THREADS = 4
 # Chunks a reader fetches at once while reading front to back (~8 MiB), and
-# the windows it keeps in flight ahead (fetched and verified in parallel).
+# the windows it keeps in flight ahead (fetched and verified in parallel: two
+# keep both cores busy decompressing and verifying; 540 vs 460 MB/s for
+# compressible data through the mount, the same for incompressible).
 WINDOW = 32
-AHEAD = 1
+AHEAD = 2
 # Rows found present are refreshed when last seen longer ago than this
 # (seconds): a refresh is a write, so a busy store writes each row at most
 # once a minute. A GC's grace period must be longer (see tvix.store.gc).
@@ -996,12 +998,47 @@ class _PacksReader(BlobReader):
         self._hasher: blake3.blake3 | None = blake3.blake3()
         self._hashed = 0
         self._hash_lock = threading.Lock()
+        # A local store with a SQLite index: a window is looked up, read and
+        # verified in one job of one thread (every handoff between threads costs
+        # up to the GIL's switch interval while the event loop is busy).
+        self._one_job = service._local and isinstance(service.index, SQLiteIndex)
         self._closed = False
 
     async def _fetch(self, first: int, count: int) -> list[Chunk]:
         metas = self._chunks[first : first + count]
-        digests = [m.digest for m in metas]
-        locs = await self._service.index.locate(list(set(digests)))
+        digests = list({m.digest for m in metas})
+        service = self._service
+        if self._one_job:
+            if service._closed:
+                raise StorageError("packs blob service is closed")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(service._io, self._fetch_sync, first, metas, digests)
+        return await service._read(self._wanted(metas, await service.index.locate(digests)))
+
+    def _fetch_sync(
+        self, first: int, metas: list[ChunkMeta], digests: list[B3Digest]
+    ) -> list[Chunk]:
+        """Look up, read and verify: one job, one thread.
+
+        A window read front to back also tells the storage which bytes the
+        next window will read, so a cold read has them coming from disk
+        while this one is verified and served.
+        """
+        service = self._service
+        index = service.index
+        assert isinstance(index, SQLiteIndex)
+        after = self._chunks[first + len(metas) : first + 2 * len(metas)]
+        if len(metas) < WINDOW:
+            after = []
+        locs = index.locate_sync(digests + [m.digest for m in after])
+        for run in coalesce([locs[m.digest] for m in after if m.digest in locs]):
+            service.storage.will_read(run.pack, run.start, run.end)
+        return service._read_sync(self._wanted(metas, locs))
+
+    def _wanted(
+        self, metas: list[ChunkMeta], locs: dict[bytes, Location]
+    ) -> list[tuple[bytes, Location]]:
+        """Where the chunks ``metas`` are, checked against the blob's record."""
         wanted = []
         for m in metas:
             loc = locs.get(m.digest)
@@ -1016,7 +1053,7 @@ class _PacksReader(BlobReader):
                     f"its record says {m.size}"
                 )
             wanted.append((bytes(m.digest), loc))
-        return await self._service._read(wanted)
+        return wanted
 
     async def _chunk(self, index: int) -> Chunk:
         first, cur = self._cur_first, self._cur
@@ -1054,7 +1091,8 @@ class _PacksReader(BlobReader):
         tasks = [t for _i, t in self._ahead]
         for task in tasks:
             task.cancel()
-        self._ahead = []
+        # In place: _chunk holds this list and appends the next prefetch to it.
+        self._ahead.clear()
         return tasks
 
     def _hash(self, first: int, data: list[Chunk]) -> None:
@@ -1098,6 +1136,22 @@ class _PacksReader(BlobReader):
         out = bytes(data[start : start + n])
         self._pos = pos + len(out)
         return out
+
+    async def readinto(self, buffer: bytearray | memoryview) -> int:
+        if self._closed:
+            raise ValueError("read from a closed blob reader")
+        out = memoryview(buffer).cast("B")
+        got = 0
+        # Chunk after chunk until the buffer is full: one copy, chunk to buffer.
+        while got < len(out) and self._pos < self._size:
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            data = memoryview(await self._chunk(index))
+            start = self._pos - self._starts[index]
+            take = min(len(data) - start, len(out) - got)
+            out[got : got + take] = data[start : start + take]
+            got += take
+            self._pos += take
+        return got
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:

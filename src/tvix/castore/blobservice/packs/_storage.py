@@ -76,6 +76,9 @@ class PackStorage(abc.ABC):
     def read(self, pack: str, start: int, end: int) -> bytes | memoryview:
         """Bytes ``[start, end)`` of ``pack``: one ``pread`` or one ranged GET."""
 
+    def will_read(self, pack: str, start: int, end: int) -> None:  # noqa: B027 - optional hook
+        """A hint: bytes ``[start, end)`` of ``pack`` will be read soon (never fails)."""
+
     @abc.abstractmethod
     def listing(self) -> dict[str, int]:
         """Every stored pack and its stored size."""
@@ -271,6 +274,14 @@ class LocalPacks(PackStorage):
                         raise StorageError(f"pack {self.path(pack)}: {e.strerror}") from e
                     self._read_fds[pack] = fd
         return fd
+
+    @override
+    def will_read(self, pack: str, start: int, end: int) -> None:
+        # The kernel reads it in the background, while the bytes before it are
+        # verified and served: a cold read keeps the disk busy.
+        # Only a hint: the read itself reports what is wrong.
+        with contextlib.suppress(OSError, StorageError):
+            os.posix_fadvise(self._read_fd(pack), start, end - start, os.POSIX_FADV_WILLNEED)
 
     def read(self, pack: str, start: int, end: int) -> bytes:
         fd = self._read_fd(pack)
