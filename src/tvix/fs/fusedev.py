@@ -54,13 +54,15 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def open_mount(path: str, *, allow_other: bool = False) -> int:
+def open_mount(path: str, *, allow_other: bool = False, fusermount: bool = False) -> int:
     """Mount a read-only FUSE filesystem at ``path``; the device fd that serves it.
 
-    Raises :class:`DeviceError` if neither ``mount(2)`` nor ``fusermount3`` can.
+    ``fusermount``: through ``fusermount3`` even as root (as every other user
+    mounts). Raises :class:`DeviceError` if neither ``mount(2)`` nor
+    ``fusermount3`` can.
     """
     options = ["default_permissions", *(["allow_other"] if allow_other else [])]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not fusermount:
         try:
             fd = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -108,13 +110,20 @@ def _fusermount(path: str, options: list[str]) -> int:
     return fds[0]
 
 
-def unmount(path: str) -> None:
-    """Detach the mount at ``path`` (lazily; nothing happens if it is gone already)."""
-    if os.geteuid() == 0 and _libc().umount2(os.fsencode(path), _MNT_DETACH) == 0:
+def unmount(path: str, *, fusermount: bool = False) -> None:
+    """Detach the mount at ``path`` (lazily; nothing happens if it is gone already).
+
+    ``fusermount``: through ``fusermount3 -u -z`` even as root.
+    """
+    if (
+        os.geteuid() == 0
+        and not fusermount
+        and _libc().umount2(os.fsencode(path), _MNT_DETACH) == 0
+    ):
         return
-    fusermount = shutil.which("fusermount3")
-    if fusermount is not None:
-        subprocess.run([fusermount, "-u", "-z", "--", path], capture_output=True, check=False)
+    program = shutil.which("fusermount3")
+    if program is not None:
+        subprocess.run([program, "-u", "-z", "--", path], capture_output=True, check=False)
 
 
 async def serve_device(
