@@ -30,12 +30,13 @@ counted as live.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from typing_extensions import override
@@ -410,27 +411,38 @@ class SQLiteIndex(PackIndex):
             raise StorageError(f"pack index {self.path}: {e}") from e
         return out
 
+    @contextlib.contextmanager
+    def _writing(self, conn: sqlite3.Connection, *, dry_run: bool = False) -> Iterator[None]:
+        """A write transaction on ``conn``: committed when the block ends, else rolled back.
+
+        Rolled back too with ``dry_run``. ``IMMEDIATE`` takes the write lock
+        up front, so a writer in another process waits (busy timeout) instead
+        of failing half-way. SQLite's errors become :class:`StorageError`.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        except sqlite3.Error as e:
+            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
+
     def commit_sync(
         self, pack: str, size: int, entries: Sequence[Entry], records: Sequence[tuple[bytes, bytes]]
     ) -> None:
         conn = self._writable()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if entries:
-                    self._add_entries(conn, pack, size, entries)
-                t = now()
-                conn.executemany(
-                    "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT (digest) DO UPDATE "
-                    "SET seen = excluded.seen",
-                    [(d, c, t) for d, c in records],
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
+        with self._writing(conn):
+            if entries:
+                self._add_entries(conn, pack, size, entries)
+            t = now()
+            conn.executemany(
+                "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                "SET seen = excluded.seen",
+                [(d, c, t) for d, c in records],
+            )
 
     @staticmethod
     def _add_entries(
@@ -463,31 +475,21 @@ class SQLiteIndex(PackIndex):
         """:meth:`drop`, blocking."""
         conn = self._writable()
         dropped = 0
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for digest, loc in chunks:
-                    cur = conn.execute(
-                        "DELETE FROM chunks WHERE digest = ? AND offset = ? AND pack = "
-                        "(SELECT id FROM packs WHERE name = ?)",
-                        (digest, loc.offset, loc.pack),
+        with self._writing(conn):
+            for digest, loc in chunks:
+                cur = conn.execute(
+                    "DELETE FROM chunks WHERE digest = ? AND offset = ? AND pack = "
+                    "(SELECT id FROM packs WHERE name = ?)",
+                    (digest, loc.offset, loc.pack),
+                )
+                if cur.rowcount:
+                    dropped += 1
+                    conn.execute(
+                        "UPDATE packs SET live = live - ? WHERE name = ?",
+                        (HEADER_SIZE + loc.length, loc.pack),
                     )
-                    if cur.rowcount:
-                        dropped += 1
-                        conn.execute(
-                            "UPDATE packs SET live = live - ? WHERE name = ?",
-                            (HEADER_SIZE + loc.length, loc.pack),
-                        )
-                for digest in records:
-                    dropped += conn.execute(
-                        "DELETE FROM blobs WHERE digest = ?", (digest,)
-                    ).rowcount
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {_describe(e)}") from e
+            for digest in records:
+                dropped += conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,)).rowcount
         return dropped
 
     @override
@@ -536,75 +538,59 @@ class SQLiteIndex(PackIndex):
                             present.add(d)
                         else:
                             stale.append(d)
-            if stale:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    t = now()
-                    for table in ("chunks", "blobs"):
-                        for i in range(0, len(stale), _SQLITE_BATCH):
-                            part = stale[i : i + _SQLITE_BATCH]
-                            marks = ",".join("?" * len(part))
-                            conn.execute(
-                                f"UPDATE {table} SET seen = ? WHERE digest IN ({marks})",
-                                [t, *part],
-                            )
-                            present.update(
-                                r[0]
-                                for r in conn.execute(
-                                    f"SELECT digest FROM {table} WHERE digest IN ({marks})", part
-                                )
-                            )
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
         except sqlite3.Error as e:
             raise StorageError(f"pack index {self.path}: {e}") from e
+        if stale:
+            with self._writing(conn):
+                t = now()
+                for table in ("chunks", "blobs"):
+                    for i in range(0, len(stale), _SQLITE_BATCH):
+                        part = stale[i : i + _SQLITE_BATCH]
+                        marks = ",".join("?" * len(part))
+                        conn.execute(
+                            f"UPDATE {table} SET seen = ? WHERE digest IN ({marks})", [t, *part]
+                        )
+                        present.update(
+                            r[0]
+                            for r in conn.execute(
+                                f"SELECT digest FROM {table} WHERE digest IN ({marks})", part
+                            )
+                        )
         return present
 
     @override
     async def sweep(self, live: set[bytes], cutoff: float, *, dry_run: bool = False) -> SweepResult:
         conn = self.conn()
         result = SweepResult()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS gc_live "
-                    "(digest BLOB PRIMARY KEY) WITHOUT ROWID"
+        with self._writing(conn, dry_run=dry_run):
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS gc_live (digest BLOB PRIMARY KEY) WITHOUT ROWID"
+            )
+            conn.execute("DELETE FROM gc_live")
+            conn.executemany("INSERT OR IGNORE INTO gc_live VALUES (?)", ((d,) for d in live))
+            cur = conn.execute(
+                "DELETE FROM blobs WHERE seen < ? AND digest NOT IN (SELECT digest FROM gc_live)",
+                (cutoff,),
+            )
+            result.records = cur.rowcount
+            # The chunks of every record that stays are live.
+            for digest, raw in conn.execute("SELECT digest, chunks FROM blobs").fetchall():
+                conn.executemany(
+                    "INSERT OR IGNORE INTO gc_live VALUES (?)",
+                    ((c.digest,) for c in decode_record(raw, digest)),
                 )
-                conn.execute("DELETE FROM gc_live")
-                conn.executemany("INSERT OR IGNORE INTO gc_live VALUES (?)", ((d,) for d in live))
-                cur = conn.execute(
-                    "DELETE FROM blobs WHERE seen < ? "
-                    "AND digest NOT IN (SELECT digest FROM gc_live)",
-                    (cutoff,),
-                )
-                result.records = cur.rowcount
-                # The chunks of every record that stays are live.
-                for digest, raw in conn.execute("SELECT digest, chunks FROM blobs").fetchall():
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO gc_live VALUES (?)",
-                        ((c.digest,) for c in decode_record(raw, digest)),
-                    )
-                dead = "seen < ? AND digest NOT IN (SELECT digest FROM gc_live)"
-                freed = conn.execute(
-                    f"SELECT pack, count(*), sum(length + {HEADER_SIZE}) FROM chunks "
-                    f"WHERE {dead} GROUP BY pack",
-                    (cutoff,),
-                ).fetchall()
-                conn.execute(f"DELETE FROM chunks WHERE {dead}", (cutoff,))
-                for pack_id, count, nbytes in freed:
-                    result.chunks += count
-                    result.bytes += nbytes
-                    conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (nbytes, pack_id))
-                conn.execute("DELETE FROM gc_live")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("ROLLBACK" if dry_run else "COMMIT")
-        except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+            dead = "seen < ? AND digest NOT IN (SELECT digest FROM gc_live)"
+            freed = conn.execute(
+                f"SELECT pack, count(*), sum(length + {HEADER_SIZE}) FROM chunks "
+                f"WHERE {dead} GROUP BY pack",
+                (cutoff,),
+            ).fetchall()
+            conn.execute(f"DELETE FROM chunks WHERE {dead}", (cutoff,))
+            for pack_id, count, nbytes in freed:
+                result.chunks += count
+                result.bytes += nbytes
+                conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (nbytes, pack_id))
+            conn.execute("DELETE FROM gc_live")
         return result
 
     @override
@@ -612,37 +598,27 @@ class SQLiteIndex(PackIndex):
         self, old: str, new: str, size: int, moves: Sequence[Entry]
     ) -> tuple[int, bool]:
         conn = self.conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT id FROM packs WHERE name = ?", (old,)).fetchone()
-                moved = 0
-                if row is not None:
-                    conn.execute(
-                        "INSERT INTO packs (name, size, live) VALUES (?, ?, 0) "
-                        "ON CONFLICT (name) DO UPDATE SET size = max(size, excluded.size)",
-                        (new, size),
+        with self._writing(conn):
+            row = conn.execute("SELECT id FROM packs WHERE name = ?", (old,)).fetchone()
+            moved = 0
+            if row is not None:
+                conn.execute(
+                    "INSERT INTO packs (name, size, live) VALUES (?, ?, 0) "
+                    "ON CONFLICT (name) DO UPDATE SET size = max(size, excluded.size)",
+                    (new, size),
+                )
+                (new_id,) = conn.execute("SELECT id FROM packs WHERE name = ?", (new,)).fetchone()
+                for e in moves:
+                    cur = conn.execute(
+                        "UPDATE chunks SET pack = ?, offset = ?, length = ?, codec = ? "
+                        "WHERE digest = ? AND pack = ?",
+                        (new_id, e.offset, e.length, e.codec, e.digest, row[0]),
                     )
-                    (new_id,) = conn.execute(
-                        "SELECT id FROM packs WHERE name = ?", (new,)
-                    ).fetchone()
-                    for e in moves:
-                        cur = conn.execute(
-                            "UPDATE chunks SET pack = ?, offset = ?, length = ?, codec = ? "
-                            "WHERE digest = ? AND pack = ?",
-                            (new_id, e.offset, e.length, e.codec, e.digest, row[0]),
-                        )
-                        if cur.rowcount:
-                            moved += HEADER_SIZE + e.length
-                    conn.execute("UPDATE packs SET live = live + ? WHERE id = ?", (moved, new_id))
-                    conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (moved, row[0]))
-                gone = self._forget_if_empty(conn, old)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+                    if cur.rowcount:
+                        moved += HEADER_SIZE + e.length
+                conn.execute("UPDATE packs SET live = live + ? WHERE id = ?", (moved, new_id))
+                conn.execute("UPDATE packs SET live = live - ? WHERE id = ?", (moved, row[0]))
+            gone = self._forget_if_empty(conn, old)
         return moved, gone
 
     @staticmethod
@@ -658,16 +634,8 @@ class SQLiteIndex(PackIndex):
     @override
     async def forget_if_empty(self, pack: str) -> bool:
         conn = self.conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                gone = self._forget_if_empty(conn, pack)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StorageError(f"pack index {self.path}: {e}") from e
+        with self._writing(conn):
+            gone = self._forget_if_empty(conn, pack)
         return gone
 
     async def close(self) -> None:
