@@ -22,7 +22,9 @@ from obstore.store import S3Store
 from tests.support.nix import Nix
 from tests.support.servers import SeaweedFS
 from tests.support.services import Run
+from tvix.nixcompat.storepath import StorePath
 from tvix.store import pathinfoservice
+from tvix.store.gcstate import SQLiteGCState
 from tvix.store.gcstate.sqlite import GCLock
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
@@ -362,6 +364,27 @@ async def test_machines_sharing_a_postgres_store_share_its_gc_lock_and_pins(
     cli(machine_b, "pin", "remove", "release")
     assert cli(machine_a, "pin", "list").stdout.decode() == ""
     assert cli(machine_a, "delete", kept).stdout.decode().strip() == kept
+
+
+async def test_pins_left_in_a_data_directory_move_to_postgres(
+    tvix_store: Run, tmp_path: Path, data_dir: Path, pg_url: str
+) -> None:
+    """Pins made in the data directory before PostgreSQL kept them still protect their paths:
+    the first command on the store moves them into the database."""
+    env = {"DIRECTORY_SERVICE_ADDR": pg_url, "PATH_INFO_SERVICE_ADDR": pg_url}
+    (tree,), _ = _trees(tmp_path, 1)
+    path = _import(tvix_store, tree, env)
+    data_dir.mkdir(exist_ok=True)
+    old = SQLiteGCState(data_dir)
+    await old.add_pin("release", StorePath.from_absolute_path(path))
+    await old.close()
+    refused = tvix_store("delete", path, env=env, check=False)
+    assert refused.returncode == 1
+    assert "pinned by 'release'" in refused.stderr.decode()
+    assert f"moved the pin 'release' ({path})" in refused.stderr.decode()
+    other = {**env, "TVIX_STORE_DATA_DIR": str(tmp_path / "other")}
+    assert tvix_store("pin", "list", env=other).stdout.decode() == f"release\t{path}\n"
+    assert "moved" not in tvix_store("pin", "list", env=env).stderr.decode()
 
 
 # -- objectstore blobs (one object per chunk) ------------------------------------------------------

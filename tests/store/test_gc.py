@@ -22,7 +22,8 @@ from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import SQLiteDirectoryService
 from tvix.castore.errors import ValidationError
 from tvix.castore.nodes import DirectoryNode, FileNode
-from tvix.store.gc import GCBusyError, GCError, GCReport, collect, delete_paths
+from tvix.nixcompat.storepath import StorePath
+from tvix.store.gc import GCBusyError, GCError, GCReport, collect, delete_paths, move_pins
 from tvix.store.gcstate import SQLiteGCState
 from tvix.store.importer import import_path
 from tvix.store.pathinfo import PathInfo
@@ -360,3 +361,23 @@ async def test_another_process_gc_frees_the_space_of_packs_this_one_read(
         assert _deleted_fds() == 0
     finally:
         await reader.close()
+
+
+async def test_move_pins_keeps_every_path_pinned(tmp_path: Path) -> None:
+    a, b = (StorePath.from_absolute_path(f"/nix/store/{c * 32}-{c}") for c in "ab")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = SQLiteGCState(tmp_path / "old"), SQLiteGCState(tmp_path / "new")
+    try:
+        for name, path in (("a", a), ("b", b), ("same", a)):
+            await old.add_pin(name, path)
+        await new.add_pin("b", a)  # the name taken, for another path
+        await new.add_pin("same", a)
+        renamed = f"b ({tmp_path / 'old'})"
+        assert await move_pins(old, new) == [("a", a), (renamed, b)]
+        assert await old.pins() == []
+        assert await new.pins() == sorted([("a", a), ("b", a), (renamed, b), ("same", a)])
+        assert await move_pins(old, new) == []
+    finally:
+        await old.close()
+        await new.close()

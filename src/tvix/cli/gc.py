@@ -30,6 +30,7 @@ from tvix.store.gc import (
     collect,
     data_dir_usage,
     delete_paths,
+    move_pins,
 )
 from tvix.store.gcstate import GCState, SQLiteGCState
 from tvix.store.resolve import parse_path
@@ -75,9 +76,26 @@ def _store_path(text: str) -> StorePath:
 
 @contextlib.asynccontextmanager
 async def _gc_state(s: Services, data_dir: Path) -> AsyncIterator[GCState]:
-    """The GC state of the store ``s``: its PathInfo service's, else ``data_dir``'s."""
-    if s.path_infos.gc_state is not None:
-        yield s.path_infos.gc_state
+    """The GC state of the store ``s``: its PathInfo service's, else ``data_dir``'s.
+
+    Pins an earlier version kept in ``data_dir`` for a store whose PathInfo
+    service now keeps them are moved there first (told on stderr).
+    """
+    shared = s.path_infos.gc_state
+    if shared is not None:
+        if (data_dir / "gc.sqlite").exists():
+            local = SQLiteGCState(data_dir)
+            try:
+                moved = await move_pins(local, shared)
+            finally:
+                await local.close()
+            for name, path in moved:
+                print(
+                    f"tvix-store: moved the pin {name!r} ({path.absolute_path}) from "
+                    f"{data_dir / 'gc.sqlite'} to {shared.where}",
+                    file=sys.stderr,
+                )
+        yield shared
         return
     state = SQLiteGCState(data_dir)
     try:

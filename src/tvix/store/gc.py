@@ -81,6 +81,7 @@ __all__ = [
     "GCReport",
     "collect",
     "delete_paths",
+    "move_pins",
 ]
 
 DEFAULT_GRACE = 3600.0
@@ -303,6 +304,27 @@ async def delete_paths(
     for p in out:
         await path_infos.delete(p.digest)
     return out
+
+
+async def move_pins(source: GCState, target: GCState) -> list[tuple[str, StorePath]]:
+    """Move every pin of ``source`` to ``target``; the pins added to ``target``.
+
+    For a store whose GC state moved (pins made in a data directory before
+    its PathInfo service kept them). A pin whose name ``target`` already
+    gives another path is added as ``"NAME (SOURCE)"``, so that both paths
+    stay pinned. Each pin is added before it is removed from ``source``:
+    stopped half-way, it is pinned twice, never not at all; again, it
+    finishes.
+    """
+    have = dict(await target.pins())
+    moved = []
+    for name, path in await source.pins():
+        as_name = name if have.get(name, path) == path else f"{name} ({source.where})"
+        if have.get(as_name) != path:
+            await target.add_pin(as_name, path)
+            moved.append((as_name, path))
+        await source.remove_pin(name)
+    return moved
 
 
 def data_dir_usage(path: str) -> int:
