@@ -37,7 +37,11 @@ class GCState(abc.ABC):
         :attr:`where`, while another holder has it: another process, on
         this machine or (for a shared state) another, or another
         :meth:`lock` of this process (it is not reentrant). Released when
-        the block ends, and when the holder dies without ending it.
+        the block ends, and when the holder dies without ending it. A lock
+        that can be lost while held (a database connection) is watched:
+        when it is lost, the block is cancelled and
+        :class:`~tvix.store.errors.GCError` raised, so that no GC goes on
+        unlocked.
         """
 
     @abc.abstractmethod

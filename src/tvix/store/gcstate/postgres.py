@@ -8,21 +8,34 @@ rows of ``gc_pins`` in the same database and schema (created if absent).
 The lock's key is fixed per schema: the class ``tvix`` and the pins
 table's OID, so stores in different schemas of one database do not
 exclude each other.
+
+A lock whose connection is lost is gone (the server ended the session), so
+the holder must stop: while the block runs, the connection is checked every
+:data:`CHECK_INTERVAL` seconds, and when it fails the block is cancelled
+and :class:`~tvix.store.errors.GCError` raised. Stopping a GC anywhere is
+safe (it is crash-safe); the next one finishes its work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from typing_extensions import override
 
-from tvix.castore.sql.postgres import PostgresDatabase
+from tvix.castore.errors import StorageError
+from tvix.castore.sql.postgres import PostgresDatabase, storage_errors
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import GCBusyError
+from tvix.store.errors import GCBusyError, GCError
 from tvix.store.gcstate.base import GCState
 
-__all__ = ["MIGRATIONS", "PostgresGCState"]
+__all__ = ["CHECK_INTERVAL", "CHECK_TIMEOUT", "MIGRATIONS", "PostgresGCState"]
+
+CHECK_INTERVAL = 10.0
+"""Seconds between checks that the lock's connection is alive."""
+CHECK_TIMEOUT = 30.0
+"""Seconds a check may take before the connection counts as lost."""
 
 MIGRATIONS = [
     """
@@ -56,8 +69,36 @@ class PostgresGCState(GCState):
                     "another garbage collection is running on this store (it holds the GC lock "
                     f"in {self.where})"
                 )
-            # Closing the session releases the lock.
-            yield
+            holder = asyncio.current_task()
+            assert holder is not None
+            lost: list[str] = []
+
+            async def watch() -> None:
+                while True:
+                    await asyncio.sleep(CHECK_INTERVAL)
+                    try:
+                        with storage_errors(self._db.display):
+                            await asyncio.wait_for(conn.fetchval("SELECT 1"), CHECK_TIMEOUT)
+                    except StorageError as e:
+                        lost.append(str(e))
+                        holder.cancel()
+                        return
+
+            watcher = asyncio.create_task(watch())
+            try:
+                # Closing the session releases the lock.
+                yield
+            except asyncio.CancelledError:
+                if not lost:
+                    raise
+                holder.uncancel()
+                raise GCError(
+                    f"lost the GC lock in {self.where} ({lost[0]}); the garbage collection "
+                    "stopped (the next one finishes its work)"
+                ) from None
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
     @override
     async def add_pin(self, name: str, path: StorePath) -> None:
