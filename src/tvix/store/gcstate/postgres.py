@@ -91,14 +91,21 @@ class PostgresGCState(GCState):
             except asyncio.CancelledError:
                 if not lost:
                     raise
-                holder.uncancel()
+            finally:
+                watcher.cancel()
+                try:
+                    await asyncio.gather(watcher, return_exceptions=True)
+                except asyncio.CancelledError:
+                    # The watcher's cancel, when the block ended before it came.
+                    if not lost:
+                        raise
+                if lost:
+                    holder.uncancel()
+            if lost:
                 raise GCError(
                     f"lost the GC lock in {self.where} ({lost[0]}); the garbage collection "
                     "stopped (the next one finishes its work)"
-                ) from None
-            finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                )
 
     @override
     async def add_pin(self, name: str, path: StorePath) -> None:
