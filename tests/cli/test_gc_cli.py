@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import random
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import obstore
 import pytest
@@ -20,6 +22,10 @@ from obstore.store import S3Store
 from tests.support.nix import Nix
 from tests.support.servers import SeaweedFS
 from tests.support.services import Run
+from tvix.nixcompat.storepath import StorePath
+from tvix.store import pathinfoservice
+from tvix.store.gcstate import SQLiteGCState
+from tvix.store.gcstate.sqlite import GCLock
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
@@ -141,8 +147,6 @@ def test_delete_then_gc_frees_a_tree_and_keeps_its_sibling(
 
 
 def test_two_gcs_at_once_one_is_refused(tvix_store: Run, tmp_path: Path, data_dir: Path) -> None:
-    from tvix.store.gc import GCLock
-
     (tree,), _ = _trees(tmp_path, 1)
     _import(tvix_store, tree)
     with GCLock(str(data_dir / "gc.lock")):
@@ -298,6 +302,89 @@ def test_daemon_collects_periodically_beside_a_cli_gc(
     refused = tvix_store("gc", "--grace", "10", check=False)
     assert refused.returncode == 1
     assert "at least 120 s" in refused.stderr.decode()
+
+
+# -- a store shared through S3 and PostgreSQL ------------------------------------------------------
+
+
+async def test_machines_sharing_a_postgres_store_share_its_gc_lock_and_pins(
+    tvix_store: Run, tmp_path: Path, weed: SeaweedFS, pg_url: str
+) -> None:
+    """Two data directories (two machines) on one packs+s3 + PostgreSQL store: a GC from
+    either is refused while another holds the lock, and a pin made through one protects
+    its path from the other's delete and retention."""
+    run = f"gcpg{os.getpid()}x{time.monotonic_ns()}"
+    index = quote(pg_url, safe="")
+    shared = {
+        "BLOB_SERVICE_ADDR": f"packs+s3://{weed.bucket}/{run}?endpoint={weed.endpoint}"
+        f"&index={index}",
+        "DIRECTORY_SERVICE_ADDR": pg_url,
+        "PATH_INFO_SERVICE_ADDR": pg_url,
+    }
+    machine_a = {**shared, "TVIX_STORE_DATA_DIR": str(tmp_path / "a")}
+    machine_b = {**shared, "TVIX_STORE_DATA_DIR": str(tmp_path / "b")}
+
+    def cli(
+        env: dict[str, str], *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        return tvix_store(*args, env=env, check=check)
+
+    (kept_tree, old_tree), _ = _trees(tmp_path, 2)
+    kept = _import(tvix_store, kept_tree, machine_a)
+    old = _import(tvix_store, old_tree, machine_a)
+
+    # Another GC of the store (here: this test) holds the lock in PostgreSQL.
+    state = pathinfoservice.from_url(pg_url).gc_state
+    assert state is not None
+    async with state.lock():
+        for env in (machine_a, machine_b):
+            refused = await asyncio.to_thread(cli, env, "gc", "--grace", "0", check=False)
+            assert refused.returncode == 1
+            err = refused.stderr.decode()
+            assert "another garbage collection is running" in err, err
+            assert "PostgreSQL postgresql://postgres@127.0.0.1" in err, err
+    await state.close()
+
+    # A pin made on A is seen on B, and protects its closure from B's delete and retention.
+    cli(machine_a, "pin", "add", "release", kept)
+    assert cli(machine_b, "pin", "list").stdout.decode() == f"release\t{kept}\n"
+    refused = cli(machine_b, "delete", kept, check=False)
+    assert refused.returncode == 1
+    assert "pinned by 'release'" in refused.stderr.decode()
+    out = cli(machine_b, "gc", "--grace", "0", "--keep-younger-than", "0s").stdout.decode()
+    assert f"deleted store path {old}" in out, out
+    assert f"deleted store path {kept}" not in out, out
+    assert cli(machine_a, "path-info", kept, check=False).returncode == 0
+    assert cli(machine_a, "path-info", old, check=False).returncode != 0
+    assert "all intact" in cli(machine_a, "verify").stderr.decode()
+    # Neither data directory holds GC state of its own.
+    assert not list((tmp_path / "a").glob("gc.*"))
+    assert not list((tmp_path / "b").glob("gc.*"))
+
+    cli(machine_b, "pin", "remove", "release")
+    assert cli(machine_a, "pin", "list").stdout.decode() == ""
+    assert cli(machine_a, "delete", kept).stdout.decode().strip() == kept
+
+
+async def test_pins_left_in_a_data_directory_move_to_postgres(
+    tvix_store: Run, tmp_path: Path, data_dir: Path, pg_url: str
+) -> None:
+    """Pins made in the data directory before PostgreSQL kept them still protect their paths:
+    the first command on the store moves them into the database."""
+    env = {"DIRECTORY_SERVICE_ADDR": pg_url, "PATH_INFO_SERVICE_ADDR": pg_url}
+    (tree,), _ = _trees(tmp_path, 1)
+    path = _import(tvix_store, tree, env)
+    data_dir.mkdir(exist_ok=True)
+    old = SQLiteGCState(data_dir)
+    await old.add_pin("release", StorePath.from_absolute_path(path))
+    await old.close()
+    refused = tvix_store("delete", path, env=env, check=False)
+    assert refused.returncode == 1
+    assert "pinned by 'release'" in refused.stderr.decode()
+    assert f"moved the pin 'release' ({path})" in refused.stderr.decode()
+    other = {**env, "TVIX_STORE_DATA_DIR": str(tmp_path / "other")}
+    assert tvix_store("pin", "list", env=other).stdout.decode() == f"release\t{path}\n"
+    assert "moved" not in tvix_store("pin", "list", env=env).stderr.decode()
 
 
 # -- objectstore blobs (one object per chunk) ------------------------------------------------------

@@ -22,7 +22,9 @@ from tvix.castore.directory import Directory
 from tvix.castore.directoryservice import SQLiteDirectoryService
 from tvix.castore.errors import ValidationError
 from tvix.castore.nodes import DirectoryNode, FileNode
-from tvix.store.gc import GCBusyError, GCError, GCLock, GCReport, Pins, collect, delete_paths
+from tvix.nixcompat.storepath import StorePath
+from tvix.store.gc import GCBusyError, GCError, GCReport, collect, delete_paths, move_pins
+from tvix.store.gcstate import SQLiteGCState
 from tvix.store.importer import import_path
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.sqlite import SQLitePathInfoService
@@ -35,15 +37,14 @@ class Store:
     blobs: BlobService
     dirs: SQLiteDirectoryService
     infos: SQLitePathInfoService
-    pins: Pins
+    state: SQLiteGCState
 
     async def gc(self, **kw: Any) -> GCReport:
         return await collect(
             self.blobs,
             self.dirs,
             self.infos,
-            lock=str(self.root / "gc.lock"),
-            pins=self.pins,
+            state=self.state,
             **kw,
         )
 
@@ -79,7 +80,7 @@ def _store(root: Path, blobs: BlobService) -> Store:
         blobs,
         SQLiteDirectoryService(str(root / "directories.sqlite")),
         SQLitePathInfoService(str(root / "pathinfo.sqlite")),
-        Pins(str(root / "gc.sqlite")),
+        SQLiteGCState(root),
     )
 
 
@@ -92,7 +93,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.blobs.close()
     await s.dirs.close()
     await s.infos.close()
-    await s.pins.close()
+    await s.state.close()
 
 
 @pytest.fixture(params=["packs", "objectstore"])
@@ -110,7 +111,7 @@ async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     await s.blobs.close()
     await s.dirs.close()
     await s.infos.close()
-    await s.pins.close()
+    await s.state.close()
 
 
 def _tree(root: Path, seed: int, files: int = 30, shared: int = 20) -> Path:
@@ -251,11 +252,11 @@ async def test_delete_refuses_referenced_and_pinned(store: Store, tmp_path: Path
     with pytest.raises(GCError, match="still referenced by"):
         await delete_paths(store.infos, [x.store_path])
     assert await store.infos.get(x.store_path.digest) is not None
-    await store.pins.add("keep", y.store_path)
+    await store.state.add_pin("keep", y.store_path)
     with pytest.raises(GCError, match="pinned by 'keep'"):
-        await delete_paths(store.infos, [x.store_path], pins=store.pins, recursive=True)
-    assert await store.pins.remove("keep")
-    gone = await delete_paths(store.infos, [x.store_path], pins=store.pins, recursive=True)
+        await delete_paths(store.infos, [x.store_path], state=store.state, recursive=True)
+    assert await store.state.remove_pin("keep")
+    gone = await delete_paths(store.infos, [x.store_path], state=store.state, recursive=True)
     assert set(gone) == {x.store_path, y.store_path}
     assert [i async for i in store.infos.list()] == []
 
@@ -269,7 +270,7 @@ async def test_retention_keeps_pinned_closures(store: Store, tmp_path: Path) -> 
     conn.execute("UPDATE pathinfos SET added = 0")
     conn.commit()
     conn.close()
-    await store.pins.add("y", y.store_path)
+    await store.state.add_pin("y", y.store_path)
     report = await store.gc(grace=0, keep_younger_than=86400)
     assert report.paths == [z.store_path]
     assert {i.store_path async for i in store.infos.list()} == {x.store_path, y.store_path}
@@ -277,8 +278,9 @@ async def test_retention_keeps_pinned_closures(store: Store, tmp_path: Path) -> 
 
 
 async def test_second_gc_is_refused(store: Store) -> None:
-    with GCLock(str(store.root / "gc.lock")), pytest.raises(GCBusyError):
-        await store.gc(grace=0)
+    async with store.state.lock():
+        with pytest.raises(GCBusyError):
+            await store.gc(grace=0)
 
 
 async def test_reader_follows_a_compacted_chunk(store: Store, tmp_path: Path) -> None:
@@ -359,3 +361,23 @@ async def test_another_process_gc_frees_the_space_of_packs_this_one_read(
         assert _deleted_fds() == 0
     finally:
         await reader.close()
+
+
+async def test_move_pins_keeps_every_path_pinned(tmp_path: Path) -> None:
+    a, b = (StorePath.from_absolute_path(f"/nix/store/{c * 32}-{c}") for c in "ab")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = SQLiteGCState(tmp_path / "old"), SQLiteGCState(tmp_path / "new")
+    try:
+        for name, path in (("a", a), ("b", b), ("same", a)):
+            await old.add_pin(name, path)
+        await new.add_pin("b", a)  # the name taken, for another path
+        await new.add_pin("same", a)
+        renamed = f"b ({tmp_path / 'old'})"
+        assert await move_pins(old, new) == [("a", a), (renamed, b)]
+        assert await old.pins() == []
+        assert await new.pins() == sorted([("a", a), ("b", a), (renamed, b), ("same", a)])
+        assert await move_pins(old, new) == []
+    finally:
+        await old.close()
+        await new.close()

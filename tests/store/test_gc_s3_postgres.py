@@ -19,6 +19,7 @@ from tvix.castore.directoryservice import DirectoryService
 from tvix.castore.nodes import DirectoryNode
 from tvix.store import pathinfoservice
 from tvix.store.gc import collect, delete_paths
+from tvix.store.gcstate import GCState
 from tvix.store.importer import import_path
 from tvix.store.pathinfoservice import PathInfoService
 from tvix.store.verify import verify_path_info
@@ -33,7 +34,7 @@ class Remote:
     blobs: PacksBlobService
     dirs: DirectoryService
     infos: PathInfoService
-    lock: str
+    state: GCState
 
     async def problems(self) -> list[str]:
         out = []
@@ -43,19 +44,16 @@ class Remote:
 
 
 @pytest.fixture
-async def remote(weed: SeaweedFS, pg: PostgreSQL, tmp_path: Path) -> AsyncIterator[Remote]:
+async def remote(weed: SeaweedFS, pg: PostgreSQL) -> AsyncIterator[Remote]:
     n = f"gc{os.getpid()}x{next(_counter)}"
     db = pg.dsn() + f"?schema={n}"
     blobs = blobservice.from_url(
         f"packs+s3://{weed.bucket}/{n}?endpoint={weed.endpoint}&index={quote(db, safe='')}"
     )
     assert isinstance(blobs, PacksBlobService)
-    r = Remote(
-        blobs,
-        directoryservice.from_url(db),
-        pathinfoservice.from_url(db),
-        str(tmp_path / "gc.lock"),
-    )
+    infos = pathinfoservice.from_url(db)
+    assert infos.gc_state is not None
+    r = Remote(blobs, directoryservice.from_url(db), infos, infos.gc_state)
     yield r
     await r.blobs.close()
     await r.dirs.close()
@@ -78,7 +76,7 @@ async def test_gc_on_s3_and_postgres(remote: Remote, tmp_path: Path) -> None:
     b = await import_path(remote.blobs, remote.dirs, remote.infos, _tree(tmp_path / "b", 2))
     await delete_paths(remote.infos, [a.store_path])
     before = sum(p.size for p in await remote.blobs.index.packs())
-    report = await collect(remote.blobs, remote.dirs, remote.infos, lock=remote.lock, grace=0)
+    report = await collect(remote.blobs, remote.dirs, remote.infos, state=remote.state, grace=0)
     assert report.directories == 2
     assert report.blobs.chunks > 0
     assert report.compaction.packs > 0
@@ -101,7 +99,7 @@ async def test_upload_spanning_a_gc_on_postgres(remote: Remote, tmp_path: Path) 
         await conn.execute("UPDATE blobs SET seen = 0")
     for d in {f.digest for dd in closure for f in dd.files}:
         assert await remote.blobs.has(d)
-    report = await collect(remote.blobs, remote.dirs, remote.infos, lock=remote.lock, grace=120)
+    report = await collect(remote.blobs, remote.dirs, remote.infos, state=remote.state, grace=120)
     assert report.blobs.chunks == 0
     async with remote.dirs.put_multiple_start() as putter:
         for d in reversed(closure):
@@ -119,7 +117,9 @@ async def test_reader_follows_a_compacted_chunk_on_s3(remote: Remote, tmp_path: 
     digests = list(stale)
     before = await remote.blobs.read_many(digests)
     await remote.infos.delete(a.store_path.digest)
-    await collect(remote.blobs, remote.dirs, remote.infos, lock=remote.lock, grace=0, threshold=1.0)
+    await collect(
+        remote.blobs, remote.dirs, remote.infos, state=remote.state, grace=0, threshold=1.0
+    )
     moved = await remote.blobs.index.locate(digests)
     assert any(moved[d] != stale[d] for d in digests)
     # Reading at the old locations (a reader that looked up before the compaction).

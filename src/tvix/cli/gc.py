@@ -1,11 +1,13 @@
 """``tvix-store delete``, ``pin`` and ``gc``: removing store paths and their garbage.
 
 They work on the embedded store (the data directory, or the services the
-options name); the GC's lock and the pins live in the data directory
-(``gc.lock``, ``gc.sqlite``), so every process collecting one store must
-use the same data directory. Running ``tvix-store gc`` while a daemon
-serves the same data directory is safe (see :mod:`tvix.store.gc`); the
-daemon can also collect by itself (``daemon --gc-interval``).
+options name). The GC's lock and the pins live where the PathInfo service
+keeps them (a PostgreSQL one: in its database, shared by every machine
+using it), otherwise in the data directory (``gc.lock``, ``gc.sqlite``),
+which every process collecting such a store must then share. Running
+``tvix-store gc`` while a daemon serves the same data directory is safe
+(see :mod:`tvix.store.gc`); the daemon can also collect by itself
+(``daemon --gc-interval``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from tvix.store.gc import (
     DEFAULT_MAX_UNUSED,
     DEFAULT_THRESHOLD,
     GCReport,
-    Pins,
     collect,
     data_dir_usage,
     delete_paths,
+    move_pins,
 )
+from tvix.store.gcstate import GCState, SQLiteGCState
 from tvix.store.resolve import parse_path
 
 __all__ = ["add_gc_commands", "data_dir_of", "parse_duration", "run_gc"]
@@ -48,7 +51,7 @@ def parse_duration(text: str) -> float:
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:
-    """The data directory the GC state (lock, pins) of this store lives in.
+    """The data directory of this store (its GC state's, unless the PathInfo service keeps it).
 
     The one ``--store`` names, else ``--data-dir``, else the default.
     """
@@ -72,21 +75,47 @@ def _store_path(text: str) -> StorePath:
 
 
 @contextlib.asynccontextmanager
-async def _open(args: argparse.Namespace) -> AsyncIterator[tuple[Services, Pins, Path]]:
-    data_dir = data_dir_of(args)
-    pins = Pins(str(data_dir / "gc.sqlite"))
+async def _gc_state(s: Services, data_dir: Path) -> AsyncIterator[GCState]:
+    """The GC state of the store ``s``: its PathInfo service's, else ``data_dir``'s.
+
+    Pins an earlier version kept in ``data_dir`` for a store whose PathInfo
+    service now keeps them are moved there first (told on stderr).
+    """
+    shared = s.path_infos.gc_state
+    if shared is not None:
+        if (data_dir / "gc.sqlite").exists():
+            local = SQLiteGCState(data_dir)
+            try:
+                moved = await move_pins(local, shared)
+            finally:
+                await local.close()
+            for name, path in moved:
+                print(
+                    f"tvix-store: moved the pin {name!r} ({path.absolute_path}) from "
+                    f"{data_dir / 'gc.sqlite'} to {shared.where}",
+                    file=sys.stderr,
+                )
+        yield shared
+        return
+    state = SQLiteGCState(data_dir)
     try:
-        async with open_services(args) as s:
-            yield s, pins, data_dir
+        yield state
     finally:
-        await pins.close()
+        await state.close()
+
+
+@contextlib.asynccontextmanager
+async def _open(args: argparse.Namespace) -> AsyncIterator[tuple[Services, GCState]]:
+    data_dir = data_dir_of(args)
+    async with open_services(args) as s, _gc_state(s, data_dir) as state:
+        yield s, state
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
     """``tvix-store delete STOREPATH...``."""
     targets = [_store_path(p) for p in args.paths]
-    async with _open(args) as (s, pins, _data_dir):
-        gone = await delete_paths(s.path_infos, targets, pins=pins, recursive=args.recursive)
+    async with _open(args) as (s, state):
+        gone = await delete_paths(s.path_infos, targets, state=state, recursive=args.recursive)
     for p in gone:
         print(p.absolute_path)
     print(
@@ -98,17 +127,17 @@ async def cmd_delete(args: argparse.Namespace) -> int:
 
 async def cmd_pin(args: argparse.Namespace) -> int:
     """``tvix-store pin add|remove|list``."""
-    async with _open(args) as (s, pins, _data_dir):
+    async with _open(args) as (s, state):
         if args.action == "add":
             path = _store_path(args.path)
             if await s.path_infos.get(path.digest) is None:
                 raise CLIError(f"{path.absolute_path} is not in the store")
-            await pins.add(args.name, path)
+            await state.add_pin(args.name, path)
         elif args.action == "remove":
-            if not await pins.remove(args.name):
+            if not await state.remove_pin(args.name):
                 raise CLIError(f"no pin named {args.name!r}")
         else:
-            for name, path in await pins.list():
+            for name, path in await state.pins():
                 print(f"{name}\t{path.absolute_path}")
     return 0
 
@@ -123,23 +152,19 @@ async def run_gc(
     max_unused: float = DEFAULT_MAX_UNUSED,
     dry_run: bool = False,
 ) -> GCReport:
-    """One GC of the store ``s`` whose GC state is in ``data_dir``."""
-    pins = Pins(str(data_dir / "gc.sqlite"))
-    try:
+    """One GC of the store ``s`` (its GC state its PathInfo service's, else ``data_dir``'s)."""
+    async with _gc_state(s, data_dir) as state:
         return await collect(
             s.blobs,
             s.directories,
             s.path_infos,
-            lock=str(data_dir / "gc.lock"),
-            pins=pins,
+            state=state,
             grace=grace,
             keep_younger_than=keep_younger_than,
             threshold=threshold,
             max_unused=max_unused,
             dry_run=dry_run,
         )
-    finally:
-        await pins.close()
 
 
 def _mib(n: int) -> str:

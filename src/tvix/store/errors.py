@@ -12,6 +12,8 @@
     ├── NotFoundError                a store path, or a path inside one, does not exist
     ├── ExtractError                 an extraction's destination cannot be used
     ├── ImportPathError              a local path cannot become a store path
+    ├── GCError                      a garbage collection or deletion cannot be done
+    │   └── GCBusyError              another garbage collection holds the store's GC lock
     └── InvalidReferenceGraphError   a reference graph file is not what Nix writes
 
 castore errors (:class:`~tvix.castore.errors.StorageError`,
@@ -27,6 +29,8 @@ from tvix.castore.errors import IntegrityError, ValidationError
 
 __all__ = [
     "ExtractError",
+    "GCBusyError",
+    "GCError",
     "ImportPathError",
     "InvalidPathInfoError",
     "InvalidReferenceGraphError",
@@ -74,6 +78,14 @@ class ExtractError(StoreError):
 
 class ImportPathError(StoreError):
     """A path cannot become a store path (for example its name is not a valid store path name)."""
+
+
+class GCError(StoreError):
+    """A garbage collection or deletion cannot be done (nothing was changed)."""
+
+
+class GCBusyError(GCError):
+    """Another garbage collection holds the store's GC lock."""
 
 
 class InvalidReferenceGraphError(StoreError):

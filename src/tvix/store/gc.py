@@ -3,8 +3,9 @@
 Roots. Every PathInfo is a root. With a retention age (``keep_younger_than``)
 the PathInfos put longer ago than that are deleted first, except those in
 the closure (references, transitively) of a young one or of a *pin*. Pins
-(:class:`Pins`, ``tvix-store pin``) are named roots kept in the data
-directory; :func:`delete_paths` refuses to delete a pinned closure.
+(``tvix-store pin``) are named roots kept in the store's
+:class:`~tvix.store.gcstate.GCState`; :func:`delete_paths` refuses to
+delete a pinned closure.
 
 Mark and sweep. :func:`collect` marks every Directory and blob reachable
 from the roots, then asks each service to sweep: the directory service
@@ -38,9 +39,10 @@ never end with a PathInfo whose content was collected. The default grace
 period is an hour; ``grace=0`` is for stores nobody writes to during the
 GC (tests, maintenance windows).
 
-Two GCs at once: a GC holds an exclusive lock (``flock`` on
-``DATA/gc.lock``) for its whole run; a second one is refused
-(:class:`GCBusyError`).
+Two GCs at once: a GC holds the lock of the store's GC state for its
+whole run (``flock`` on ``DATA/gc.lock`` for the embedded store, a
+PostgreSQL advisory lock for a store shared through PostgreSQL); a second
+one is refused (:class:`GCBusyError`).
 
 Crash safety: each step is one transaction or is idempotent, and ordered
 so that a crash between steps leaves only garbage, never a dangling
@@ -53,9 +55,7 @@ left unreferenced and finishes the job.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,10 +64,10 @@ from tvix.castore.blobservice.base import BlobService, BlobSweep
 from tvix.castore.blobservice.packs import CompactResult, PacksBlobService
 from tvix.castore.digest import B3Digest
 from tvix.castore.directoryservice.base import DirectoryService
-from tvix.castore.directoryservice.sqlite import SQLiteDatabase
 from tvix.castore.nodes import DirectoryNode, FileNode
 from tvix.nixcompat.storepath import StorePath
-from tvix.store.errors import StoreError
+from tvix.store.errors import GCBusyError, GCError
+from tvix.store.gcstate.base import GCState
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -78,11 +78,10 @@ __all__ = [
     "MIN_GRACE",
     "GCBusyError",
     "GCError",
-    "GCLock",
     "GCReport",
-    "Pins",
     "collect",
     "delete_paths",
+    "move_pins",
 ]
 
 DEFAULT_GRACE = 3600.0
@@ -94,91 +93,6 @@ DEFAULT_THRESHOLD = 0.5
 """Packs with less than this fraction live are compacted."""
 DEFAULT_MAX_UNUSED = 0.05
 """More packs are compacted while dead bytes exceed this fraction of all pack bytes."""
-
-
-class GCError(StoreError):
-    """A garbage collection or deletion cannot be done (nothing was changed)."""
-
-
-class GCBusyError(GCError):
-    """Another garbage collection holds the store's GC lock."""
-
-
-class GCLock:
-    """The exclusive lock of one store's garbage collection (``flock`` on a file)."""
-
-    def __init__(self, path: str) -> None:
-        """Lock ``path`` (created if absent) when entered."""
-        self.path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> GCLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise GCBusyError(
-                f"another garbage collection is running on this store (it holds {self.path})"
-            ) from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-_PIN_MIGRATIONS = [
-    """
-    CREATE TABLE pins (
-        name TEXT PRIMARY KEY NOT NULL,
-        path TEXT NOT NULL
-    )
-    """,
-]
-
-
-class Pins:
-    """Named GC roots: each protects a store path's closure from retention and ``delete``.
-
-    Kept in an SQLite file (``DATA/gc.sqlite`` for the data directory).
-    """
-
-    def __init__(self, path: str) -> None:
-        """Use the database at ``path`` (created if absent; ``":memory:"`` for none)."""
-        self._db = SQLiteDatabase(path, "store.pins", _PIN_MIGRATIONS)
-
-    async def add(self, name: str, path: StorePath) -> None:
-        """Pin ``path`` as ``name`` (replacing what ``name`` pinned)."""
-        await self._db.run(
-            lambda c: SQLiteDatabase.transaction(
-                c,
-                lambda c: c.execute(
-                    "INSERT OR REPLACE INTO pins VALUES (?, ?)", (name, path.absolute_path)
-                ),
-            )
-        )
-
-    async def remove(self, name: str) -> bool:
-        """Unpin ``name``; whether it was pinned."""
-
-        def remove(c: sqlite3.Connection) -> bool:
-            return c.execute("DELETE FROM pins WHERE name = ?", (name,)).rowcount > 0
-
-        return await self._db.run(lambda c: SQLiteDatabase.transaction(c, remove))
-
-    async def list(self) -> list[tuple[str, StorePath]]:
-        """Every pin, by name."""
-        rows = await self._db.run(
-            lambda c: c.execute("SELECT name, path FROM pins ORDER BY name").fetchall()
-        )
-        return [(n, StorePath.from_absolute_path(p)) for n, p in rows]
-
-    async def close(self) -> None:
-        """Release the database."""
-        await self._db.close()
 
 
 @dataclass(slots=True)
@@ -278,8 +192,7 @@ async def collect(
     directories: DirectoryService,
     path_infos: PathInfoService,
     *,
-    lock: str,
-    pins: Pins | None = None,
+    state: GCState,
     grace: float = DEFAULT_GRACE,
     keep_younger_than: float | None = None,
     threshold: float = DEFAULT_THRESHOLD,
@@ -288,9 +201,10 @@ async def collect(
 ) -> GCReport:
     """Collect the garbage of a store (see the module docs); what went, or would.
 
-    ``lock``: the file whose ``flock`` makes this the only GC of the store.
-    Raises :class:`GCBusyError` when another GC holds it, :class:`GCError`
-    when a service cannot delete (then nothing is changed).
+    ``state``: the store's GC state, whose lock makes this the only GC of
+    the store and whose pins are roots. Raises :class:`GCBusyError` when
+    another GC holds the lock, :class:`GCError` when a service cannot
+    delete (then nothing is changed).
     """
     if grace != 0 and grace < MIN_GRACE:
         raise GCError(
@@ -299,10 +213,10 @@ async def collect(
         )
     _check(blobs, directories, path_infos, keep_younger_than is not None)
     report = GCReport(dry_run)
-    with GCLock(lock):
+    async with state.lock():
         start = time.time()
         cutoff = start - grace
-        pinned = [p for _n, p in await pins.list()] if pins is not None else []
+        pinned = [p for _n, p in await state.pins()]
         if keep_younger_than is not None:
             report.paths = await _retain(path_infos, pinned, keep_younger_than, start, dry_run)
         gone = {p.digest for p in report.paths}
@@ -338,14 +252,15 @@ async def delete_paths(
     path_infos: PathInfoService,
     targets: Sequence[StorePath],
     *,
-    pins: Pins | None = None,
+    state: GCState | None = None,
     recursive: bool = False,
 ) -> list[StorePath]:
     """Delete the PathInfos of ``targets``; the store paths deleted.
 
     Refuses (:class:`GCError`, nothing deleted) a path that is not stored, a
     path another stored path refers to (unless ``recursive``: then those
-    referrers go too, transitively), and a path in a pinned closure.
+    referrers go too, transitively), and a path in a closure ``state``
+    pins.
     Contents stay until the next :func:`collect`.
     """
     if not path_infos.supports_delete or not path_infos.supports_list:
@@ -379,8 +294,8 @@ async def delete_paths(
                     f"{names}{' and more' if len(alive) > 3 else ''} (--recursive deletes "
                     "those too)"
                 )
-    if pins is not None:
-        for name, p in await pins.list():
+    if state is not None:
+        for name, p in await state.pins():
             hit = closure(infos, [p.digest]) & doomed
             if hit:
                 first = infos[min(hit)].store_path.absolute_path
@@ -389,6 +304,27 @@ async def delete_paths(
     for p in out:
         await path_infos.delete(p.digest)
     return out
+
+
+async def move_pins(source: GCState, target: GCState) -> list[tuple[str, StorePath]]:
+    """Move every pin of ``source`` to ``target``; the pins added to ``target``.
+
+    For a store whose GC state moved (pins made in a data directory before
+    its PathInfo service kept them). A pin whose name ``target`` already
+    gives another path is added as ``"NAME (SOURCE)"``, so that both paths
+    stay pinned. Each pin is added before it is removed from ``source``:
+    stopped half-way, it is pinned twice, never not at all; again, it
+    finishes.
+    """
+    have = dict(await target.pins())
+    moved = []
+    for name, path in await source.pins():
+        as_name = name if have.get(name, path) == path else f"{name} ({source.where})"
+        if have.get(as_name) != path:
+            await target.add_pin(as_name, path)
+            moved.append((as_name, path))
+        await source.remove_pin(name)
+    return moved
 
 
 def data_dir_usage(path: str) -> int:

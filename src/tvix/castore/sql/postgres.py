@@ -126,12 +126,11 @@ class PostgresDatabase:
         async with self._lock:
             if self._pool is None:
                 with storage_errors(self.display):
-                    settings = {"search_path": self._schema} if self._schema else None
                     pool = await asyncpg.create_pool(
                         self._dsn,
                         min_size=0,
                         max_size=self._pool_size,
-                        server_settings=settings,
+                        server_settings=self._settings(),
                     )
                     try:
                         async with pool.acquire() as conn:
@@ -172,6 +171,34 @@ class PostgresDatabase:
         with storage_errors(self.display):
             async with pool.acquire() as conn:
                 yield conn
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own, outside the pool, closed when the block ends.
+
+        For session state (advisory locks) that must last as long as the
+        block and go when it ends or its process dies: a pooled connection
+        would outlive the block. The schema is migrated first; database
+        errors become :class:`StorageError`.
+        """
+        await self._get_pool()
+        with storage_errors(self.display):
+            conn = await asyncpg.connect(self._dsn, server_settings=self._settings())
+            try:
+                yield conn
+            finally:
+                try:
+                    await asyncio.wait_for(conn.close(), 10)
+                except _CONNECTION_ERRORS:  # includes the timeout
+                    conn.terminate()
+
+    @property
+    def schema(self) -> str | None:
+        """The schema the tables are in (``None``: the server's default search path)."""
+        return self._schema
+
+    def _settings(self) -> dict[str, str] | None:
+        return {"search_path": self._schema} if self._schema else None
 
     async def close(self) -> None:
         """Close the pool (connections still in use are terminated after 10 s); idempotent."""

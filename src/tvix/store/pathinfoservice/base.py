@@ -6,6 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tvix.store.errors import InvalidPathInfoError, ListNotSupportedError
+from tvix.store.gcstate.base import GCState
 from tvix.store.pathinfo import PathInfo
 
 __all__ = ["Check", "PathInfoService", "check_digest"]
@@ -53,6 +54,18 @@ class PathInfoService(abc.ABC):
     def supports_delete(self) -> bool:
         """Whether :meth:`delete` and :meth:`list_added` work (for GC; default false)."""
         return False
+
+    @property
+    def gc_state(self) -> GCState | None:
+        """Where garbage collection of this service's store keeps its lock and pins, if here.
+
+        A service whose records several machines share (PostgreSQL) keeps
+        them beside its records, so that every machine's GC, ``delete`` and
+        ``pin`` use the same ones. ``None`` (the default): the caller keeps
+        them beside the store (the CLI: in the data directory). Owned by the
+        service: closed when it is.
+        """
+        return None
 
     @abc.abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:

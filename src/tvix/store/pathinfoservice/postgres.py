@@ -14,6 +14,11 @@ streams the table through a server-side cursor inside a read-only
 transaction: memory stays bounded however many paths there are, and a
 listing sees one snapshot. It holds one pooled connection until the
 iteration ends (or the iterator is closed).
+
+The store's garbage collection keeps its lock and pins in the same database
+and schema (:attr:`~PostgresPathInfoService.gc_state`,
+:class:`~tvix.store.gcstate.postgres.PostgresGCState`), so every machine
+sharing the PathInfos shares them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing_extensions import override
 
 from tvix.castore.composition import BuildContext
 from tvix.castore.sql.postgres import PostgresConfig, PostgresDatabase
+from tvix.store.gcstate.postgres import MIGRATIONS as GC_MIGRATIONS
+from tvix.store.gcstate.postgres import PostgresGCState
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService, check_digest
 from tvix.store.sql import decode_pathinfo, encode_pathinfo
@@ -57,8 +64,15 @@ class PostgresPathInfoService(PathInfoService):
     def supports_delete(self) -> bool:
         return True
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    @property
+    @override
+    def gc_state(self) -> PostgresGCState | None:
+        return self._gc_state
+
+    def __init__(self, db: PostgresDatabase, gc_db: PostgresDatabase | None = None) -> None:
+        """PathInfos in ``db``; the GC's lock and pins in ``gc_db`` (none without it)."""
         self._db = db
+        self._gc_state = None if gc_db is None else PostgresGCState(gc_db)
 
     @override
     async def get(self, digest: bytes) -> PathInfo | None:
@@ -106,6 +120,8 @@ class PostgresPathInfoService(PathInfoService):
     @override
     async def close(self) -> None:
         await self._db.close()
+        if self._gc_state is not None:
+            await self._gc_state.close()
 
 
 @dataclass(frozen=True)
@@ -114,4 +130,7 @@ class PostgresPathInfoServiceConfig(PostgresConfig):
 
     def build(self, ctx: BuildContext) -> PostgresPathInfoService:
         """Connects on first use."""
-        return PostgresPathInfoService(self.database("store.pathinfos", MIGRATIONS))
+        return PostgresPathInfoService(
+            self.database("store.pathinfos", MIGRATIONS),
+            self.database("store.gc", GC_MIGRATIONS),
+        )
