@@ -9,18 +9,24 @@ from tvix.castore.digest import B3Digest
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import StorageError
 from tvix.castore.nodes import Node
+from tvix.fs.inodes import EntryStat, node_stat
 
 __all__ = ["Listing", "ListingCache"]
 
 
 class Listing:
-    """The entries of one Directory: in name order (readdir offsets index it) and by name."""
+    """The entries of one Directory: in name order (readdir offsets index it) and by name.
 
-    __slots__ = ("by_name", "entries")
+    ``stats`` holds what each entry shows (:func:`~tvix.fs.inodes.node_stat`),
+    in the same order: worked out once per Directory, not per entry listed.
+    """
+
+    __slots__ = ("by_name", "entries", "stats")
 
     def __init__(self, entries: tuple[Node, ...]) -> None:
         self.entries = entries
         self.by_name = {n.name: n for n in entries}
+        self.stats: tuple[EntryStat, ...] = tuple(map(node_stat, entries))
 
     def __len__(self) -> int:
         return len(self.entries)
