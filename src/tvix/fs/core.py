@@ -255,6 +255,27 @@ class StoreFs:
         self._dirs[fh] = DirHandle(entry)
         return fh
 
+    def _prefetch_next(self, inode: Inode, listing: Listing) -> None:
+        """Fetch the listing a walk in name order reads after this one, in the background.
+
+        A walk (``find``, ``du``, ``ls -R``, ``tar``) reads a directory, then
+        opens its first subdirectory or, without one, the next directory beside
+        it. The fetch starts once this reply is on its way (the task runs
+        after this request's), so it is decoded while the kernel and the
+        walker take in this listing, not while this one is still being
+        served, when both would wait for each other (one interpreter lock).
+        """
+        following = listing.directories[0] if listing.directories else None
+        if following is None:
+            parent = self.inodes.get(inode.parent)
+            node = None if parent is None else parent.node
+            if isinstance(node, DirectoryNode):
+                siblings = self.listings.cached(node.digest)
+                if siblings is not None:
+                    following = siblings.next_directory(inode.name)
+        if following is not None:
+            self.listings.prefetch(following.digest)
+
     async def _root_listing(self) -> Listing:
         if not self.options.list_root:
             raise fuse_error(errno.EPERM)
@@ -284,6 +305,8 @@ class StoreFs:
             listing = handle.root_listing
         else:
             listing = await self._listing(inode)
+            if start == 0:
+                self._prefetch_next(inode, listing)
         if start == 0:
             if not add(b".", inode.ino, node_stat(inode.node), 1):
                 return
