@@ -35,13 +35,18 @@ from typing import TypeAlias
 
 import blake3
 
-from tvix.castore.nodes import DirectoryNode, FileNode, Node
+from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = ["ROOT_INODE", "Attr", "EntryStat", "Inode", "InodeTable", "node_stat"]
 
 ROOT_INODE = 1
 _MASK = (1 << 63) - 1
 _blake3 = blake3.blake3
+
+_DIRECTORY = stat.S_IFDIR | 0o555
+_REGULAR = stat.S_IFREG | 0o444
+_EXECUTABLE = stat.S_IFREG | 0o555
+_SYMLINK = stat.S_IFLNK | 0o777
 
 EntryStat: TypeAlias = tuple[int, int, int]
 """What an entry shows besides its number and owner: ``(mode, size, blocks)``."""
@@ -53,17 +58,17 @@ def node_stat(node: Node | None) -> EntryStat:
     Directories ``0555`` sized by their node's ``size`` (no blocks), files
     ``0444`` or ``0555`` (executable), symlinks ``0777`` sized by their target.
     """
+    # Called for every entry of every listing fetched: the common kinds first,
+    # by exact type (nodes are final classes).
+    if type(node) is FileNode:
+        size = node.size
+        return _EXECUTABLE if node.executable else _REGULAR, size, (size + 511) // 512
+    if type(node) is DirectoryNode:
+        return _DIRECTORY, node.size, 0
     if node is None:
-        return stat.S_IFDIR | 0o555, 0, 0
-    if isinstance(node, DirectoryNode):
-        return stat.S_IFDIR | 0o555, node.size, 0
-    if isinstance(node, FileNode):
-        return (
-            stat.S_IFREG | (0o555 if node.executable else 0o444),
-            node.size,
-            (node.size + 511) // 512,
-        )
-    return stat.S_IFLNK | 0o777, len(node.target), 0
+        return _DIRECTORY, 0, 0
+    assert isinstance(node, SymlinkNode)  # the third kind
+    return _SYMLINK, len(node.target), 0
 
 
 def derived_inode(parent: int, name: bytes, attempt: int = 0) -> int:
