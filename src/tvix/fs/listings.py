@@ -19,7 +19,8 @@ class Listing:
     """The entries of one Directory: in name order (readdir offsets index it) and by name.
 
     ``stats`` holds what each entry shows (:func:`~tvix.fs.inodes.node_stat`),
-    in the same order: worked out once per Directory, not per entry listed.
+    in the same order: worked out once per Directory, not per entry listed;
+    ``directories`` the child directories alone, in name order.
     """
 
     __slots__ = ("by_name", "directories", "entries", "stats")
@@ -28,7 +29,7 @@ class Listing:
         self.entries = entries
         self.by_name = {n.name: n for n in entries}
         self.stats: tuple[EntryStat, ...] = tuple(map(node_stat, entries))
-        self.directories = [n for n in entries if type(n) is DirectoryNode]
+        self.directories = tuple(n for n in entries if type(n) is DirectoryNode)
 
     def next_directory(self, name: bytes) -> DirectoryNode | None:
         """The first child directory named after ``name``, if any."""
