@@ -19,6 +19,9 @@ raw) and hex text (zstd, about half the size). Medians of
 ``TVIX_BENCH_REPEATS`` (default 3). Without root, every mount is fresh but
 the store's files stay cached.
 
+``TVIX_BENCH_MOUNT_BEFORE``: the ``src`` directory of another checkout, whose
+``find`` rows are measured too, interleaved with this code's.
+
 Bytes fetched are what the mount process read (``rchar`` in ``/proc/PID/io``):
 pack extents, blob records, database pages.
 """
@@ -43,9 +46,13 @@ FIND_DIRS = 500
 FIND_FILES_PER_DIR = 99  # 500 directories of 99 files: 50,000 entries with the directories
 
 
-def _env() -> dict[str, str]:
+def _env(src: str | None = None) -> dict[str, str]:
+    """The environment of a ``tvix-store`` run: ``src``, if given, is the code it runs."""
     drop = ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if src is not None:
+        env["PYTHONPATH"] = src
+    return env
 
 
 def _store_args(store: Path) -> list[str]:
@@ -97,12 +104,12 @@ class _Mount:
 
 
 @contextmanager
-def _mounted(store: Path, mountpoint: Path) -> Iterator[_Mount]:
+def _mounted(store: Path, mountpoint: Path, src: str | None = None) -> Iterator[_Mount]:
     mountpoint.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tvix.cli.store", "mount", *_store_args(store), str(mountpoint)],
         stderr=subprocess.PIPE,
-        env=_env(),
+        env=_env(src),
     )
     ready = threading.Event()
 
@@ -199,7 +206,15 @@ def _reads(store: Path, work: Path, files: dict[str, tuple[Path, str]], root: bo
 
 
 def _walks(store: Path, work: Path, local: Path, name: str, entries: int, root: bool) -> None:
+    """``find`` on disk and through fresh mounts.
+
+    With ``TVIX_BENCH_MOUNT_BEFORE`` (the ``src`` directory of another
+    checkout), the mount's rows are measured for that code too, each repeat
+    running both one after the other, so their ratio is of one period.
+    """
     times: dict[str, list[float]] = {}
+    before = os.environ.get("TVIX_BENCH_MOUNT_BEFORE")
+    codes = {"": None, **({"before: ": before} if before else {})}
 
     def add(what: str, walked: tuple[float, int]) -> None:
         seconds, found = walked
@@ -211,11 +226,15 @@ def _walks(store: Path, work: Path, local: Path, name: str, entries: int, root: 
             _drop_caches()
             add("on disk, cold", _find(local))
         add("on disk, warm", _find(local))
-        with _mounted(store, work / "mnt") as m:
-            if root:
-                _drop_caches()
-            add("mount, first walk", _find(m.mountpoint / name))
-            add("mount, second walk", _find(m.mountpoint / name))
+        for label, src in codes.items():
+            with _mounted(store, work / "mnt", src) as m:
+                if root:
+                    _drop_caches()
+                add(f"{label}mount, first walk", _find(m.mountpoint / name))
+                add(f"{label}mount, second walk", _find(m.mountpoint / name))
+            if root:  # the store's files cached, only the mount fresh
+                with _mounted(store, work / "mnt", src) as m:
+                    add(f"{label}mount, first walk, store cached", _find(m.mountpoint / name))
     rows = [
         _median_row(what, t, lambda s: rate(entries, s, " entries/s")) for what, t in times.items()
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -10,9 +11,22 @@ from tvix.cli.common import CLIError, add_service_args, open_services
 from tvix.fs import FsOptions
 from tvix.fs.mount import MountError, MountOptions, mount
 
-__all__ = ["add_fs_options", "add_mount_command", "cmd_mount", "fs_options"]
+__all__ = ["add_fs_options", "add_mount_command", "cmd_mount", "collect_less", "fs_options"]
 
 PROG = "tvix-store"
+
+
+def collect_less() -> None:
+    """Tune Python's cycle collector for serving a filesystem (a process-wide setting).
+
+    A walk allocates a few objects per entry (nodes, inodes) and keeps most of
+    them, while the collector, by default, scans the young objects every 700
+    allocations: a quarter of a first ``find``'s CPU time went there. Here it
+    runs every 50,000, and the objects of start-up (modules, services) are set
+    aside for good (``gc.freeze``). Reference cycles are still collected, later.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
 
 
 async def cmd_mount(args: argparse.Namespace) -> int:
@@ -28,6 +42,7 @@ async def cmd_mount(args: argparse.Namespace) -> int:
         print(f"{PROG}: mounted at {path}", file=sys.stderr, flush=True)
 
     async with open_services(args) as s:
+        collect_less()
         try:
             await mount(
                 s.blobs, s.directories, s.path_infos, args.mountpoint, options, on_mounted=mounted

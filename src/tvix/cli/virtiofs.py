@@ -9,7 +9,7 @@ import sys
 import threading
 
 from tvix.cli.common import CLIError, add_service_args, open_services
-from tvix.cli.mount import add_fs_options, fs_options
+from tvix.cli.mount import add_fs_options, collect_less, fs_options
 from tvix.fs.core import StoreFs
 from tvix.fs.virtiofs import VirtiofsError, serve_virtiofs
 
@@ -40,6 +40,7 @@ async def cmd_virtiofs(args: argparse.Namespace) -> int:
                     f"cannot list the root: {type(s.path_infos).__name__} cannot list its "
                     "store paths"
                 )
+            collect_less()
             try:
                 await serve_virtiofs(
                     str(args.socket),

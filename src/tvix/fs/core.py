@@ -56,7 +56,6 @@ import errno
 import itertools
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,8 +64,8 @@ from tvix.castore.blobservice.base import BlobService
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import IntegrityError, StorageError
 from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from tvix.fs.inodes import ROOT_INODE, Attr, Inode, InodeTable
-from tvix.fs.listings import ListingCache
+from tvix.fs.inodes import ROOT_INODE, Attr, EntryStat, Inode, InodeTable, node_stat
+from tvix.fs.listings import Listing, ListingCache
 from tvix.fs.requests import DirHandle, FileHandle, FsOptions, fuse_error, request_handler
 from tvix.nixcompat.errors import NixCompatError
 from tvix.nixcompat.storepath import StorePath
@@ -98,9 +97,10 @@ BLKSIZE = 1 << 20
 FRSIZE = 512
 
 
-# Called for each directory entry a listing sends: name, attributes, the offset
-# of the entry after it; False when the reply is full (the entry was not sent).
-AddEntry = Callable[[bytes, Attr, int], bool]
+# Called for each directory entry a listing sends: name, inode number, what it
+# shows (mode, size, blocks; the owner is the filesystem's uid and gid), the
+# offset of the entry after it; False when the reply is full (the entry was not sent).
+AddEntry = Callable[[bytes, int, EntryStat, int], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +141,9 @@ class StoreFs:
         self._handles = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
-        self._uid = os.getuid()
-        self._gid = os.getgid()
+        # The owner of every entry: the serving process's.
+        self.uid = os.getuid()
+        self.gid = os.getgid()
         self._size: StoreSize | None = None
         self._size_at = 0.0  # time.monotonic() of the count
         self._counting: asyncio.Task[StoreSize] | None = None
@@ -163,22 +164,9 @@ class StoreFs:
     def attrs(self, inode: Inode) -> Attr:
         """The attributes of ``inode`` (built once: they never change)."""
         attrs = inode.attrs
-        if attrs is not None:
-            return attrs
-        node = inode.node
-        blocks = 0
-        if node is None or isinstance(node, DirectoryNode):
-            mode = stat.S_IFDIR | 0o555
-            size = 0 if node is None else node.size
-        elif isinstance(node, FileNode):
-            mode = stat.S_IFREG | (0o555 if node.executable else 0o444)
-            size = node.size
-            blocks = (size + 511) // 512
-        else:
-            mode = stat.S_IFLNK | 0o777
-            size = len(node.target)
-        attrs = Attr(inode.ino, mode, size, blocks, self._uid, self._gid)
-        inode.attrs = attrs
+        if attrs is None:
+            mode, size, blocks = node_stat(inode.node)
+            attrs = inode.attrs = Attr(inode.ino, mode, size, blocks, self.uid, self.gid)
         return attrs
 
     def inode(self, ino: int) -> Inode:
@@ -204,11 +192,11 @@ class StoreFs:
             return None
         return info.node
 
-    async def _children(self, inode: Inode) -> tuple[Node, ...]:
+    async def _listing(self, inode: Inode) -> Listing:
         node = inode.node
         if not isinstance(node, DirectoryNode):
             raise fuse_error(errno.ENOTDIR)
-        return (await self.listings.get(node.digest)).entries
+        return await self.listings.get(node.digest)
 
     @request_handler
     async def lookup(self, parent_ino: int, name: bytes) -> Attr | None:
@@ -267,7 +255,28 @@ class StoreFs:
         self._dirs[fh] = DirHandle(entry)
         return fh
 
-    async def _root_entries(self) -> tuple[Node, ...]:
+    def _prefetch_next(self, inode: Inode, listing: Listing) -> None:
+        """Fetch the listing a walk in name order reads after this one, in the background.
+
+        A walk (``find``, ``du``, ``ls -R``, ``tar``) reads a directory, then
+        opens its first subdirectory or, without one, the next directory beside
+        it. The fetch starts once this reply is on its way (the task runs
+        after this request's), so it is decoded while the kernel and the
+        walker take in this listing, not while this one is still being
+        served, when both would wait for each other (one interpreter lock).
+        """
+        following = listing.directories[0] if listing.directories else None
+        if following is None:
+            parent = self.inodes.get(inode.parent)
+            node = None if parent is None else parent.node
+            if isinstance(node, DirectoryNode):
+                siblings = self.listings.cached(node.digest)
+                if siblings is not None:
+                    following = siblings.next_directory(inode.name)
+        if following is not None:
+            self.listings.prefetch(following.digest)
+
+    async def _root_listing(self) -> Listing:
         if not self.options.list_root:
             raise fuse_error(errno.EPERM)
         try:
@@ -275,7 +284,7 @@ class StoreFs:
         except ListNotSupportedError:
             raise fuse_error(errno.EPERM) from None
         nodes.sort(key=lambda n: n.name)
-        return tuple(nodes)
+        return Listing(tuple(nodes))
 
     @request_handler
     async def readdir(self, fh: int, start: int, add: AddEntry, *, plus: bool = True) -> None:
@@ -291,25 +300,30 @@ class StoreFs:
         inode = handle.inode
         if inode.ino == ROOT_INODE:
             # One listing per open: offsets into it stay valid while paths are added.
-            if handle.root_entries is None:
-                handle.root_entries = await self._root_entries()
-            entries = handle.root_entries
+            if handle.root_listing is None:
+                handle.root_listing = await self._root_listing()
+            listing = handle.root_listing
         else:
-            entries = await self._children(inode)
+            listing = await self._listing(inode)
+            if start == 0:
+                self._prefetch_next(inode, listing)
         if start == 0:
-            if not add(b".", self.attrs(inode), 1):
+            if not add(b".", inode.ino, node_stat(inode.node), 1):
                 return
             start = 1
         if start == 1:
             parent = self.inodes.get(inode.parent) or inode
-            if not add(b"..", self.attrs(parent), 2):
+            if not add(b"..", parent.ino, node_stat(parent.node), 2):
                 return
             start = 2
         table = self.inodes
+        entry = table.entry
+        entries, stats = listing.entries, listing.stats
         for index in range(start - 2, len(entries)):
             node = entries[index]
-            child = table.entry(inode, node.name, node)
-            if not add(node.name, self.attrs(child), index + 3):
+            name = node.name
+            child = entry(inode, name, node)
+            if not add(name, child.ino, stats[index], index + 3):
                 table.discard(child)  # not sent: the kernel does not know it
                 return
             if plus:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tvix.fs.core import BLKSIZE, FRSIZE, MTIME_NS, StoreFs
-from tvix.fs.inodes import Attr
+from tvix.fs.inodes import Attr, EntryStat
 from tvix.fs.requests import FsError
 
 __all__ = ["FUSE_KERNEL_MINOR", "FuseSession", "Op"]
@@ -141,6 +141,13 @@ _FORGET_ONE = struct.Struct("<QQ")  # nodeid nlookup
 _GETXATTR_IN = struct.Struct("<II")  # size padding
 _GETXATTR_OUT = struct.Struct("<II")  # size padding
 _DIRENT = struct.Struct("<QQII")  # ino off namelen type
+# One READDIRPLUS record before the name (fuse_entry_out, then fuse_dirent), in
+# one pack; the runs of fields that are the same for every entry of a session
+# are passed as bytes: nodeid | generation, entry and attr valid (s, ns) |
+# attr: ino size blocks | 3 times, 3 nsecs | mode | nlink uid gid rdev
+# blksize flags | dirent: ino off namelen type.
+_DIRENTPLUS = struct.Struct("<Q32sQQQ36sI24sQQII")
+_PADDING = tuple(bytes(-n & 7) for n in range(8))  # after a name of length n (mod 8)
 _KSTATFS = struct.Struct("<QQQQQIII4x24x")  # blocks bfree bavail files ffree bsize namelen frsize
 
 IN_HEADER_SIZE = _IN_HEADER.size
@@ -172,6 +179,12 @@ class FuseSession:
         self._timeout = (seconds, nsec)
         self._attr_out_head = _ATTR_OUT_HEAD.pack(seconds, nsec, 0)
         self._negative = _ENTRY_HEAD.pack(0, 0, seconds, 0, nsec, 0) + bytes(_ATTR.size)
+        times = struct.pack(
+            "<QQQIII", *(MTIME_NS // 1_000_000_000,) * 3, *(MTIME_NS % 1_000_000_000,) * 3
+        )
+        self._plus_valid = struct.pack("<QQQII", 0, seconds, seconds, nsec, nsec)
+        self._plus_times = times
+        self._plus_owner = struct.pack("<IIIIII", 1, fs.uid, fs.gid, 0, BLKSIZE, 0)
         Handler = Callable[[int, memoryview], Coroutine[Any, Any, bytes | bytearray]]
         self._handlers: dict[int, Handler] = {
             Op.LOOKUP: self._lookup,
@@ -327,20 +340,42 @@ class FuseSession:
     async def _list(self, body: memoryview, *, plus: bool) -> bytes:
         fh, offset, size, _flags = _READ_IN.unpack_from(body)
         parts: list[bytes] = []
+        append = parts.append
         room = size
-        entry = self._entry
+        fixed = _DIRENT.size + (_ENTRY_HEAD.size + _ATTR.size if plus else 0)
+        pack = _DIRENTPLUS.pack if plus else _DIRENT.pack
+        valid, times, owner = self._plus_valid, self._plus_times, self._plus_owner
 
-        def add(name: bytes, attr: Attr, next_offset: int) -> bool:
+        # Called once per entry: records are sized and packed with one struct each.
+        def add(name: bytes, ino: int, stat: EntryStat, next_offset: int) -> bool:
             nonlocal room
-            padded = (_DIRENT.size + len(name) + 7) & ~7
-            record = padded + (_ENTRY_HEAD.size + _ATTR.size if plus else 0)
+            namelen = len(name)
+            record = fixed + ((namelen + 7) & ~7)
             if record > room:
                 return False
             room -= record
+            mode, size, blocks = stat
             if plus:
-                parts.append(entry(attr))
-            dirent = _DIRENT.pack(attr.ino, next_offset, len(name), (attr.mode >> 12) & 0xF)
-            parts.append(dirent + name + bytes(padded - _DIRENT.size - len(name)))
+                append(
+                    pack(
+                        ino,
+                        valid,
+                        ino,
+                        size,
+                        blocks,
+                        times,
+                        mode,
+                        owner,
+                        ino,
+                        next_offset,
+                        namelen,
+                        mode >> 12,
+                    )
+                )
+            else:
+                append(pack(ino, next_offset, namelen, mode >> 12))
+            append(name)
+            append(_PADDING[namelen & 7])
             return True
 
         await self.fs.readdir(fh, offset, add, plus=plus)

@@ -29,16 +29,46 @@ kernel needs; everything else keeps its derived number.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import blake3
 
-from tvix.castore.nodes import Node
+from tvix.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["ROOT_INODE", "Attr", "Inode", "InodeTable"]
+__all__ = ["ROOT_INODE", "Attr", "EntryStat", "Inode", "InodeTable", "node_stat"]
 
 ROOT_INODE = 1
 _MASK = (1 << 63) - 1
+_blake3 = blake3.blake3
+
+_DIRECTORY = stat.S_IFDIR | 0o555
+_REGULAR = stat.S_IFREG | 0o444
+_EXECUTABLE = stat.S_IFREG | 0o555
+_SYMLINK = stat.S_IFLNK | 0o777
+
+EntryStat: TypeAlias = tuple[int, int, int]
+"""What an entry shows besides its number and owner: ``(mode, size, blocks)``."""
+
+
+def node_stat(node: Node | None) -> EntryStat:
+    """The mode, size and 512-byte blocks shown for ``node`` (``None``: the root).
+
+    Directories ``0555`` sized by their node's ``size`` (no blocks), files
+    ``0444`` or ``0555`` (executable), symlinks ``0777`` sized by their target.
+    """
+    # Called for every entry of every listing fetched: the common kinds first,
+    # by exact type (nodes are final classes).
+    if type(node) is FileNode:
+        size = node.size
+        return _EXECUTABLE if node.executable else _REGULAR, size, (size + 511) // 512
+    if type(node) is DirectoryNode:
+        return _DIRECTORY, node.size, 0
+    if node is None:
+        return _DIRECTORY, 0, 0
+    assert isinstance(node, SymlinkNode)  # the third kind
+    return _SYMLINK, len(node.target), 0
 
 
 def derived_inode(parent: int, name: bytes, attempt: int = 0) -> int:
@@ -50,7 +80,7 @@ def derived_inode(parent: int, name: bytes, attempt: int = 0) -> int:
     key = parent.to_bytes(8, "little") + name
     if attempt:
         key += b"\0" + attempt.to_bytes(4, "little")
-    ino = int.from_bytes(blake3.blake3(key).digest(8), "little") & _MASK
+    ino = int.from_bytes(_blake3(key).digest(8), "little") & _MASK
     return ino if ino > ROOT_INODE else derived_inode(parent, name, attempt + 1)
 
 
@@ -109,12 +139,22 @@ class InodeTable:
         Does not count a lookup: call :meth:`remember` once the kernel has been
         told about it, or :meth:`discard` if it was not after all.
         """
-        known = self._by_place.get((parent.ino, name))
-        if known is not None and known.node == node:
+        # A listing's first walk calls this once per entry: the common case
+        # (a new entry, no collision) is kept to a few dictionary look-ups.
+        pino = parent.ino
+        place = (pino, name)
+        known = self._by_place.get(place)
+        if known is not None and (known.node is node or known.node == node):
             return known
+        ino = int.from_bytes(_blake3(pino.to_bytes(8, "little") + name).digest(8), "little") & _MASK
+        if ino > ROOT_INODE and ino not in self._inodes:
+            inode = Inode(ino, pino, name, node)
+            self._inodes[ino] = inode
+            self._by_place[place] = inode
+            return inode
         attempt = 0
         while True:
-            ino = derived_inode(parent.ino, name, attempt)
+            ino = derived_inode(pino, name, attempt)
             existing = self._inodes.get(ino)
             if existing is None:
                 inode = Inode(ino, parent.ino, name, node)

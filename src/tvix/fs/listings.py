@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections import OrderedDict
 
 from tvix.castore.digest import B3Digest
 from tvix.castore.directoryservice.base import DirectoryService
 from tvix.castore.errors import StorageError
-from tvix.castore.nodes import Node
+from tvix.castore.nodes import DirectoryNode, Node
+from tvix.fs.inodes import EntryStat, node_stat
 
 __all__ = ["Listing", "ListingCache"]
 
 
 class Listing:
-    """The entries of one Directory: in name order (readdir offsets index it) and by name."""
+    """The entries of one Directory: in name order (readdir offsets index it) and by name.
 
-    __slots__ = ("by_name", "entries")
+    ``stats`` holds what each entry shows (:func:`~tvix.fs.inodes.node_stat`),
+    in the same order: worked out once per Directory, not per entry listed;
+    ``directories`` the child directories alone, in name order.
+    """
+
+    __slots__ = ("by_name", "directories", "entries", "stats")
 
     def __init__(self, entries: tuple[Node, ...]) -> None:
         self.entries = entries
         self.by_name = {n.name: n for n in entries}
+        self.stats: tuple[EntryStat, ...] = tuple(map(node_stat, entries))
+        self.directories = tuple(n for n in entries if type(n) is DirectoryNode)
+
+    def next_directory(self, name: bytes) -> DirectoryNode | None:
+        """The first child directory named after ``name``, if any."""
+        directories = self.directories
+        index = bisect.bisect_right(directories, name, key=_name)
+        return directories[index] if index < len(directories) else None
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _name(node: DirectoryNode) -> bytes:
+    return node.name
 
 
 class ListingCache:
@@ -66,6 +85,21 @@ class ListingCache:
             self._pending[digest] = task
             task.add_done_callback(lambda t: self._fetched(digest, t))
         return await asyncio.shield(task)
+
+    def cached(self, digest: B3Digest) -> Listing | None:
+        """The listing of Directory ``digest`` if it is at hand (fetches nothing)."""
+        return self._cached.get(digest)
+
+    def prefetch(self, digest: B3Digest) -> None:
+        """Start fetching Directory ``digest`` unless it is cached or on its way.
+
+        A failed prefetch is forgotten: the next :meth:`get` tries again and
+        reports the failure.
+        """
+        if digest not in self._cached and digest not in self._pending:
+            task = asyncio.ensure_future(self._fetch(digest))
+            self._pending[digest] = task
+            task.add_done_callback(lambda t: self._fetched(digest, t))
 
     async def _fetch(self, digest: B3Digest) -> Listing:
         async with asyncio.timeout(self._timeout):

@@ -16,8 +16,9 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from tvix.castore.blobservice.base import BlobReader
 from tvix.castore.errors import CastoreError
-from tvix.castore.nodes import FileNode, Node
+from tvix.castore.nodes import FileNode
 from tvix.fs.inodes import Inode
+from tvix.fs.listings import Listing
 from tvix.nixcompat.errors import NixCompatError
 from tvix.store.errors import StoreError
 
@@ -117,8 +118,8 @@ class FileHandle:
 class DirHandle:
     """An open directory; for the root, the store paths listed when it was first read."""
 
-    __slots__ = ("inode", "root_entries")
+    __slots__ = ("inode", "root_listing")
 
     def __init__(self, inode: Inode) -> None:
         self.inode = inode
-        self.root_entries: tuple[Node, ...] | None = None
+        self.root_listing: Listing | None = None
