@@ -9,9 +9,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tvix.nixcompat.signing import SigningKey
 from tvix.store import pathinfoservice
 from tvix.store.errors import GCError
 from tvix.store.gcstate import GCState, SQLiteGCState, postgres
+from tvix.store.pathinfoservice.signing import SigningPathInfoService
+from tvix.store.pathinfoservice.trust import TrustedPathInfoService
 from tvix.store.testing import GCStateTests, StateFactory
 
 
@@ -73,3 +76,15 @@ async def test_a_gc_whose_lock_connection_is_lost_stops(
         pass
     await state.close()
     await other.close()
+
+
+@pytest.mark.e2e
+def test_signing_and_trusting_wrappers_answer_with_the_inner_services_state(pg_url: str) -> None:
+    inner = pathinfoservice.from_url(pg_url)
+    key = SigningKey.generate("cache-1")
+    signing = SigningPathInfoService(inner, key)
+    trusted = TrustedPathInfoService(inner, [key.to_public()])
+    assert inner.gc_state is not None
+    assert signing.gc_state is inner.gc_state
+    assert trusted.gc_state is inner.gc_state
+    assert SigningPathInfoService(pathinfoservice.from_url("memory://"), key).gc_state is None

@@ -14,6 +14,7 @@ from typing_extensions import override
 from tvix.castore.composition import BuildContext, ServiceConfig, setting
 from tvix.castore.errors import ValidationError
 from tvix.nixcompat.signing import SigningKey
+from tvix.store.gcstate.base import GCState
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -48,6 +49,11 @@ class SigningPathInfoService(PathInfoService):
     @property
     def supports_put(self) -> bool:
         return self.inner.supports_put
+
+    @override
+    @property
+    def gc_state(self) -> GCState | None:
+        return self.inner.gc_state  # the store is the inner one's
 
     @override
     async def get(self, digest: bytes) -> PathInfo | None:

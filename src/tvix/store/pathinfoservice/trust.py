@@ -22,6 +22,7 @@ from tvix.castore.errors import IntegrityError, ValidationError
 from tvix.nixcompat.errors import InvalidKeyError
 from tvix.nixcompat.signing import VerifyingKey, parse_public_keys
 from tvix.store.errors import UntrustedPathInfoError
+from tvix.store.gcstate.base import GCState
 from tvix.store.nar.calculate import NarCalculation, NarCalculator
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import Check, PathInfoService, check_digest
@@ -100,6 +101,11 @@ class TrustedPathInfoService(PathInfoService):
     @property
     def supports_put(self) -> bool:
         return self.inner.supports_put
+
+    @override
+    @property
+    def gc_state(self) -> GCState | None:
+        return self.inner.gc_state  # the store is the inner one's
 
     async def check(self, info: PathInfo) -> None:
         """Return if ``info`` is trusted, else raise :class:`UntrustedPathInfoError`.
