@@ -12,7 +12,8 @@ indexed, in one transaction. That is a group commit: sixteen files closed
 at once cost one write, one sync and one transaction, not sixteen. A blob
 writer returns from ``close`` once the commit holding its last chunk (and
 then its record) is done. Large blobs are cut, and hashed with blake3's
-threads, in a worker thread 4 MiB at a time while the committer stores the
+threads, in a worker thread 4 MiB at a time (the writer the chunking
+backends share, :mod:`tvix.castore.blobservice._writers`) while the committer stores the
 previous batch: the two stages run on both cores, and a writer holds about
 two batches.
 
@@ -49,10 +50,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import blake3
-from pyfastcdc.cy import FastCDC
 from typing_extensions import override
 
 from tvix.castore.blobservice import BytesBlobReader
+from tvix.castore.blobservice._writers import ChunkingBlobWriter
 from tvix.castore.blobservice.base import (
     BlobReader,
     BlobService,
@@ -95,8 +96,6 @@ MIN_AVG_CHUNK_SIZE = 4 * KIB
 MAX_AVG_CHUNK_SIZE = 1 * MIB
 DEFAULT_PACK_SIZE = 64 * MIB
 MIN_PACK_SIZE = 1 * MIB
-# Bytes cut per worker-thread job for large blobs.
-BATCH_SIZE = 4 * MIB
 # Lazy appends (the middle of a large blob) are synced and indexed at least
 # this often, so a crash loses at most this much work of a blob being written.
 SYNC_EVERY = 64 * MIB
@@ -1176,84 +1175,24 @@ class _PacksReader(BlobReader):
         await asyncio.gather(*self._cancel_ahead(), return_exceptions=True)
 
 
-class _PacksBlobWriter(BlobWriter):
+class _PacksBlobWriter(ChunkingBlobWriter):
+    """Chunks not stored yet handed to the service's committer; the record committed last."""
+
     def __init__(self, service: PacksBlobService) -> None:
+        super().__init__(min_size=service._min, avg_size=service._avg, max_size=service._max)
         self._service = service
-        self._cdc = FastCDC(
-            avg_size=service._avg,
-            min_size=service._min,
-            max_size=service._max,
-            normalized_chunking=1,
-        )
-        self._batch = max(BATCH_SIZE, 2 * service._max)
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        # The batch being cut in a thread and handed on; returns the uncut tail.
-        self._job: asyncio.Task[bytes] | None = None
         # Commits of the previous batch, waited for before the next is handed on.
         self._commits: set[asyncio.Future[None]] = set()
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self._chunks: list[ChunkMeta] = []
         self._seen: set[bytes] = set()
         # Consecutive chunks zstd did not shrink, and chunks left to store raw.
         self._incompressible = 0
         self._skip_zstd = 0
-        self._digest: B3Digest | None = None
-        self._failed = False
-        self._aborted = False
-
-    async def write(self, data: bytes | memoryview) -> None:
-        if self._digest is not None or self._aborted:
-            raise ValueError("write to a closed blob writer")
-        if self._failed:
-            raise ValueError("write to a failed blob writer")
-        if not data:
-            return
-        self._pending.append(bytes(data))
-        self._pending_size += len(data)
-        if self._pending_size >= self._batch:
-            await self._flush(final=False)
-
-    async def _flush(self, final: bool) -> None:
-        tail = await self._wait_job()
-        parts = [tail, *self._pending]
-        self._pending = []
-        self._pending_size = 0
-        self._job = asyncio.ensure_future(self._process(parts, final))
-        if final:
-            await self._wait_job()
-
-    async def _wait_job(self) -> bytes:
-        job, self._job = self._job, None
-        if job is None:
-            return b""
-        try:
-            return await job
-        except BaseException:
-            self._failed = True
-            raise
 
     def _cut(self, parts: list[bytes], final: bool) -> tuple[bytes, int, list[_Item]]:
-        """Join, cut and hash ``parts`` (in a worker thread).
-
-        Returns the buffer, the bytes of it used, and the chunks.
-        """
+        """Join, cut and hash ``parts`` (in a worker thread): the buffer, bytes used, chunks."""
         buf = b"".join(parts)
-        view = memoryview(buf)
-        cuts = [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
-        if not final and cuts:
-            cuts.pop()  # it may end only because the buffer does
-        if final and not cuts and not self._chunks:
-            cuts = [(0, 0)]
-        used = cuts[-1][0] + cuts[-1][1] if cuts else 0
-        self._hasher.update(view[:used])
-        items = []
-        for offset, length in cuts:
-            data = view[offset : offset + length]
-            digest = blake3.blake3(data).digest()
-            self._chunks.append(ChunkMeta(B3Digest(digest), length))
-            items.append(_Item(digest, data))
-        return buf, used, items
+        used, chunks = self.cut(memoryview(buf), final)
+        return buf, used, [_Item(digest, data) for digest, data in chunks]
 
     def _encode(self, items: list[_Item]) -> None:
         """Encode ``items`` in place.
@@ -1274,7 +1213,7 @@ class _PacksBlobWriter(BlobWriter):
                     self._incompressible = 0
                     self._skip_zstd = SKIP_ZSTD
 
-    async def _process(self, parts: list[bytes], final: bool) -> bytes:
+    async def _batch_job(self, parts: list[bytes], final: bool) -> bytes:
         service = self._service
         loop = asyncio.get_running_loop()
         buf, used, items = await loop.run_in_executor(None, self._cut, parts, final)
@@ -1300,44 +1239,17 @@ class _PacksBlobWriter(BlobWriter):
             await service._wait(self._commits)
         return buf[used:]
 
-    async def close(self) -> B3Digest:
-        if self._digest is not None:
-            return self._digest
-        if self._aborted:
-            raise ValueError("close of an aborted blob writer")
-        if self._failed:
-            raise ValueError("close of a failed blob writer")
+    async def _store_single(self, data: bytes) -> B3Digest:
         service = self._service
-        try:
-            if self._job is None and self._pending_size < service._min:
-                # Smaller than any chunk FastCDC cuts (most files): one chunk.
-                data = b"".join(self._pending)
-                self._pending = []
-                digest = B3Digest(blake3.blake3(data).digest())
-                fut = service._inflight.get(digest)
-                if fut is not None:
-                    await asyncio.shield(fut)
-                elif not await service._found(digest):
-                    await service._wait(service._submit([_Item(digest, data)]))
-                self._digest = digest
-                return digest
-            await self._flush(final=True)
-            digest = B3Digest(self._hasher.digest())
-            if len(self._chunks) > 1 and not await service._found(digest):
-                # Only now: every chunk it lists is committed.
-                record = encode_record(self._chunks)
-                await service._wait(service._submit((), [(bytes(digest), record)]))
-        except BaseException:
-            self._failed = True
-            raise
-        self._digest = digest
-        self._chunks = []
+        digest = B3Digest(blake3.blake3(data).digest())
+        fut = service._inflight.get(digest)
+        if fut is not None:
+            await asyncio.shield(fut)
+        elif not await service._found(digest):
+            await service._wait(service._submit([_Item(digest, data)]))
         return digest
 
-    async def abort(self) -> None:
-        if self._digest is None and not self._aborted:
-            self._aborted = True
-            self._pending = []
-            job, self._job = self._job, None
-            if job is not None:
-                await asyncio.gather(job, return_exceptions=True)
+    async def _store_record(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        service = self._service
+        if not await service._found(digest):
+            await service._wait(service._submit((), [(bytes(digest), encode_record(chunks))]))
