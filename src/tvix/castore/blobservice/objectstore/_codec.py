@@ -6,7 +6,6 @@ of raw blocks, which any zstd decoder reads at memcpy speed.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import blake3
@@ -14,6 +13,7 @@ import obstore
 import zstandard
 from google.protobuf.message import DecodeError
 
+from tvix.castore.blobservice._zstd import decompressor
 from tvix.castore.blobservice.base import ChunkMeta
 from tvix.castore.digest import B3Digest
 from tvix.castore.errors import IntegrityError, ValidationError
@@ -23,12 +23,9 @@ __all__ = [
     "KIB",
     "MAX_CHUNK_SIZE",
     "MIB",
-    "ZSTD_LEVEL",
     "Chunking",
-    "compressor",
     "decode_chunk",
     "decode_record",
-    "decompressor",
     "digest_key",
     "raw_zstd_frame",
 ]
@@ -39,7 +36,6 @@ MIB = 1024 * KIB
 # No chunk object may decompress to more than this (a bomb guard for chunks
 # opened by digest, whose size no record states).
 MAX_CHUNK_SIZE = 64 * MIB
-ZSTD_LEVEL = 1
 
 # A zstd block holds at most 128 KiB.
 _ZSTD_BLOCK = 128 * KIB
@@ -86,25 +82,6 @@ class Chunking:
     @classmethod
     def around(cls, avg: int) -> Chunking:
         return cls(avg // 2, avg, avg * 2)
-
-
-_codecs = threading.local()
-
-
-def compressor() -> zstandard.ZstdCompressor:
-    """This thread's zstd compressor (making one costs more than compressing a small file)."""
-    c: zstandard.ZstdCompressor | None = getattr(_codecs, "compressor", None)
-    if c is None:
-        c = _codecs.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    return c
-
-
-def decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's zstd decompressor."""
-    d: zstandard.ZstdDecompressor | None = getattr(_codecs, "decompressor", None)
-    if d is None:
-        d = _codecs.decompressor = zstandard.ZstdDecompressor()
-    return d
 
 
 def decode_chunk(raw: obstore.Bytes | bytes, digest: B3Digest, size: int | None) -> bytes:

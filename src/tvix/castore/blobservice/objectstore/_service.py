@@ -15,6 +15,7 @@ from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError
 
 from tvix.castore._executor import BatchingExecutor
 from tvix.castore.blobservice._readers import BytesBlobReader, ChunkedReader
+from tvix.castore.blobservice._zstd import compressor
 from tvix.castore.blobservice.base import (
     BlobReader,
     BlobService,
@@ -24,7 +25,6 @@ from tvix.castore.blobservice.base import (
 )
 from tvix.castore.blobservice.objectstore._codec import (
     Chunking,
-    compressor,
     decode_chunk,
     decode_record,
     digest_key,

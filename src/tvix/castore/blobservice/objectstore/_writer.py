@@ -16,8 +16,9 @@ from typing import Protocol
 
 from tvix.castore._executor import BatchingExecutor
 from tvix.castore.blobservice._writers import ChunkingBlobWriter
+from tvix.castore.blobservice._zstd import compressor
 from tvix.castore.blobservice.base import ChunkMeta
-from tvix.castore.blobservice.objectstore._codec import Chunking, compressor, raw_zstd_frame
+from tvix.castore.blobservice.objectstore._codec import Chunking, raw_zstd_frame
 from tvix.castore.digest import B3Digest
 from tvix.castore.proto import pb
 

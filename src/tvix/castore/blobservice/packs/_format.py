@@ -17,7 +17,6 @@ An index row locates the payload (:class:`Location`); its header sits
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import blake3
 import zstandard
 
+from tvix.castore.blobservice._zstd import compressor, decompressor
 from tvix.castore.errors import IntegrityError
 
 __all__ = [
@@ -45,7 +45,6 @@ HEADER = struct.Struct("<32sIIB3x")
 HEADER_SIZE = HEADER.size
 CODEC_RAW = 0
 CODEC_ZSTD = 1
-ZSTD_LEVEL = 1
 # Chunks smaller than this are stored raw: a zstd frame's overhead eats the gain.
 _MIN_COMPRESS = 64
 
@@ -70,30 +69,13 @@ class Location(NamedTuple):
     codec: int
 
 
-_codecs = threading.local()
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    c: zstandard.ZstdCompressor | None = getattr(_codecs, "c", None)
-    if c is None:
-        c = _codecs.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    return c
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d: zstandard.ZstdDecompressor | None = getattr(_codecs, "d", None)
-    if d is None:
-        d = _codecs.d = zstandard.ZstdDecompressor()
-    return d
-
-
 def encode(digest: bytes, data: bytes | memoryview, zstd: bool) -> tuple[bytes, bytes, int]:
     """(header, payload, codec) of an entry holding ``data``; zstd only when it pays."""
     size = len(data)
     payload: bytes | memoryview = data
     codec = CODEC_RAW
     if zstd and size >= _MIN_COMPRESS:
-        packed = _compressor().compress(data)
+        packed = compressor().compress(data)
         if len(packed) <= size - size // 16:
             payload, codec = packed, CODEC_ZSTD
     out = bytes(payload)
@@ -109,7 +91,7 @@ def decode(payload: bytes | memoryview, digest: bytes, size: int, codec: int) ->
     data: bytes | memoryview
     try:
         if codec == CODEC_ZSTD:
-            data = _decompressor().decompress(payload, max_output_size=size)
+            data = decompressor().decompress(payload, max_output_size=size)
         elif codec == CODEC_RAW:
             data = payload
         else:
