@@ -24,16 +24,14 @@ Target: ``mem-cached`` with one connection at least 0.45x nginx. (The
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.common import WORK, default_tree, need, table, tvix_store
+from bench.common import WORK, Server, default_tree, need, table, tvix_store
 
 HERE = WORK / "nar_bridge"
 DATA = HERE / "data"
@@ -107,44 +105,15 @@ def _static_nar(tree: Path) -> Path:
     return nar
 
 
-class _Server:
-    def __init__(self, argv: list[str], url: str | None = None) -> None:
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        self.url = url
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                match = re.search(rb"listening on (http://\S+)", raw)
-                if match and self.url is None:
-                    self.url = match[1].decode()
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if url is None:
-            found.wait(60)
-            if self.url is None:
-                sys.exit(f"bench: {argv[0]} did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _nginx(root: Path) -> _Server:
+def _nginx(root: Path) -> Server:
     conf_dir = HERE / "nginx"
     conf_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     conf = conf_dir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=conf_dir, port=port, root=root))
-    server = _Server(
-        [need("/usr/sbin/nginx"), "-c", str(conf), "-p", str(conf_dir)], f"http://127.0.0.1:{port}"
+    server = Server(
+        [need("/usr/sbin/nginx"), "-c", str(conf), "-p", str(conf_dir)],
+        url=f"http://127.0.0.1:{port}",
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -155,9 +124,9 @@ def _nginx(root: Path) -> _Server:
     sys.exit("bench: nginx did not start")
 
 
-def _nar_bridge(*store: str) -> _Server:
+def _nar_bridge(*store: str) -> Server:
     env_args = [sys.executable, "-m", "tvix.cli.nar_bridge", "--listen-address", "127.0.0.1:0"]
-    return _Server([*env_args, *store])
+    return Server([*env_args, *store], r"listening on (http://\S+)")
 
 
 def _download(urls: list[str]) -> float:

@@ -24,18 +24,15 @@ Target (issue 18): worker-protocol copy at least as fast as the HTTP path.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.common import WORK, default_tree, fresh, need, nix_env, table
+from bench.common import WORK, Server, default_tree, fresh, need, nix_env, table
 
 HERE = WORK / "nix_daemon"
 SRC = HERE / "src"
@@ -54,38 +51,10 @@ def _store_args() -> list[str]:
     ]
 
 
-class _Proc:
-    """A server process, ready once it printed ``pattern`` on stderr."""
-
-    def __init__(self, argv: list[str], pattern: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TVIX_", "NIX_"))}
-        self.proc = subprocess.Popen(
-            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
-        )
-        self.match: re.Match[str] | None = None
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                m = re.search(pattern, raw.decode(errors="replace"))
-                if m and self.match is None:
-                    self.match = m
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if self.match is None:
-            sys.exit(f"bench: {argv[2:5]} did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _server(argv: list[str], pattern: str) -> Server:
+    """A server started without the caller's TVIX_/NIX_ settings (they would point it elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TVIX_", "NIX_"))}
+    return Server(argv, pattern, env=env)
 
 
 def _tvix(*args: str | Path) -> list[str]:
@@ -180,7 +149,7 @@ def main() -> None:
     )
     _rm(DATA)
     fresh(DATA)
-    daemon = _Proc(
+    daemon = _server(
         _tvix("nix-daemon", "--listen-address", f"unix://{sock}", *_store_args()), "listening on"
     )
     mount = None
@@ -193,8 +162,8 @@ def main() -> None:
             ),
         )
         (mnt / "nix" / "store").mkdir(parents=True, exist_ok=True)
-        mount = _Proc(_tvix("mount", *_store_args(), mnt / "nix" / "store"), "mounted at")
-        bridge = _Proc(
+        mount = _server(_tvix("mount", *_store_args(), mnt / "nix" / "store"), "mounted at")
+        bridge = _server(
             [
                 sys.executable,
                 "-m",
@@ -235,9 +204,9 @@ def main() -> None:
                     )
                 )
                 print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        for name, t in medians.items():
-            row(name, t)
+        medians = {name: statistics.median(copies) for name, copies in times.items()}
+        for name, median in medians.items():
+            row(name, median)
         _rm(dest)
 
         # -- the NAR alone, no files written: what each protocol costs --
@@ -257,8 +226,8 @@ def main() -> None:
                     _timed_to_null(e, "nix", "store", "dump-path", "--store", url, path)
                 )
                 print(f"  {name}: {dump_times[name][-1]:.1f} s", flush=True)
-        for name, t in dump_times.items():
-            row(name, statistics.median(t))
+        for name, dump in dump_times.items():
+            row(name, statistics.median(dump))
 
         # -- latency --
         latency = []

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,3 +133,52 @@ def disk_usage(path: Path) -> int:
 def median_of(fn: Callable[[], float], repeats: int = 3) -> float:
     """Median of ``repeats`` results of ``fn`` (which times itself, e.g. after a setup)."""
     return statistics.median(fn() for _ in range(repeats))
+
+
+class Server:
+    """A server process, ready once it printed ``pattern`` on stderr (``None``: at once).
+
+    ``url``: the one given, else the pattern's first group (a printed address).
+    stderr keeps being drained so the server never blocks on a full pipe.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        pattern: str | None = None,
+        *,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.proc = subprocess.Popen(
+            argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+        )
+        self.match: re.Match[str] | None = None
+        self.url = url
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for raw in self.proc.stderr:
+                m = re.search(pattern, raw.decode(errors="replace")) if pattern else None
+                if m and self.match is None:
+                    self.match = m
+                    if self.url is None and m.groups():
+                        self.url = m[1]
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if pattern is not None:
+            ready.wait(60)
+            if self.match is None:
+                sys.exit(f"bench: {' '.join(argv[:5])} did not start")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
