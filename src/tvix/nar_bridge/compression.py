@@ -36,12 +36,12 @@ import zstandard
 from aiohttp import web
 
 from tvix.castore.blobservice.base import BlobService
-from tvix.castore.nodes import FileNode, Node
+from tvix.castore.nodes import Node
 from tvix.nar_bridge.errors import BadRequest, NotFound
 from tvix.nar_bridge.urls import CASTORE_NAR_PREFIX, decode_castore_nar
 from tvix.nixcompat import nixbase32
 from tvix.store.nar.render import verify_nar
-from tvix.store.nar.seekable import LayoutCache, render_full
+from tvix.store.nar.seekable import NarLayout, render_full
 
 __all__ = [
     "COMPRESSIONS",
@@ -143,7 +143,8 @@ class _Bridge(Protocol):
     """What this module uses of a :class:`~tvix.nar_bridge.server.NarBridge` (which imports it)."""
 
     blobs: BlobService
-    _layouts: LayoutCache
+
+    async def nar_layout(self, node: Node, claimed_size: str | None) -> NarLayout: ...
 
     async def _stream(
         self,
@@ -203,13 +204,7 @@ class CompressedNars:
         not that NAR.
         """
         bridge = self.bridge
-        if isinstance(node, FileNode) and not await bridge.blobs.has(node.digest):
-            raise NotFound(f"its blob {node.digest.hex()} is not stored")
-        layout = await bridge._layouts.get(node)
-        if layout is None:
-            raise NotFound("its root Directory is not stored")
-        if claimed_size is not None and claimed_size != str(layout.size):
-            raise BadRequest(f"narsize={claimed_size!r}, but the NAR has {layout.size} bytes")
+        layout = await bridge.nar_layout(node, claimed_size)
         response = web.StreamResponse(
             headers={
                 "Content-Type": NAR_TYPE,

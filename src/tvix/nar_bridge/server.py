@@ -76,7 +76,7 @@ from tvix.nixcompat.narinfo import NarInfo
 from tvix.nixcompat.signing import SigningKey
 from tvix.store.nar import ingest_nar_stream
 from tvix.store.nar.render import verify_nar
-from tvix.store.nar.seekable import LayoutCache, render_full, render_range
+from tvix.store.nar.seekable import LayoutCache, NarLayout, render_full, render_range
 from tvix.store.pathinfo import PathInfo
 from tvix.store.pathinfoservice.base import PathInfoService
 
@@ -313,6 +313,21 @@ class NarBridge:
                 return info, record.compression
         return None
 
+    async def nar_layout(self, node: Node, claimed_size: str | None) -> NarLayout:
+        """The layout of ``node``'s NAR, checked against the ``narsize`` a URL claims.
+
+        Raises :class:`NotFound` when its blob or root Directory is not
+        stored, :class:`BadRequest` when the NAR has another size.
+        """
+        if isinstance(node, FileNode) and not await self.blobs.has(node.digest):
+            raise NotFound(f"its blob {node.digest.hex()} is not stored")
+        layout = await self._layouts.get(node)
+        if layout is None:
+            raise NotFound("its root Directory is not stored")
+        if claimed_size is not None and claimed_size != str(layout.size):
+            raise BadRequest(f"narsize={claimed_size!r}, but the NAR has {layout.size} bytes")
+        return layout
+
     async def _serve_nar(
         self,
         request: web.Request,
@@ -326,13 +341,7 @@ class NarBridge:
         not the claimed one, the connection is cut before its last piece.
         """
         what = request.get(SUBJECT, request.path)
-        if isinstance(node, FileNode) and not await self.blobs.has(node.digest):
-            raise NotFound(f"its blob {node.digest.hex()} is not stored")
-        layout = await self._layouts.get(node)
-        if layout is None:
-            raise NotFound("its root Directory is not stored")
-        if claimed_size is not None and claimed_size != str(layout.size):
-            raise BadRequest(f"narsize={claimed_size!r}, but the NAR has {layout.size} bytes")
+        layout = await self.nar_layout(node, claimed_size)
         size = layout.size
         span = parse_range(request.headers.get("Range"), size)
         response = web.StreamResponse(
