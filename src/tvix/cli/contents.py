@@ -144,18 +144,19 @@ async def _closure(s: Services, infos: list[PathInfo]) -> list[PathInfo]:
 
 async def cmd_path_info(args: argparse.Namespace) -> int:
     """``tvix-store path-info``: metadata of store paths, those present even if some are not."""
-    async with open_services(args) as s:
-        infos, missing = await _lookup(s, args.paths)
-        if args.recursive:
-            infos = await _closure(s, infos)
-        await _print(s, infos, args, narinfo=True)
-    for message in missing:
-        print(f"tvix-store: error: {message}", file=sys.stderr)
-    return 1 if missing else 0
+    return await _show(args, narinfo=True)
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
     """``tvix-store list``: the store paths in the store (or the closures of those given)."""
+    return await _show(args, narinfo=False)
+
+
+async def _show(args: argparse.Namespace, *, narinfo: bool) -> int:
+    """The paths given (every stored path when none are), with their closures under ``-r``.
+
+    Those present are printed even when others are not (reported; exit 1).
+    """
     async with open_services(args) as s:
         if args.paths:
             infos, missing = await _lookup(s, args.paths)
@@ -163,7 +164,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
             infos, missing = [info async for info in s.path_infos.list()], []
         if args.recursive:
             infos = await _closure(s, infos)
-        await _print(s, infos, args, narinfo=False)
+        await _print(s, infos, args, narinfo=narinfo)
     for message in missing:
         print(f"tvix-store: error: {message}", file=sys.stderr)
     return 1 if missing else 0
